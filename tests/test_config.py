@@ -1,0 +1,60 @@
+"""Typed configs: YAML load, dotted overrides, validation errors, resolved dump."""
+
+import pytest
+
+from videoblade.config import ASAConfig, ConfigError, RunConfig, dump_config, load_config
+
+
+def test_defaults_follow_the_spec():
+    c = load_config()
+    assert isinstance(c, RunConfig) and isinstance(c.asa, ASAConfig)
+    assert (c.tdm.k_step, c.tdm.eta, c.tdm.cfg, c.tdm.lambda_reg) == (8, 0.9, 5.0, 0.0)
+    assert (c.lora.rank, c.lora.lora_alpha) == (64, 64)
+    assert (c.optim.learning_rate, c.optim.learning_rate_fake) == (1e-4, 5e-4)
+    assert (c.optim.adam_beta1, c.optim.adam_beta2, c.optim.max_grad_norm) == (0.0, 0.95, 1.0)
+    assert (c.asa.block_size, c.asa.energy_threshold, c.asa.min_retain) == (128, 0.95, 0.05)
+    assert (c.train.max_train_steps, c.train.train_batch_size, c.train.gradient_accumulation_steps) == (300, 5, 4)
+
+
+def test_yaml_then_overrides(tmp_path):
+    y = tmp_path / "c.yaml"
+    y.write_text("model:\n  path: models/wan\n  frames: 33\ntdm:\n  cfg: 3.5\nasa:\n  pool: 16\n")
+    c = load_config(y, ["tdm.cfg=4.0", "asa.dense_layers=[0,1]", "train.resume_from_checkpoint=null"])
+    assert c.model.path == "models/wan" and c.model.frames == 33
+    assert c.tdm.cfg == 4.0  # the override wins over the YAML
+    assert c.asa.pool == 16 and c.asa.dense_layers == [0, 1]
+    assert c.train.resume_from_checkpoint is None
+
+
+def test_dump_round_trip(tmp_path):
+    c = load_config(None, ["model.path=x", "asa.energy_threshold=0.9", "lora.rank=8"])
+    path = dump_config(c, tmp_path / "run")
+    assert path.name == "config.yaml" and path.is_file()
+    assert load_config(path) == c
+
+
+@pytest.mark.parametrize(
+    "override, message",
+    [
+        ("asa.pool=24", "asa.pool: must divide"),
+        ("asa.block_size=100", "asa.block_size: must be a power of two"),
+        ("model.frames=80", "model.frames: must be of the form 4k\\+1 \\(e.g. 77 or 81\\)"),
+        ("asa.min_retain=0.5", "min_retain <= max_retain"),
+        ("tdm.eta=1.5", "tdm.eta"),
+        ("sample.sampler=ddim", "sample.sampler"),
+        ("model.dtype=fp8", "model.dtype"),
+        ("asa.not_a_key=1", "not_a_key"),
+        ("lora.rank=many", "could not be converted"),
+        ("tdm.cfg", "key=value"),
+    ],
+)
+def test_validation_errors(override, message):
+    with pytest.raises(ConfigError, match=message):
+        load_config(None, [override])
+
+
+def test_required_keys_and_missing_file(tmp_path):
+    with pytest.raises(ConfigError, match="model.path must be set"):
+        load_config(None, [], require=("model.path",))
+    with pytest.raises(ConfigError, match="not found"):
+        load_config(tmp_path / "nope.yaml")

@@ -1,0 +1,127 @@
+"""Schedule identities for both families (SPEC section 2)."""
+
+import json
+
+import pytest
+import torch
+
+from videoblade.schedules import Schedule, stage_timesteps
+
+WAN_SCHEDULER = {  # Wan2.1-T2V-1.3B's scheduler/scheduler_config.json (the fields that matter)
+    "_class_name": "UniPCMultistepScheduler",
+    "num_train_timesteps": 1000,
+    "prediction_type": "flow_prediction",
+    "use_flow_sigmas": True,
+    "flow_shift": 3.0,
+}
+COG_SCHEDULER = {  # CogVideoX-5B's scheduler/scheduler_config.json
+    "_class_name": "CogVideoXDDIMScheduler",
+    "beta_end": 0.012,
+    "beta_schedule": "scaled_linear",
+    "beta_start": 0.00085,
+    "clip_sample": False,
+    "num_train_timesteps": 1000,
+    "prediction_type": "v_prediction",
+    "rescale_betas_zero_snr": True,
+    "set_alpha_to_one": True,
+    "snr_shift_scale": 1.0,
+    "steps_offset": 0,
+    "timestep_spacing": "trailing",
+}
+
+
+@pytest.fixture(params=["flow", "v_prediction"])
+def schedule(request):
+    cfg = WAN_SCHEDULER if request.param == "flow" else COG_SCHEDULER
+    return Schedule.from_scheduler_config(cfg)
+
+
+def test_kinds_and_endpoints():
+    wan = Schedule.from_scheduler_config(WAN_SCHEDULER)
+    cog = Schedule.from_scheduler_config(COG_SCHEDULER)
+    assert wan.kind == "flow" and cog.kind == "v_prediction"
+    # t = T-1 is pure noise for both (flow sigma 1; zero-terminal-SNR for CogVideoX)
+    assert wan.sigma(999).item() == pytest.approx(1.0)
+    assert cog.alpha(999).item() == pytest.approx(0.0, abs=1e-6)
+    # shift 3 moves sigma up at mid-t: s' = 3 s / (1 + 2 s) with s = 0.5
+    assert wan.sigma(499).item() == pytest.approx(0.75, abs=1e-6)
+    # monotone: noise grows with t
+    for s in (wan, cog):
+        assert torch.all(s.sigmas[1:] >= s.sigmas[:-1])
+        assert torch.all(s.alphas[1:] <= s.alphas[:-1])
+
+
+def test_vpred_matches_diffusers_alphas_cumprod():
+    import diffusers
+
+    ref = diffusers.CogVideoXDDIMScheduler.from_config(COG_SCHEDULER).alphas_cumprod
+    cog = Schedule.from_scheduler_config(COG_SCHEDULER)
+    torch.testing.assert_close(cog.alphas**2, ref.float(), atol=1e-6, rtol=1e-5)
+    torch.testing.assert_close(cog.alphas**2 + cog.sigmas**2, torch.ones(1000), atol=1e-6, rtol=0)
+
+
+def test_flow_matches_diffusers_training_sigmas():
+    import diffusers
+
+    # diffusers' flow-matching training table: sigma_i = shift s / (1 + (shift - 1) s), s = (i + 1) / T,
+    # and the transformer is fed sigma * T as its timestep
+    ref = diffusers.FlowMatchEulerDiscreteScheduler(num_train_timesteps=1000, shift=3.0)
+    wan = Schedule.from_scheduler_config(WAN_SCHEDULER)
+    torch.testing.assert_close(wan.sigmas.flip(0), ref.sigmas.float(), atol=1e-6, rtol=1e-6)
+    torch.testing.assert_close(wan.model_timestep(torch.arange(999, -1, -1)), ref.timesteps.float(), atol=1e-3, rtol=1e-6)
+
+
+def test_x0_eps_round_trip(schedule):
+    g = torch.Generator().manual_seed(0)
+    x0 = torch.randn(4, 3, 2, 5, 6, generator=g)
+    eps = torch.randn(4, 3, 2, 5, 6, generator=g)
+    t = torch.tensor([0, 250, 700, 998])
+    x_t = schedule.add_noise(x0, eps, t)
+    out = schedule.output_for(x_t, t, x0)
+    x0_hat, eps_hat = schedule.to_x0_eps(out, x_t, t)
+    torch.testing.assert_close(x0_hat, x0, atol=2e-4, rtol=1e-4)
+    torch.testing.assert_close(eps_hat, eps, atol=2e-4, rtol=1e-4)
+    if schedule.kind == "flow":  # the network target is the velocity eps - x0
+        torch.testing.assert_close(out, eps - x0, atol=1e-4, rtol=1e-4)
+
+
+def test_diffusion_variance_closed_form(schedule):
+    # x_t = x_s a_t/a_s + std z must have the marginal of add_noise(x0, ., t) when x_s is the
+    # marginal at s: Var = (a_t/a_s)^2 sigma_s^2 + std^2 = sigma_t^2 (for fixed x0).
+    s, t = torch.tensor([100, 300]), torch.tensor([600, 900])
+    std = schedule.diffusion_std(s, t)
+    r = schedule.alpha(t) / schedule.alpha(s)
+    torch.testing.assert_close(r**2 * schedule.sigma(s) ** 2 + std**2, schedule.sigma(t) ** 2, atol=1e-6, rtol=1e-5)
+    # empirical check on many samples
+    g = torch.Generator().manual_seed(1)
+    n = 200_000
+    x0 = torch.full((n, 1), 0.7)
+    x_s = schedule.add_noise(x0, torch.randn(n, 1, generator=g), s[0].expand(n))
+    x_t = schedule.diffuse(x_s, s[0].expand(n), t[0].expand(n), torch.randn(n, 1, generator=g))
+    assert x_t.mean().item() == pytest.approx(0.7 * schedule.alpha(t[0]).item(), abs=5e-3)
+    assert x_t.std().item() == pytest.approx(schedule.sigma(t[0]).item(), rel=1e-2)
+
+
+def test_stage_timesteps():
+    assert stage_timesteps(8) == [999, 874, 749, 624, 499, 374, 249, 124]
+    assert stage_timesteps(4) == [999, 749, 499, 249]
+    assert stage_timesteps(1) == [999]
+    ts = stage_timesteps(50)
+    assert len(ts) == 50 and ts[0] == 999 and all(a > b for a, b in zip(ts, ts[1:]))
+    with pytest.raises(ValueError):
+        stage_timesteps(0)
+
+
+def test_bad_timesteps_and_configs(tmp_path):
+    wan = Schedule.from_scheduler_config(WAN_SCHEDULER)
+    with pytest.raises(ValueError, match="out of range"):
+        wan.sigma(1000)
+    with pytest.raises(ValueError, match="integers"):
+        wan.sigma(torch.tensor(3.5))
+    with pytest.raises(ValueError, match="not supported"):
+        Schedule.from_scheduler_config({"_class_name": "DDIMScheduler", "prediction_type": "epsilon"})
+    with pytest.raises(FileNotFoundError, match="scheduler_config.json"):
+        Schedule.from_model_folder(tmp_path)
+    (tmp_path / "scheduler").mkdir()
+    (tmp_path / "scheduler" / "scheduler_config.json").write_text(json.dumps(WAN_SCHEDULER))
+    assert Schedule.from_model_folder(tmp_path, shift=5.0).shift == 5.0

@@ -1,0 +1,257 @@
+"""Typed run configuration: dataclasses, YAML + dotted overrides, validation, resolved dump.
+
+OmegaConf structured configs are used because they give exactly what researchers editing
+YAML for ablations need: the dataclass is the schema (a misspelt key or a wrong type fails at
+load time with the key's full path), `key=value` overrides come for free (`from_dotlist`), and
+the merged result converts back to plain dataclasses, so the rest of the code never sees
+OmegaConf. Field names follow Video-BLADE's (`k_step`, `cfg`, `eta`, `lambda_reg`, `rank`,
+`lora_alpha`, `learning_rate`, `learning_rate_fake`, `max_train_steps`, `checkpointing_steps`).
+
+Every component owns one small dataclass; `RunConfig` composes them.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from omegaconf import OmegaConf
+from omegaconf.errors import OmegaConfBaseException
+
+__all__ = [
+    "ConfigError",
+    "ModelConfig",
+    "ASAConfig",
+    "LoRAConfig",
+    "TDMConfig",
+    "OptimConfig",
+    "TrainConfig",
+    "SampleConfig",
+    "RunConfig",
+    "load_config",
+    "dump_config",
+    "to_dict",
+]
+
+
+class ConfigError(ValueError):
+    """A configuration value is invalid; the message names the key and what to change."""
+
+
+@dataclass
+class ModelConfig:
+    family: str = "auto"  # "wan" | "cogvideox" | "auto" (read from the folder's transformer config)
+    path: str | None = None  # local diffusers-layout folder
+    height: int | None = None  # None: the family's default (Wan 480, CogVideoX 480)
+    width: int | None = None  # None: the family's default (Wan 832, CogVideoX 720)
+    frames: int | None = None  # None: the family's default (Wan 81, CogVideoX 49); must be 4k+1
+    dtype: str = "bf16"  # weights/compute dtype of the transformers: bf16 | fp16 | fp32
+    text_max_length: int | None = None  # None: the family's default (Wan 512, CogVideoX 226)
+
+
+@dataclass
+class ASAConfig:
+    """Adaptive block-sparse attention (SPEC section 1)."""
+
+    enabled: bool = True
+    block_size: int = 128
+    samples_per_block: int = 16
+    estimate: str = "sample"  # "sample" | "mean"
+    mode: str = "energy"  # "energy" | "topk"
+    energy_threshold: float = 0.95
+    min_retain: float = 0.05
+    max_retain: float = 0.15
+    topk: float = 0.10  # fraction of key blocks kept in topk mode
+    pool: int = 32  # tokens per compensation summary; must divide block_size
+    compensation: bool = True
+    reorder: bool = True  # Gilbert locality reordering
+    dense_layers: list[int] = field(default_factory=list)  # layer indices that stay dense
+    dense_timestep_above: int | None = None  # steps with t above this stay dense
+    apply_to_fake: bool = True  # the fake score model uses ASA too
+
+
+@dataclass
+class LoRAConfig:
+    rank: int = 64
+    lora_alpha: int = 64
+    target_modules: list[str] | None = None  # None: the model adapter's default targets
+    lora_dropout: float = 0.0
+
+
+@dataclass
+class TDMConfig:
+    """TDM distillation (SPEC section 2)."""
+
+    k_step: int = 8
+    eta: float = 0.9
+    cfg: float = 5.0  # teacher guidance scale (Wan 5.0, CogVideoX 3.5)
+    lambda_reg: float = 0.0  # fake-score regulariser towards the teacher (Wan 0, CogVideoX 0.5)
+    num_train_timesteps: int = 1000
+    t_max: int = 980  # upper bound of the diffusion timestep t ~ U[t_mid, t_max)
+    huber_c: float = 1e-3  # c = huber_c * sqrt(numel per sample) / sqrt(64*64*4)
+    sample_weighting: bool = False  # TDM's original 1 / mean|x0_s - x0_R| weighting
+    max_fake_loss: float = 1e4  # a fake-score step whose loss is above this (or non-finite) is skipped
+    negative_prompt: str = ""  # the teacher's CFG negative prompt; embedded once by process_prompts
+
+
+@dataclass
+class OptimConfig:
+    learning_rate: float = 1e-4
+    learning_rate_fake: float = 5e-4
+    adam_beta1: float = 0.0
+    adam_beta2: float = 0.95
+    adam_epsilon: float = 1e-8
+    adam_weight_decay: float = 1e-4
+    lr_scheduler: str = "cosine_with_restarts"
+    lr_warmup_steps: int = 5
+    lr_num_cycles: int = 1
+    max_grad_norm: float = 1.0
+
+
+@dataclass
+class TrainConfig:
+    output_dir: str = "runs/train"
+    prompt_store: str | None = None  # folder written by utils/process_prompts.py
+    max_train_steps: int = 300
+    train_batch_size: int = 5
+    gradient_accumulation_steps: int = 4
+    checkpointing_steps: int = 50
+    checkpoints_total_limit: int = 3
+    resume_from_checkpoint: str | None = "latest"  # "latest", a checkpoint folder, or null
+    seed: int = 42
+    mixed_precision: str = "bf16"  # accelerate mixed precision: no | fp16 | bf16
+    gradient_checkpointing: bool = True
+    report_to: str = "wandb"  # wandb (offline unless WANDB_MODE is set) | tensorboard | none
+    logging_steps: int = 1
+    validation_steps: int = 100
+    validation_prompts: str | None = None  # text file, one prompt per line
+    num_validation_videos: int = 2
+    vae_slicing: bool = True
+    vae_tiling: bool = False
+
+
+@dataclass
+class SampleConfig:
+    steps: int = 8
+    guidance: float = 1.0
+    eta: float = 0.9
+    sampler: str = "tdm"  # "tdm" (the eta-stochastic sampler) | "unipc"
+    flow_shift: float | None = None  # UniPC flow shift; None: the model folder's
+    seed: int = 0
+    fps: int = 16
+
+
+@dataclass
+class RunConfig:
+    model: ModelConfig = field(default_factory=ModelConfig)
+    asa: ASAConfig = field(default_factory=ASAConfig)
+    lora: LoRAConfig = field(default_factory=LoRAConfig)
+    tdm: TDMConfig = field(default_factory=TDMConfig)
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    sample: SampleConfig = field(default_factory=SampleConfig)
+
+
+# ---------------------------------------------------------------------------- validation
+def _check(cond: bool, key: str, msg: str) -> None:
+    if not cond:
+        raise ConfigError(f"{key}: {msg}")
+
+
+def _validate(cfg: RunConfig) -> None:
+    m, a, lo, t, o, tr, s = cfg.model, cfg.asa, cfg.lora, cfg.tdm, cfg.optim, cfg.train, cfg.sample
+    _check(m.family in ("auto", "wan", "cogvideox", "tiny-wan", "tiny-cogvideox"), "model.family",
+           f"must be auto, wan or cogvideox, got {m.family!r}")
+    _check(m.dtype in ("bf16", "fp16", "fp32"), "model.dtype", f"must be bf16, fp16 or fp32, got {m.dtype!r}")
+    if m.frames is not None:
+        _check(m.frames >= 1 and (m.frames - 1) % 4 == 0, "model.frames",
+               f"must be of the form 4k+1 (e.g. {4 * max(0, (m.frames - 1) // 4) + 1} or "
+               f"{4 * ((m.frames + 2) // 4) + 1}), got {m.frames}")
+    for key, val in (("model.height", m.height), ("model.width", m.width)):
+        _check(val is None or val > 0, key, f"must be positive, got {val}")
+
+    bs = a.block_size
+    _check(bs >= 16 and bs & (bs - 1) == 0, "asa.block_size", f"must be a power of two >= 16, got {bs}")
+    _check(a.pool >= 1 and bs % a.pool == 0, "asa.pool", f"must divide asa.block_size={bs}, got {a.pool}")
+    _check(1 <= a.samples_per_block <= bs, "asa.samples_per_block", f"must be in [1, {bs}], got {a.samples_per_block}")
+    _check(a.estimate in ("sample", "mean"), "asa.estimate", f"must be sample or mean, got {a.estimate!r}")
+    _check(a.mode in ("energy", "topk"), "asa.mode", f"must be energy or topk, got {a.mode!r}")
+    _check(0.0 < a.energy_threshold <= 1.0, "asa.energy_threshold", f"must be in (0, 1], got {a.energy_threshold}")
+    _check(0.0 <= a.min_retain <= a.max_retain <= 1.0, "asa.min_retain/max_retain",
+           f"need 0 <= min_retain <= max_retain <= 1, got {a.min_retain}, {a.max_retain}")
+    _check(0.0 < a.topk <= 1.0, "asa.topk", f"must be in (0, 1], got {a.topk}")
+    _check(all(i >= 0 for i in a.dense_layers), "asa.dense_layers", "layer indices are >= 0")
+
+    _check(lo.rank >= 1, "lora.rank", f"must be >= 1, got {lo.rank}")
+    _check(lo.lora_alpha > 0, "lora.lora_alpha", f"must be > 0, got {lo.lora_alpha}")
+
+    _check(1 <= t.k_step <= t.num_train_timesteps, "tdm.k_step", f"must be in [1, {t.num_train_timesteps}]")
+    _check(0.0 <= t.eta <= 1.0, "tdm.eta", f"must be in [0, 1], got {t.eta}")
+    _check(t.cfg >= 1.0, "tdm.cfg", f"teacher guidance must be >= 1, got {t.cfg}")
+    _check(t.lambda_reg >= 0.0, "tdm.lambda_reg", f"must be >= 0, got {t.lambda_reg}")
+    _check(0 < t.t_max <= t.num_train_timesteps, "tdm.t_max", f"must be in (0, {t.num_train_timesteps}]")
+    _check(t.max_fake_loss > 0, "tdm.max_fake_loss", "must be > 0")
+
+    _check(o.learning_rate > 0 and o.learning_rate_fake > 0, "optim.learning_rate", "learning rates must be > 0")
+    _check(0.0 <= o.adam_beta1 < 1.0 and 0.0 <= o.adam_beta2 < 1.0, "optim.adam_beta", "betas in [0, 1)")
+    _check(o.lr_warmup_steps >= 0 and o.max_grad_norm > 0, "optim", "lr_warmup_steps >= 0 and max_grad_norm > 0")
+
+    _check(tr.max_train_steps >= 1, "train.max_train_steps", "must be >= 1")
+    _check(tr.train_batch_size >= 1, "train.train_batch_size", "must be >= 1")
+    _check(tr.gradient_accumulation_steps >= 1, "train.gradient_accumulation_steps", "must be >= 1")
+    _check(tr.checkpointing_steps >= 1, "train.checkpointing_steps", "must be >= 1")
+    _check(tr.checkpoints_total_limit >= 1, "train.checkpoints_total_limit", "must be >= 1")
+    _check(tr.mixed_precision in ("no", "fp16", "bf16"), "train.mixed_precision", "must be no, fp16 or bf16")
+    _check(tr.report_to in ("wandb", "tensorboard", "none"), "train.report_to", "must be wandb, tensorboard or none")
+
+    _check(s.steps >= 1, "sample.steps", "must be >= 1")
+    _check(s.guidance >= 1.0, "sample.guidance", "must be >= 1 (1 means no CFG pass)")
+    _check(0.0 <= s.eta <= 1.0, "sample.eta", "must be in [0, 1]")
+    _check(s.sampler in ("tdm", "unipc"), "sample.sampler", f"must be tdm or unipc, got {s.sampler!r}")
+
+
+# ---------------------------------------------------------------------------- load / dump
+def load_config(path: str | Path | None = None, overrides: list[str] | None = None,
+                schema: type = RunConfig, require: tuple[str, ...] = ()) -> Any:
+    """Load `schema` from YAML (optional), apply `key=value` overrides, validate, return dataclasses.
+
+    `require` lists dotted keys that must be set (e.g. ("model.path", "train.prompt_store")).
+    """
+    try:
+        base = OmegaConf.structured(schema)
+        parts = [base]
+        if path is not None:
+            p = Path(path)
+            if not p.is_file():
+                raise ConfigError(f"config file {p} not found")
+            parts.append(OmegaConf.load(p))
+        if overrides:
+            bad = [o for o in overrides if "=" not in o]
+            if bad:
+                raise ConfigError(f"overrides must look like key=value, got {bad}")
+            parts.append(OmegaConf.from_dotlist(list(overrides)))
+        merged = OmegaConf.merge(*parts)
+        for key in require:
+            if OmegaConf.is_missing(merged, key) or OmegaConf.select(merged, key) is None:
+                raise ConfigError(f"{key} must be set (in the YAML or as {key}=...)")
+        obj = OmegaConf.to_object(merged)
+    except OmegaConfBaseException as e:  # unknown key, wrong type: re-raise with one clear line
+        raise ConfigError(str(e).splitlines()[0] + f" (full key: {getattr(e, 'full_key', '?')})") from None
+    if isinstance(obj, RunConfig):
+        _validate(obj)
+    return obj
+
+
+def to_dict(cfg: Any) -> dict:
+    return dataclasses.asdict(cfg)
+
+
+def dump_config(cfg: Any, run_dir: str | Path, name: str = "config.yaml") -> Path:
+    """Write the resolved config into the run directory (the file `load_config` reads back)."""
+    run_dir = Path(run_dir)
+    run_dir.mkdir(parents=True, exist_ok=True)
+    out = run_dir / name
+    out.write_text(OmegaConf.to_yaml(OmegaConf.structured(cfg)))
+    return out
