@@ -1,0 +1,226 @@
+"""``AdaptiveSparseAttention``: SPEC section 1 on q, k, v of shape [B, H, L, D].
+
+Per call: (optionally) reorder the tokens along the Gilbert curve, estimate the block-level
+attention map without grad, turn it into a block mask (``mask.block_mask``), and run exact
+block-sparse attention on the kept blocks, with global compensation for the skipped ones.
+Layers listed in ``cfg.dense_layers`` and denoising steps with a timestep above
+``cfg.dense_timestep_above`` run dense (``F.scaled_dot_product_attention``).
+
+Backends (one semantics): on CUDA the Triton kernels of ``videoblade.kernels``
+(``block_sparse_attention``); elsewhere the float32 torch reference
+``videoblade.kernels.reference.block_sparse_attention_ref`` (never the Triton interpreter,
+which is for kernel tests only).  ``backend="torch"`` forces the reference on any device.
+
+Statistics: the realised density (kept blocks / all blocks) of every call is added, per
+layer and head, into device tensors; nothing is read back to the host in the hot path.
+``density_stats()`` reads them (one sync) and ``reset_stats()`` clears them.  Calls made
+while autograd recomputes a checkpointed block during backward are not counted twice.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+
+from ..config import ASAConfig
+from .gilbert import gilbert_order_on
+from .mask import block_mask, num_blocks
+
+__all__ = ["AdaptiveSparseAttention", "timestep_value"]
+
+
+def timestep_value(timestep) -> float | None:
+    """Largest timestep of a batch as a Python float (a host sync for a device tensor)."""
+    if timestep is None:
+        return None
+    if isinstance(timestep, torch.Tensor):
+        return float(timestep.detach().max().item())
+    return float(timestep)
+
+
+def _in_backward_recompute() -> bool:
+    # > -1 while autograd runs a backward graph task, e.g. recomputing a checkpointed block
+    return torch._C._current_graph_task_id() != -1
+
+
+@dataclass
+class _LayerStats:
+    density_sum: torch.Tensor  # float32 [H] on the attention's device
+    calls: int
+
+
+class AdaptiveSparseAttention:
+    """Adaptive block-sparse attention driven by an :class:`ASAConfig`.
+
+    ``asa(q, k, v, layer_idx, timestep=None, grid=None, text_tokens=0)`` -> out [B, H, L, D]
+    in the dtype of ``q``.  The sequence is ``text_tokens`` prompt tokens followed by the
+    video tokens of the (frames, h, w) token ``grid`` in raster order; ``grid`` is needed
+    only when ``cfg.reorder`` is on and the tokens are not already reordered
+    (``ordered=True`` says the caller applied the Gilbert permutation once per forward).
+    ``dense`` overrides the layer/timestep rule (the diffusers hooks decide it once per
+    forward, so the timestep is read once).
+    """
+
+    def __init__(self, cfg: ASAConfig | None = None, backend: str = "auto"):
+        self.cfg = cfg if cfg is not None else ASAConfig()
+        if backend not in ("auto", "triton", "torch"):
+            raise ValueError(f"backend must be 'auto', 'triton' or 'torch', got {backend!r}")
+        self.backend = backend
+        c = self.cfg
+        if c.block_size < 1:
+            raise ValueError(f"block_size must be >= 1, got {c.block_size}")
+        if c.compensation and (c.pool < 1 or c.block_size % c.pool != 0):
+            raise ValueError(f"pool ({c.pool}) must divide block_size ({c.block_size})")
+        if c.mode not in ("energy", "topk"):
+            raise ValueError(f"mode must be 'energy' or 'topk', got {c.mode!r}")
+        if c.estimate not in ("sample", "mean"):
+            raise ValueError(f"estimate must be 'sample' or 'mean', got {c.estimate!r}")
+        self._dense_layers = frozenset(int(i) for i in (c.dense_layers or ()))
+        self._stats: dict[int, _LayerStats] = {}
+        self.record_stats = True
+
+    # ------------------------------------------------------------------ policy
+    def layer_is_dense(self, layer_idx: int) -> bool:
+        return (not self.cfg.enabled) or int(layer_idx) in self._dense_layers
+
+    def step_is_dense(self, timestep) -> bool:
+        """True when ``cfg.dense_timestep_above`` is set and the (largest) timestep is above it."""
+        thr = self.cfg.dense_timestep_above
+        if thr is None or timestep is None:
+            return False
+        t = timestep if isinstance(timestep, float) else timestep_value(timestep)
+        return t > float(thr)
+
+    def is_dense(self, layer_idx: int, timestep=None) -> bool:
+        return self.layer_is_dense(layer_idx) or self.step_is_dense(timestep)
+
+    def _use_triton(self, q: torch.Tensor) -> bool:
+        if self.backend == "torch":
+            return False
+        if self.backend == "triton":
+            return True
+        return q.is_cuda
+
+    # ------------------------------------------------------------------ pieces
+    def estimate(self, q: torch.Tensor, k: torch.Tensor) -> torch.Tensor:
+        """Block attention-mass map P [B, H, NQ, NK] (float32, no grad)."""
+        from ..kernels import estimate_block_importance, estimate_block_importance_ref
+
+        c = self.cfg
+        # the Triton estimator on CUDA; its plain-torch twin elsewhere (never the interpreter)
+        fn = estimate_block_importance if self._use_triton(q) else estimate_block_importance_ref
+        with torch.no_grad():
+            return fn(q.detach(), k.detach(), c.block_size, c.samples_per_block, c.estimate)
+
+    def make_mask(self, P: torch.Tensor, text_tokens: int = 0) -> torch.Tensor:
+        c = self.cfg
+        return block_mask(
+            P,
+            mode=c.mode,
+            energy_threshold=c.energy_threshold,
+            min_retain=c.min_retain,
+            max_retain=c.max_retain,
+            topk=c.topk,
+            text_blocks=num_blocks(text_tokens, c.block_size) if text_tokens else 0,
+        )
+
+    def sparse_attention(self, q, k, v, mask: torch.Tensor) -> torch.Tensor:
+        """Block-sparse attention of q, k, v [B, H, L, D] on a bool block ``mask``
+        [B, H, NQ, NK] (+ compensation if configured); same dtype as ``q``."""
+        from ..kernels import mask_to_block_lists, pool_summaries
+
+        c = self.cfg
+        kv_indices, kv_counts = mask_to_block_lists(mask)
+        summary = pool_summaries(k, v, c.block_size, c.pool) if c.compensation else None
+        if self._use_triton(q):
+            from ..kernels import block_sparse_attention as attn_fn
+        else:
+            from ..kernels.reference import block_sparse_attention_ref as attn_fn
+        out, _ = attn_fn(q, k, v, kv_indices, kv_counts, block_size=c.block_size, summary=summary)
+        return out.to(q.dtype)
+
+    # ------------------------------------------------------------------ call
+    def __call__(
+        self,
+        q: torch.Tensor,
+        k: torch.Tensor,
+        v: torch.Tensor,
+        layer_idx: int = 0,
+        timestep=None,
+        grid=None,
+        text_tokens: int = 0,
+        ordered: bool = False,
+        dense: bool | None = None,
+    ) -> torch.Tensor:
+        if q.dim() != 4:
+            raise ValueError(f"q, k, v must be [B, H, L, D], got {tuple(q.shape)}")
+        B, H, L, _ = q.shape
+        if dense is None:
+            dense = self.is_dense(layer_idx, timestep)
+        if dense:
+            out = F.scaled_dot_product_attention(q, k, v)
+            self._record(layer_idx, None, H, q.device)
+            return out
+
+        c = self.cfg
+        perm = inv = None
+        if c.reorder and not ordered:
+            if grid is None:
+                raise ValueError("ASA with reorder=True needs the token grid (frames, h, w)")
+            if text_tokens + math.prod(grid) != L:
+                raise ValueError(
+                    f"sequence length {L} != text_tokens {text_tokens} + grid {tuple(grid)} tokens"
+                )
+            perm, inv = gilbert_order_on(grid, text_tokens, q.device)
+            q, k, v = (t.index_select(2, perm) for t in (q, k, v))
+
+        mask = self.make_mask(self.estimate(q, k), text_tokens)
+        out = self.sparse_attention(q, k, v, mask)
+        if inv is not None:
+            out = out.index_select(2, inv)
+        self._record(layer_idx, mask, H, q.device)
+        return out
+
+    # ------------------------------------------------------------------ stats
+    def _record(self, layer_idx: int, mask: torch.Tensor | None, heads: int, device) -> None:
+        if not self.record_stats or _in_backward_recompute():
+            return
+        with torch.no_grad():
+            if mask is None:
+                d = torch.ones(heads, dtype=torch.float32, device=device)
+            else:
+                d = mask.float().mean(dim=(0, 2, 3))
+            st = self._stats.get(int(layer_idx))
+            if st is None or st.density_sum.shape != d.shape or st.density_sum.device != d.device:
+                self._stats[int(layer_idx)] = _LayerStats(d.clone(), 1)
+            else:
+                st.density_sum.add_(d)
+                st.calls += 1
+
+    def density_tensors(self) -> dict[int, torch.Tensor]:
+        """Mean realised density per layer as device tensors [H] (no host sync)."""
+        return {i: s.density_sum / s.calls for i, s in sorted(self._stats.items())}
+
+    def density_stats(self, reset: bool = False) -> dict:
+        """Realised density read to the host (one sync):
+        ``{"mean": float | None, "layers": {layer: {"mean", "heads": [H floats], "calls"}}}``.
+        ``mean`` averages the layers (each layer weighted by its calls)."""
+        layers = {}
+        tot = 0.0
+        n = 0
+        for i, s in sorted(self._stats.items()):
+            heads = (s.density_sum / s.calls).cpu().tolist()
+            m = sum(heads) / len(heads)
+            layers[i] = {"mean": m, "heads": heads, "calls": s.calls}
+            tot += m * s.calls
+            n += s.calls
+        out = {"mean": (tot / n) if n else None, "layers": layers}
+        if reset:
+            self.reset_stats()
+        return out
+
+    def reset_stats(self) -> None:
+        self._stats.clear()

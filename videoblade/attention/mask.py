@@ -1,0 +1,119 @@
+"""Block mask policy: which (query block, key block) pairs the sparse attention computes.
+
+Input is a block-level attention map ``P`` [B, H, NQ, NK] (float32; ``P[b, h, i, j]`` is how
+much attention mass query block i puts on key block j, e.g. from
+``videoblade.kernels.estimate_block_importance``).  Output is a bool mask [B, H, NQ, NK].
+
+Rules (SPEC section 1, step 3):
+
+* **energy** mode: sort each row descending and keep the smallest prefix whose cumulative
+  mass reaches ``energy_threshold`` of the row total; the prefix length is clamped to
+  ``[min_retain, max_retain]`` fractions of NK (and is at least one block).  With
+  ``min_retain >= 1`` every block is kept.
+* **topk** mode: keep the ``ceil(topk * NK)`` largest blocks of every row (at least one).
+* the diagonal block (query block i, key block i) is always kept;
+* text blocks (the first ``text_blocks`` blocks, CogVideoX's prompt tokens) are kept in both
+  directions: every row keeps the text key blocks and text query blocks keep every block.
+
+Everything is batched tensor code (sort, cumsum, scatter): no Python loop over heads or
+blocks, and no host synchronisation, so it runs inside the attention hot path on the GPU.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+
+__all__ = [
+    "retain_bounds",
+    "energy_keep_counts",
+    "mask_from_counts",
+    "force_blocks",
+    "block_mask",
+    "num_blocks",
+]
+
+
+def num_blocks(length: int, block_size: int) -> int:
+    """Number of blocks of ``block_size`` covering ``length`` tokens (the last may be partial)."""
+    return -(-int(length) // int(block_size))
+
+
+def retain_bounds(nk: int, min_retain: float, max_retain: float) -> tuple[int, int]:
+    """(lo, hi) number of key blocks the energy prefix may keep: lo = ceil(min_retain * nk),
+    hi = floor(max_retain * nk), both at least 1, and hi >= lo (min_retain wins a conflict)."""
+    eps = 1e-9
+    lo = max(1, math.ceil(min_retain * nk - eps))
+    hi = max(1, math.floor(max_retain * nk + eps))
+    lo = min(lo, nk)
+    hi = min(max(hi, lo), nk)
+    return lo, hi
+
+
+def energy_keep_counts(p_sorted: torch.Tensor, threshold: float) -> torch.Tensor:
+    """Length of the smallest prefix of each descending-sorted row reaching ``threshold`` of
+    the row total: int64 [..., ] in [1, NK]."""
+    csum = p_sorted.cumsum(-1)
+    total = csum[..., -1:]
+    # blocks strictly before the prefix end have cumulative mass < threshold * total
+    n = (csum < threshold * total).sum(-1) + 1
+    return n.clamp_(max=p_sorted.shape[-1])
+
+
+def mask_from_counts(order: torch.Tensor, counts: torch.Tensor) -> torch.Tensor:
+    """Bool mask keeping, per row, the first ``counts`` entries of ``order`` (the indices of a
+    descending sort)."""
+    nk = order.shape[-1]
+    rank = torch.arange(nk, device=order.device)
+    keep_sorted = rank < counts.unsqueeze(-1)
+    mask = torch.zeros(order.shape, dtype=torch.bool, device=order.device)
+    return mask.scatter_(-1, order, keep_sorted)
+
+
+def force_blocks(mask: torch.Tensor, text_blocks: int = 0, diagonal: bool = True) -> torch.Tensor:
+    """Set the always-kept blocks in place: the diagonal and text rows/columns."""
+    nq, nk = mask.shape[-2], mask.shape[-1]
+    if diagonal:
+        n = min(nq, nk)
+        idx = torch.arange(n, device=mask.device)
+        mask[..., idx, idx] = True
+    if text_blocks > 0:
+        mask[..., :, : min(text_blocks, nk)] = True
+        mask[..., : min(text_blocks, nq), :] = True
+    return mask
+
+
+def block_mask(
+    P: torch.Tensor,
+    mode: str = "energy",
+    energy_threshold: float = 0.95,
+    min_retain: float = 0.05,
+    max_retain: float = 0.15,
+    topk: float = 0.10,
+    text_blocks: int = 0,
+    diagonal: bool = True,
+) -> torch.Tensor:
+    """Bool mask [B, H, NQ, NK] from the block importance map ``P`` (see module docstring)."""
+    if P.dim() != 4:
+        raise ValueError(f"block_mask expects P of shape [B, H, NQ, NK], got {tuple(P.shape)}")
+    nk = P.shape[-1]
+    P = P.float()
+    if mode == "energy":
+        lo, hi = retain_bounds(nk, min_retain, max_retain)
+        if lo >= nk:
+            mask = torch.ones(P.shape, dtype=torch.bool, device=P.device)
+        else:
+            p_sorted, order = P.sort(dim=-1, descending=True)
+            counts = energy_keep_counts(p_sorted, energy_threshold).clamp_(lo, hi)
+            mask = mask_from_counts(order, counts)
+    elif mode == "topk":
+        k = min(nk, max(1, math.ceil(topk * nk - 1e-9)))
+        if k >= nk:
+            mask = torch.ones(P.shape, dtype=torch.bool, device=P.device)
+        else:
+            idx = P.topk(k, dim=-1).indices
+            mask = torch.zeros(P.shape, dtype=torch.bool, device=P.device).scatter_(-1, idx, True)
+    else:
+        raise ValueError(f"unknown mask mode {mode!r}: use 'energy' or 'topk'")
+    return force_blocks(mask, text_blocks=text_blocks, diagonal=diagonal)
