@@ -1,0 +1,1 @@
+"""TDM step distillation: pure functions (`tdm`) and the accelerate trainer (`trainer`)."""
