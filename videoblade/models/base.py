@@ -1,0 +1,493 @@
+"""The model-adapter interface: everything the rest of videoblade needs to know about a model family.
+
+An adapter is a small stateless object. It reads a local diffusers-layout folder
+(`transformer/`, `vae/`, `text_encoder/`, `tokenizer/`, `scheduler/`, `model_index.json`),
+derives every shape from the folder's configs and the requested size, validates requests before
+any weights load, and hides the family's calling conventions (layouts, timestep input, rotary
+embeddings, latent normalisation) behind `predict` and `decode`.
+
+Shapes (SPEC "Supported teachers"): latent F = (frames - 1) / temporal_compression + 1,
+H = height / spatial_compression, W likewise; token grid = (F / pt, H / ph, W / pw); text tokens
+inside self-attention: CogVideoX's `max_text_seq_length`, Wan 0 (text enters by cross-attention).
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from videoblade.schedules import Schedule
+
+__all__ = [
+    "ModelRequestError",
+    "VideoGeometry",
+    "ModelInfo",
+    "LoadedModel",
+    "ModelAdapter",
+    "get_adapter",
+    "register_adapter",
+    "family_of_folder",
+    "parse_dtype",
+    "attach_schedule",
+    "schedule_of",
+    "unwrap_model",
+    "ALL_COMPONENTS",
+]
+
+ALL_COMPONENTS = ("transformer", "vae", "text_encoder", "tokenizer", "scheduler")
+# file each component folder must hold (any one of them) for the request to be serviceable
+_COMPONENT_FILES = {
+    "transformer": ("config.json",),
+    "vae": ("config.json",),
+    "text_encoder": ("config.json",),
+    "tokenizer": ("tokenizer_config.json", "tokenizer.json", "spiece.model"),
+    "scheduler": ("scheduler_config.json",),
+}
+# optional hint file written by videoblade.models.tiny: {"default_size": [h, w, frames], ...}
+HINT_FILE = "videoblade.json"
+
+
+class ModelRequestError(ValueError):
+    """A request that cannot work with this model folder; the message says what to change."""
+
+
+_DTYPES = {
+    "bf16": torch.bfloat16, "bfloat16": torch.bfloat16,
+    "fp16": torch.float16, "float16": torch.float16, "half": torch.float16,
+    "fp32": torch.float32, "float32": torch.float32, "float": torch.float32,
+}
+
+
+def parse_dtype(dtype: str | torch.dtype) -> torch.dtype:
+    if isinstance(dtype, torch.dtype):
+        return dtype
+    try:
+        return _DTYPES[str(dtype).lower()]
+    except KeyError:
+        raise ModelRequestError(f"dtype {dtype!r} is not supported: use bf16, fp16 or fp32") from None
+
+
+@dataclass(frozen=True)
+class VideoGeometry:
+    """Shapes of one request, all derived from the folder's configs and (height, width, frames)."""
+
+    latent_shape: tuple[int, int, int, int]  # (C, F, H, W) latents as the sampler sees them
+    token_grid: tuple[int, int, int]  # (f, h, w) video tokens in the transformer
+    text_tokens: int  # text tokens concatenated before the video tokens in self-attention
+    patch: tuple[int, int, int]  # (pt, ph, pw)
+    height: int = 0  # the requested pixel size
+    width: int = 0
+    frames: int = 0
+    spatial_compression: int = 8
+    temporal_compression: int = 4
+
+    @property
+    def video_tokens(self) -> int:
+        f, h, w = self.token_grid
+        return f * h * w
+
+    @property
+    def seq_len(self) -> int:
+        """Length of the self-attention sequence: text tokens + video tokens."""
+        return self.text_tokens + self.video_tokens
+
+
+@dataclass(frozen=True)
+class ModelInfo:
+    """What `inspect` reads from a folder's configs (no weights)."""
+
+    folder: Path
+    family: str
+    transformer_config: dict
+    vae_config: dict | None
+    scheduler_config: dict | None
+    text_encoder_config: dict | None
+    hints: dict = field(default_factory=dict)
+
+
+@dataclass
+class LoadedModel:
+    """The components `load` returns; a component not requested is None."""
+
+    folder: Path
+    family: str
+    info: ModelInfo
+    transformer: Any = None
+    vae: Any = None
+    text_encoder: Any = None
+    tokenizer: Any = None
+    scheduler: Any = None  # the diffusers scheduler object (for UniPC inference)
+    schedule: Schedule | None = None  # videoblade's schedule interface (always built when scheduler/ exists)
+    geometry: VideoGeometry | None = None  # set when load() was given a size
+
+
+def _read_json(path: Path) -> dict:
+    try:
+        return json.loads(path.read_text())
+    except json.JSONDecodeError as e:
+        raise ModelRequestError(f"{path} is not valid JSON ({e}); re-export the model folder") from None
+
+
+def _nearest_multiples(value: int, m: int) -> str:
+    lo = (value // m) * m
+    hi = lo + m
+    return f"{lo} or {hi}" if lo > 0 else f"{hi}"
+
+
+def unwrap_model(model):
+    """The underlying diffusers model of a DDP / DeepSpeed / torch.compile wrapper (attributes live there)."""
+    seen = 0
+    while seen < 8:
+        seen += 1
+        if hasattr(model, "_orig_mod"):  # torch.compile
+            model = model._orig_mod
+        elif type(model).__name__ in ("DistributedDataParallel", "DeepSpeedEngine", "DataParallel") and hasattr(
+                model, "module"):
+            model = model.module
+        else:
+            break
+    return model
+
+
+_SCHEDULE_ATTR = "_videoblade_schedule"
+
+
+def attach_schedule(transformer, schedule: Schedule):
+    """Remember the model's schedule on the transformer, so `predict` can convert integer t to the
+    network's timestep input without every caller passing it (`load` does this)."""
+    object.__setattr__(unwrap_model(transformer), _SCHEDULE_ATTR, schedule)
+    return transformer
+
+
+def schedule_of(transformer) -> Schedule | None:
+    return getattr(unwrap_model(transformer), _SCHEDULE_ATTR, None)
+
+
+# ---------------------------------------------------------------------------- registry
+_ADAPTERS: dict[str, type[ModelAdapter]] = {}
+_CLASS_TO_FAMILY: dict[str, str] = {}
+_ALIASES = {"tiny-wan": "wan", "tiny-cogvideox": "cogvideox", "cogvideo": "cogvideox", "wanx": "wan"}
+
+
+def register_adapter(cls: type[ModelAdapter]) -> type[ModelAdapter]:
+    _ADAPTERS[cls.family] = cls
+    for name in cls.transformer_classes:
+        _CLASS_TO_FAMILY[name] = cls.family
+    return cls
+
+
+def _ensure_registered() -> None:
+    if not _ADAPTERS:  # importing the family modules registers them
+        from videoblade.models import cogvideox, wan  # noqa: F401
+
+
+def family_of_folder(folder: str | Path) -> str:
+    """The family of a diffusers folder, from `transformer/config.json`'s `_class_name`."""
+    _ensure_registered()
+    folder = Path(folder)
+    cfg_path = folder / "transformer" / "config.json"
+    if not folder.is_dir():
+        raise ModelRequestError(f"model folder {folder} does not exist: set model.path to a local diffusers folder")
+    if not cfg_path.is_file():
+        raise ModelRequestError(
+            f"{folder} has no transformer/config.json: model.path must be a diffusers-layout folder "
+            "(transformer/, vae/, text_encoder/, tokenizer/, scheduler/)"
+        )
+    cls_name = _read_json(cfg_path).get("_class_name")
+    if cls_name not in _CLASS_TO_FAMILY:
+        known = ", ".join(f"{k} ({v})" for k, v in sorted(_CLASS_TO_FAMILY.items()))
+        raise ModelRequestError(f"{cfg_path}: transformer class {cls_name!r} is not supported; known: {known}")
+    return _CLASS_TO_FAMILY[cls_name]
+
+
+def get_adapter(family_or_folder: str | Path) -> ModelAdapter:
+    """An adapter by family name ("wan", "cogvideox", "tiny-wan", ...) or for a model folder."""
+    _ensure_registered()
+    key = str(family_or_folder)
+    fam = _ALIASES.get(key.lower(), key.lower())
+    if fam in _ADAPTERS and not isinstance(family_or_folder, Path):
+        return _ADAPTERS[fam]()
+    if isinstance(family_or_folder, Path) or Path(key).exists() or "/" in key or "\\" in key:
+        return _ADAPTERS[family_of_folder(key)]()
+    raise ModelRequestError(
+        f"unknown model family {key!r}: use one of {sorted(_ADAPTERS)} or a path to a diffusers model folder"
+    )
+
+
+# ---------------------------------------------------------------------------- the interface
+class ModelAdapter:
+    """Base class; one subclass per family (`wan.py`, `cogvideox.py`). Stateless."""
+
+    family: str = ""
+    transformer_classes: tuple[str, ...] = ()
+    default_size: tuple[int, int, int] = (480, 832, 81)  # (height, width, frames)
+    default_cfg: float = 5.0
+    default_text_max_length: int = 512
+    lora_target_modules: tuple[str, ...] = ("to_q", "to_k", "to_v", "to_out.0")
+    pipeline_class: str = ""
+
+    # ------------------------------------------------------------------ configs only
+    def inspect(self, folder: str | Path) -> ModelInfo:
+        """Read the folder's configs (never weights); check that it holds this family's model."""
+        folder = Path(folder)
+        fam = family_of_folder(folder)
+        if fam != self.family:
+            raise ModelRequestError(
+                f"{folder} holds a {fam} model ({_read_json(folder / 'transformer' / 'config.json')['_class_name']}), "
+                f"not a {self.family} model: set model.family={fam} (or auto)"
+            )
+
+        def opt(*parts):
+            p = folder.joinpath(*parts)
+            return _read_json(p) if p.is_file() else None
+
+        hints = opt(HINT_FILE) or {}
+        return ModelInfo(
+            folder=folder,
+            family=fam,
+            transformer_config=_read_json(folder / "transformer" / "config.json"),
+            vae_config=opt("vae", "config.json"),
+            scheduler_config=opt("scheduler", "scheduler_config.json"),
+            text_encoder_config=opt("text_encoder", "config.json"),
+            hints=hints,
+        )
+
+    def check_components(self, folder: str | Path, components) -> None:
+        """Raise if a requested component folder (or its config) is missing."""
+        folder = Path(folder)
+        for comp in components:
+            if comp not in _COMPONENT_FILES:
+                raise ModelRequestError(f"unknown component {comp!r}: choose from {ALL_COMPONENTS}")
+            d = folder / comp
+            if not d.is_dir() or not any((d / f).is_file() for f in _COMPONENT_FILES[comp]):
+                raise ModelRequestError(
+                    f"{folder} has no usable {comp}/ (need {comp}/{' or '.join(_COMPONENT_FILES[comp])}): "
+                    f"copy the {comp} folder of the original diffusers checkpoint there, or do not request {comp}"
+                )
+
+    def _as_info(self, folder_or_info) -> ModelInfo:
+        return folder_or_info if isinstance(folder_or_info, ModelInfo) else self.inspect(folder_or_info)
+
+    # family-specific: compression factors and patch, from configs
+    def vae_factors(self, info: ModelInfo) -> tuple[int, int]:
+        """(temporal, spatial) compression of the VAE."""
+        raise NotImplementedError
+
+    def latent_channels(self, info: ModelInfo) -> int:
+        return int(info.transformer_config.get("in_channels", 16))
+
+    def patch_size(self, info: ModelInfo) -> tuple[int, int, int]:
+        raise NotImplementedError
+
+    def text_tokens(self, info: ModelInfo) -> int:
+        """Text tokens inside self-attention (0 when text enters by cross-attention)."""
+        return 0
+
+    def text_max_length(self, folder_or_info) -> int:
+        """Default prompt length (tokens) the text encoder pads to for this folder."""
+        info = self._as_info(folder_or_info)
+        return int(info.hints.get("text_max_length", self.default_text_max_length))
+
+    def resolve_size(self, folder_or_info, height: int | None = None, width: int | None = None,
+                     frames: int | None = None) -> tuple[int, int, int]:
+        """Fill unset sizes from the folder's hint file (tiny models) or the family default."""
+        info = self._as_info(folder_or_info)
+        dh, dw, df = info.hints.get("default_size", self.default_size)
+        return (int(height or dh), int(width or dw), int(frames or df))
+
+    def geometry(self, folder_or_info, height: int | None = None, width: int | None = None,
+                 frames: int | None = None) -> VideoGeometry:
+        """Validate (height, width, frames) against the configs and derive every shape."""
+        info = self._as_info(folder_or_info)
+        height, width, frames = self.resolve_size(info, height, width, frames)
+        tc, sc = self.vae_factors(info)
+        pt, ph, pw = self.patch_size(info)
+        if frames < 1 or (frames - 1) % tc != 0:
+            lo = ((frames - 1) // tc) * tc + 1 if frames > 1 else None
+            near = f"{lo} or {lo + tc}" if lo and lo >= 1 else f"{tc + 1}"
+            raise ModelRequestError(
+                f"frames={frames} is not of the form {tc}k+1 (VAE temporal compression {tc}): use {near}"
+            )
+        for name, val, p in (("height", height, ph), ("width", width, pw)):
+            m = sc * p
+            if val <= 0 or val % m != 0:
+                raise ModelRequestError(
+                    f"{name}={val} is not divisible by {m} (VAE spatial factor {sc} x patch {p}): "
+                    f"use {_nearest_multiples(val, m)}"
+                )
+        F = (frames - 1) // tc + 1
+        if F % pt != 0:
+            step = pt * tc
+            lo = ((F // pt) * pt - 1) * tc + 1
+            near = f"{lo} or {lo + step}" if lo >= 1 else f"{lo + step}"
+            raise ModelRequestError(
+                f"frames={frames} gives {F} latent frames, not divisible by the temporal patch {pt}: use {near}"
+            )
+        H, W = height // sc, width // sc
+        C = self.latent_channels(info)
+        return VideoGeometry(
+            latent_shape=(C, F, H, W),
+            token_grid=(F // pt, H // ph, W // pw),
+            text_tokens=self.text_tokens(info),
+            patch=(pt, ph, pw),
+            height=height, width=width, frames=frames,
+            spatial_compression=sc, temporal_compression=tc,
+        )
+
+    def schedule(self, folder: str | Path, shift: float | None = None) -> Schedule:
+        self.check_components(folder, ("scheduler",))
+        return Schedule.from_model_folder(folder, shift=shift)
+
+    # ------------------------------------------------------------------ weights
+    def load(self, folder: str | Path, dtype: str | torch.dtype = torch.bfloat16, device: str | torch.device = "cpu",
+             components=("transformer", "vae", "text_encoder", "tokenizer"), *, height: int | None = None,
+             width: int | None = None, frames: int | None = None, vae_dtype: str | torch.dtype | None = None,
+             text_encoder_dtype: str | torch.dtype | None = None) -> LoadedModel:
+        """Load the requested components. Every check (family, component folders, and the size
+        when one is given) runs before any weights are read.
+
+        dtype: the transformer's (and by default the text encoder's); vae_dtype defaults to float32
+        (the decode is numerically sensitive and runs once per video).
+        """
+        folder = Path(folder)
+        components = tuple(components)
+        info = self.inspect(folder)
+        self.check_components(folder, components)
+        dtype = parse_dtype(dtype)
+        vae_dtype = parse_dtype(vae_dtype) if vae_dtype is not None else torch.float32
+        te_dtype = parse_dtype(text_encoder_dtype) if text_encoder_dtype is not None else dtype
+        geometry = None
+        if height is not None or width is not None or frames is not None:
+            geometry = self.geometry(info, height, width, frames)
+        schedule = None
+        if (folder / "scheduler" / "scheduler_config.json").is_file():
+            schedule = Schedule.from_model_folder(folder)
+
+        out = LoadedModel(folder=folder, family=self.family, info=info, schedule=schedule, geometry=geometry)
+        if "transformer" in components:
+            out.transformer = self._load_transformer(folder, dtype).to(device).eval().requires_grad_(False)
+            if schedule is not None:
+                attach_schedule(out.transformer, schedule)
+        if "vae" in components:
+            out.vae = self._load_vae(folder, vae_dtype).to(device).eval().requires_grad_(False)
+        if "text_encoder" in components:
+            out.text_encoder = self._load_text_encoder(folder, te_dtype).to(device).eval().requires_grad_(False)
+        if "tokenizer" in components:
+            from transformers import AutoTokenizer
+
+            out.tokenizer = AutoTokenizer.from_pretrained(folder / "tokenizer")
+        if "scheduler" in components:
+            out.scheduler = self._load_scheduler(folder)
+        return out
+
+    def _load_transformer(self, folder: Path, dtype: torch.dtype):
+        import diffusers
+
+        cls = getattr(diffusers, _read_json(folder / "transformer" / "config.json")["_class_name"])
+        return cls.from_pretrained(folder, subfolder="transformer", torch_dtype=dtype)
+
+    def _load_vae(self, folder: Path, dtype: torch.dtype):
+        import diffusers
+
+        cls = getattr(diffusers, _read_json(folder / "vae" / "config.json")["_class_name"])
+        return cls.from_pretrained(folder, subfolder="vae", torch_dtype=dtype)
+
+    def _load_text_encoder(self, folder: Path, dtype: torch.dtype):
+        import transformers
+
+        cfg = _read_json(folder / "text_encoder" / "config.json")
+        archs = cfg.get("architectures") or [self.text_encoder_class]
+        cls = getattr(transformers, archs[0], None) or getattr(transformers, self.text_encoder_class)
+        return cls.from_pretrained(folder / "text_encoder", torch_dtype=dtype)
+
+    def _load_scheduler(self, folder: Path):
+        import diffusers
+
+        cfg = _read_json(folder / "scheduler" / "scheduler_config.json")
+        cls = getattr(diffusers, cfg["_class_name"])
+        return cls.from_pretrained(folder, subfolder="scheduler")
+
+    text_encoder_class: str = "T5EncoderModel"
+
+    # ------------------------------------------------------------------ compute
+    def encode_prompts(self, text_encoder, tokenizer, prompts: list[str] | str, max_length: int | None = None,
+                       device: str | torch.device | None = None, dtype: torch.dtype | None = None) -> torch.Tensor:
+        """Prompt embeddings [B, max_length, C] exactly as the family's diffusers pipeline computes them."""
+        raise NotImplementedError
+
+    def predict(self, transformer, x_t: torch.Tensor, t: torch.Tensor, prompt_embeds: torch.Tensor,
+                geometry: VideoGeometry, attention_kwargs: dict | None = None,
+                schedule: Schedule | None = None) -> torch.Tensor:
+        """Network output (float32, layout of x_t) for latents x_t [B, C, F, H, W] at integer timesteps t [B].
+
+        t is converted with `schedule.model_timestep(t)`; the schedule is `schedule=` when given, else
+        the one `load` attached to the transformer (`attach_schedule`). Differentiable (no no_grad).
+        """
+        raise NotImplementedError
+
+    def _model_inputs(self, transformer, x_t, t, prompt_embeds, geometry, schedule):
+        """(dtype, timestep input, x_t cast, prompt_embeds cast) with the shape checks shared by families."""
+        if x_t.ndim != 5 or tuple(x_t.shape[1:]) != tuple(geometry.latent_shape):
+            raise ModelRequestError(
+                f"x_t must be [B, *{tuple(geometry.latent_shape)}] (the geometry's latent shape), got {tuple(x_t.shape)}"
+            )
+        schedule = schedule or schedule_of(transformer)
+        if schedule is None:
+            raise ModelRequestError(
+                "predict() needs the model's schedule to convert t: pass schedule=..., or call "
+                "videoblade.models.attach_schedule(transformer, adapter.schedule(folder)) once after loading"
+            )
+        t = torch.as_tensor(t, device=x_t.device)
+        if t.ndim == 0:
+            t = t.expand(x_t.shape[0])
+        dtype = unwrap_model(transformer).dtype
+        timestep = schedule.model_timestep(t).to(x_t.device)
+        if timestep.is_floating_point():
+            timestep = timestep.float()
+        return dtype, timestep, x_t.to(dtype), prompt_embeds.to(device=x_t.device, dtype=dtype)
+
+    def denormalize_latents(self, vae, latents: torch.Tensor) -> torch.Tensor:
+        """Map sampler latents to the VAE's latent space (latents_mean/std or scaling_factor)."""
+        cfg = vae.config
+        z = latents.to(device=next(vae.parameters()).device, dtype=vae.dtype)
+        mean, std = getattr(cfg, "latents_mean", None), getattr(cfg, "latents_std", None)
+        if mean is not None and std is not None:
+            shape = (1, len(mean), *([1] * (z.ndim - 2)))
+            mean_t = torch.tensor(mean, device=z.device, dtype=z.dtype).view(shape)
+            std_t = torch.tensor(std, device=z.device, dtype=z.dtype).view(shape)
+            return z * std_t + mean_t
+        scale = getattr(cfg, "scaling_factor", None)
+        if scale:
+            z = z / scale
+        shift = getattr(cfg, "shift_factor", None)
+        if shift:
+            z = z + shift
+        return z
+
+    @torch.no_grad()
+    def decode(self, vae, latents: torch.Tensor) -> torch.Tensor:
+        """Latents [B, C, F, H, W] -> uint8 frames [B, F', H', W', 3] (on CPU)."""
+        if latents.ndim != 5:
+            raise ModelRequestError(f"decode expects latents [B, C, F, H, W], got shape {tuple(latents.shape)}")
+        z = self.denormalize_latents(vae, latents)
+        video = vae.decode(z, return_dict=False)[0]  # [B, 3, F', H', W'] in [-1, 1]
+        video = (video.float() / 2 + 0.5).clamp(0, 1)
+        return (video * 255).round().to(torch.uint8).permute(0, 2, 3, 4, 1).contiguous().cpu()
+
+    # ------------------------------------------------------------------ structure
+    def self_attention_modules(self, transformer) -> list[tuple[str, torch.nn.Module]]:
+        """(name, module) of every self-attention module, in layer order."""
+        raise NotImplementedError
+
+    def pipeline(self, folder: str | Path, **kwargs):
+        """The family's diffusers pipeline loaded from the folder (for LoRA round trips and references)."""
+        import diffusers
+
+        return getattr(diffusers, self.pipeline_class).from_pretrained(folder, **kwargs)
+
+    def __repr__(self) -> str:
+        return f"{type(self).__name__}(family={self.family!r})"

@@ -1,0 +1,75 @@
+"""Wan2.1 text-to-video adapter (`WanTransformer3DModel`, `AutoencoderKLWan`, UMT5).
+
+Layout [B, C, F, H, W] throughout; patch (1, 2, 2) from `transformer.config.patch_size`; text
+enters by cross-attention (0 text tokens in self-attention); the timestep input is the flow
+sigma x 1000 (a float), as `WanPipeline` passes it; latents are normalised by the VAE's
+`latents_mean` / `latents_std`.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from videoblade.models.base import (
+    ModelAdapter,
+    ModelInfo,
+    ModelRequestError,
+    VideoGeometry,
+    register_adapter,
+    unwrap_model,
+)
+
+
+@register_adapter
+class WanAdapter(ModelAdapter):
+    family = "wan"
+    transformer_classes = ("WanTransformer3DModel",)
+    default_size = (480, 832, 81)
+    default_cfg = 5.0
+    default_text_max_length = 512
+    lora_target_modules = ("to_q", "to_k", "to_v", "to_out.0")
+    pipeline_class = "WanPipeline"
+    text_encoder_class = "UMT5EncoderModel"
+
+    def vae_factors(self, info: ModelInfo) -> tuple[int, int]:
+        v = info.vae_config
+        if v is None:
+            raise ModelRequestError(f"{info.folder} has no vae/config.json: the VAE config sets the latent shape")
+        temporal = v.get("scale_factor_temporal") or 2 ** sum(bool(d) for d in v.get("temperal_downsample", []))
+        spatial = v.get("scale_factor_spatial") or 2 ** (len(v.get("dim_mult", [1, 2, 4, 4])) - 1) * int(
+            v.get("patch_size") or 1)
+        return int(temporal), int(spatial)
+
+    def latent_channels(self, info: ModelInfo) -> int:
+        return int(info.transformer_config.get("in_channels", (info.vae_config or {}).get("z_dim", 16)))
+
+    def patch_size(self, info: ModelInfo) -> tuple[int, int, int]:
+        p = info.transformer_config.get("patch_size", (1, 2, 2))
+        return tuple(int(x) for x in p)  # type: ignore[return-value]
+
+    def encode_prompts(self, text_encoder, tokenizer, prompts, max_length=None, device=None, dtype=None):
+        # diffusers WanPipeline._get_t5_prompt_embeds: cleaned prompts, attention mask, padding zeroed
+        from diffusers.pipelines.wan.pipeline_wan import prompt_clean
+
+        prompts = [prompts] if isinstance(prompts, str) else list(prompts)
+        max_length = int(max_length or self.default_text_max_length)
+        enc_device = next(text_encoder.parameters()).device
+        inputs = tokenizer([prompt_clean(p) for p in prompts], padding="max_length", max_length=max_length,
+                           truncation=True, add_special_tokens=True, return_attention_mask=True, return_tensors="pt")
+        ids, mask = inputs.input_ids.to(enc_device), inputs.attention_mask.to(enc_device)
+        with torch.no_grad():
+            emb = text_encoder(ids, mask).last_hidden_state
+        emb = emb * mask.gt(0).unsqueeze(-1).to(emb.dtype)  # == pipeline's u[:len] then zero padding
+        return emb.to(device=device or enc_device, dtype=dtype or emb.dtype)
+
+    def predict(self, transformer, x_t, t, prompt_embeds, geometry: VideoGeometry, attention_kwargs=None,
+                schedule=None):
+        _, timestep, x, emb = self._model_inputs(transformer, x_t, t, prompt_embeds, geometry, schedule)
+        out = transformer(hidden_states=x, timestep=timestep, encoder_hidden_states=emb,
+                          attention_kwargs=attention_kwargs, return_dict=False)[0]
+        return out.float()
+
+    def self_attention_modules(self, transformer):
+        blocks = unwrap_model(transformer).blocks
+        return [(f"blocks.{i}.attn1", b.attn1) for i, b in enumerate(blocks)]
+
