@@ -1,0 +1,324 @@
+"""CPU tier for videoblade.kernels: Triton kernels under TRITON_INTERPRET=1 vs the fp32 reference.
+
+Sizes stay tiny (L <= 256, block 16/32) so the whole file runs in well under two minutes on
+two cores. Outputs and gradients are written into NaN-poisoned buffers, so an element the
+kernel forgets to write fails the comparison.
+"""
+
+import math
+import os
+
+import pytest
+import torch
+
+from videoblade.kernels import (
+    Summary,
+    block_lists_to_mask,
+    block_sparse_attention,
+    block_sparse_attention_bwd,
+    block_sparse_attention_fwd,
+    block_sparse_attention_ref,
+    estimate_block_importance,
+    estimate_block_importance_ref,
+    mask_to_block_lists,
+    num_blocks,
+    pool_summaries,
+    transpose_block_lists,
+)
+
+on_cpu = not torch.cuda.is_available()
+DEV = "cuda" if torch.cuda.is_available() else "cpu"
+
+
+def test_interpreter_is_on_for_cpu():
+    # otherwise these tests would not run the Triton kernels at all
+    if on_cpu:
+        assert os.environ.get("TRITON_INTERPRET") == "1"
+
+
+def rel_err(a: torch.Tensor, b: torch.Tensor) -> float:
+    a, b = a.double(), b.double()
+    assert torch.isfinite(a).all(), "non-finite values (unwritten / poisoned element?)"
+    return ((a - b).norm() / b.norm().clamp_min(1e-30)).item()
+
+
+def random_mask(B, H, n, density, gen, empty_rows=True, full_rows=True):
+    mask = torch.rand(B, H, n, n, generator=gen) < density
+    if empty_rows:
+        mask[0, 0, min(1, n - 1)] = False
+    if full_rows:
+        mask[-1, -1, n - 1] = True
+        mask[0, -1, 0] = True
+    return mask
+
+
+# ------------------------------------------------------------------ block lists / summaries
+
+
+def test_block_lists_roundtrip():
+    g = torch.Generator().manual_seed(0)
+    mask = random_mask(2, 3, 7, 0.4, g)
+    kvi, kvc = mask_to_block_lists(mask)
+    assert kvi.dtype == torch.int32 and kvc.dtype == torch.int32
+    assert kvi.shape == (2, 3, 7, 7)
+    assert torch.equal(kvc, mask.sum(-1).int())
+    for b, h, i in [(0, 0, 0), (1, 2, 6), (0, 1, 3)]:
+        want = torch.nonzero(mask[b, h, i]).flatten().int()
+        assert torch.equal(kvi[b, h, i, : kvc[b, h, i]], want)  # ascending
+    assert torch.equal(block_lists_to_mask(kvi, kvc, 7), mask)
+    # narrower index
+    w = int(kvc.max())
+    kvi2, kvc2 = mask_to_block_lists(mask, max_blocks=w)
+    assert kvi2.shape[-1] == w and torch.equal(block_lists_to_mask(kvi2, kvc2, 7), mask)
+    # garbage beyond the count is ignored
+    kvi3 = kvi.clone()
+    kvi3[kvi3 == 0] = 5
+    valid = torch.arange(7) < kvc.unsqueeze(-1)
+    kvi3 = torch.where(valid, kvi, torch.full_like(kvi, 6))
+    assert torch.equal(block_lists_to_mask(kvi3, kvc, 7), mask)
+
+
+def test_transpose_block_lists():
+    g = torch.Generator().manual_seed(1)
+    mask = random_mask(1, 2, 6, 0.5, g)
+    kvi, kvc = mask_to_block_lists(mask)
+    qi, qc, m = transpose_block_lists(kvi, kvc, 6)
+    assert torch.equal(m, mask)
+    assert torch.equal(block_lists_to_mask(qi, qc, 6), mask.transpose(-1, -2))
+
+
+def test_pool_summaries_partial_block():
+    B, H, L, D, bs, pool = 1, 2, 45, 4, 16, 8  # 3 blocks, last has 13 tokens: groups of 8, 5
+    k = torch.randn(B, H, L, D)
+    v = torch.randn(B, H, L, D)
+    s = pool_summaries(k, v, bs, pool)
+    assert s.k.shape == (B, H, 6, D) and s.bias.shape == (6,) and s.pool == pool
+    torch.testing.assert_close(s.k[:, :, 1], k[:, :, 8:16].mean(2))
+    torch.testing.assert_close(s.v[:, :, 4], v[:, :, 32:40].mean(2))
+    torch.testing.assert_close(s.k[:, :, 5], k[:, :, 40:45].mean(2))
+    torch.testing.assert_close(s.bias, torch.tensor([math.log(8)] * 5 + [math.log(5)]))
+    # 40 tokens, block 16: last block has 8 tokens -> its second group is empty
+    s2 = pool_summaries(k[:, :, :40], v[:, :, :40], bs, pool)
+    assert s2.bias[-1].item() == float("-inf") and torch.isfinite(s2.bias[:-1]).all()
+    with pytest.raises(ValueError):
+        pool_summaries(k, v, 16, 6)
+
+
+# ------------------------------------------------------------------ reference semantics
+
+
+def test_reference_full_mask_is_dense_attention():
+    B, H, L, D, bs = 2, 2, 50, 16, 16
+    q, k, v = (torch.randn(B, H, L, D, dtype=torch.float64) for _ in range(3))
+    n = num_blocks(L, bs)
+    kvi, kvc = mask_to_block_lists(torch.ones(B, H, n, n, dtype=torch.bool))
+    out, lse = block_sparse_attention_ref(q, k, v, kvi, kvc, bs)
+    s = q @ k.transpose(-1, -2) / math.sqrt(D)
+    torch.testing.assert_close(out.double(), torch.softmax(s, -1) @ v, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(lse.double(), torch.logsumexp(s, -1), rtol=1e-5, atol=1e-5)
+
+
+def test_reference_compensation_is_two_partition_merge():
+    # out = (e^lse1 out1 + e^lse2 out2) / (e^lse1 + e^lse2), partition 2 = summaries of skipped blocks
+    g = torch.Generator().manual_seed(2)
+    B, H, L, D, bs, pool = 1, 2, 70, 8, 16, 4
+    q, k, v = (torch.randn(B, H, L, D, dtype=torch.float64, generator=g) for _ in range(3))
+    n = num_blocks(L, bs)
+    mask = random_mask(B, H, n, 0.4, g, full_rows=False)
+    mask[0, 0, 2] = True  # one full row: no summary attended
+    kvi, kvc = mask_to_block_lists(mask)
+    summ = pool_summaries(k, v, bs, pool)
+    out, lse = block_sparse_attention_ref(q, k, v, kvi, kvc, bs, summary=summ)
+    out1, lse1 = block_sparse_attention_ref(q, k, v, kvi, kvc, bs)
+    scale = 1 / math.sqrt(D)
+    spb = bs // pool
+    s2 = (q @ summ.k.double().transpose(-1, -2)) * scale + summ.bias.double()
+    qblk = torch.arange(L) // bs
+    sblk = torch.arange(summ.k.shape[2]) // spb
+    kept = mask[:, :, qblk][..., sblk]
+    s2 = s2.masked_fill(kept, float("-inf"))
+    lse2 = torch.logsumexp(s2, -1)
+    out2 = torch.nan_to_num(torch.softmax(s2, -1)) @ summ.v.double()
+    lse_m = torch.logaddexp(lse1.double(), lse2)
+    w1 = torch.exp(lse1.double() - lse_m).unsqueeze(-1)
+    w2 = torch.exp(lse2 - lse_m).unsqueeze(-1)
+    torch.testing.assert_close(out.double(), w1 * out1.double() + w2 * out2, rtol=1e-6, atol=1e-6)
+    torch.testing.assert_close(lse.double(), lse_m, rtol=1e-6, atol=1e-6)
+    assert torch.isfinite(lse).all()  # the empty row attends summaries only
+
+
+def test_reference_empty_rows_and_chunking():
+    g = torch.Generator().manual_seed(3)
+    B, H, L, D, bs = 1, 2, 64, 8, 16
+    q, k, v = (torch.randn(B, H, L, D, generator=g, requires_grad=True) for _ in range(3))
+    mask = random_mask(B, H, 4, 0.5, g)
+    kvi, kvc = mask_to_block_lists(mask)
+    out, lse = block_sparse_attention_ref(q, k, v, kvi, kvc, bs)
+    # chunked + checkpointed path gives the same values and grads
+    out_c, lse_c = block_sparse_attention_ref(q, k, v, kvi, kvc, bs, max_chunk_elems=1)
+    torch.testing.assert_close(out_c, out)
+    torch.testing.assert_close(lse_c, lse)
+    do = torch.randn_like(out)
+    g1 = torch.autograd.grad(out, (q, k, v), do)
+    g2 = torch.autograd.grad(out_c, (q, k, v), do)
+    for a, b in zip(g1, g2):
+        assert torch.isfinite(a).all()
+        torch.testing.assert_close(a, b)
+    assert (out[0, 0, 16:32] == 0).all() and (lse[0, 0, 16:32] == float("-inf")).all()
+
+
+# ------------------------------------------------------------------ kernels vs reference
+
+
+CASES = [
+    # B, H, L, D, block, dtype, density, pool (0 = no compensation)
+    (2, 2, 64, 16, 16, torch.float32, 0.4, 0),
+    (2, 3, 77, 32, 16, torch.float32, 0.3, 0),
+    (1, 2, 200, 64, 32, torch.float16, 0.3, 0),
+    (2, 2, 129, 32, 32, torch.float16, 1.0, 0),
+    (2, 2, 99, 32, 16, torch.float32, 0.35, 4),
+    (1, 3, 256, 64, 32, torch.float16, 0.25, 8),
+    (2, 1, 113, 16, 32, torch.float16, 0.5, 16),
+]
+
+
+def _ids(c):
+    B, H, L, D, bs, dt, dens, pool = c
+    return f"B{B}-H{H}-L{L}-D{D}-blk{bs}-{str(dt).split('.')[-1]}-d{dens}-pool{pool}"
+
+
+@pytest.mark.parametrize("case", CASES, ids=[_ids(c) for c in CASES])
+def test_kernel_fwd_bwd_matches_reference(case):
+    B, H, L, D, bs, dtype, density, pool = case
+    g = torch.Generator().manual_seed(hash(_ids(case)) % 2**31)
+    n = num_blocks(L, bs)
+    q, k, v = (torch.randn(B, H, L, D, generator=g).to(DEV, dtype) for _ in range(3))
+    mask = random_mask(B, H, n, density, g)
+    kvi, kvc = (t.to(DEV) for t in mask_to_block_lists(mask))
+    scale = 1.0 / math.sqrt(D)
+    summ = pool_summaries(k, v, bs, pool) if pool else None
+    sk, sv, sb = (summ.k, summ.v, summ.bias) if summ else (None, None, None)
+
+    nan = float("nan")
+    out = torch.full((B, H, L, D), nan, dtype=dtype, device=DEV)
+    lse = torch.full((B, H, L), nan, dtype=torch.float32, device=DEV)
+    block_sparse_attention_fwd(q, k, v, kvi, kvc, bs, scale, sk, sv, sb, out=out, lse=lse)
+
+    # reference in fp32 on the same (rounded) inputs, summaries as leaves
+    qr, kr, vr = (t.float().requires_grad_() for t in (q, k, v))
+    summ_r = Summary(sk.float().requires_grad_(), sv.float().requires_grad_(), sb, pool) if summ else None
+    out_r, lse_r = block_sparse_attention_ref(qr, kr, vr, kvi, kvc, bs, scale, summary=summ_r)
+    tol = 1e-5 if dtype == torch.float32 else 2e-3
+    assert rel_err(out, out_r) < tol
+    fin = torch.isfinite(lse_r)
+    assert torch.equal(torch.isfinite(lse), fin)
+    assert (lse[~fin] == float("-inf")).all()
+    assert (lse[fin] - lse_r[fin]).abs().max().item() < 10 * tol
+    if not pool:
+        assert (~fin).any()  # the forced empty row is really tested
+        assert (out[~fin] == 0).all()
+
+    do = torch.randn(B, H, L, D, generator=g).to(DEV, dtype)
+    grads = [torch.full_like(t, nan) for t in (q, k, v)]
+    sgrads = [torch.full_like(sk, nan), torch.full_like(sv, nan)] if summ else [None, None]
+    res = block_sparse_attention_bwd(do, q, k, v, out, lse, kvi, kvc, bs, scale, sk, sv, sb, *grads, *sgrads)
+    leaves = [qr, kr, vr] + ([summ_r.k, summ_r.v] if summ else [])
+    ref_grads = torch.autograd.grad(out_r, leaves, do.float())
+    for name, got, want in zip(["dq", "dk", "dv", "dsk", "dsv"], res, ref_grads):
+        err = rel_err(got, want)
+        assert err < 2 * tol, f"{name}: rel err {err:.2e}"
+
+
+def test_public_fn_autograd_through_summaries():
+    # grads reach k and v through pool_summaries (torch) and the kernel's summary grads
+    g = torch.Generator().manual_seed(11)
+    B, H, L, D, bs, pool = 1, 2, 90, 32, 32, 8
+    n = num_blocks(L, bs)
+    base = [torch.randn(B, H, L, D, generator=g).to(DEV) for _ in range(3)]
+    mask = random_mask(B, H, n, 0.4, g)
+    kvi, kvc = (t.to(DEV) for t in mask_to_block_lists(mask))
+    do = torch.randn(B, H, L, D, generator=g).to(DEV)
+
+    def run(fn):
+        q, k, v = (t.clone().requires_grad_() for t in base)
+        out, lse = fn(q, k, v, kvi, kvc, bs, summary=pool_summaries(k, v, bs, pool))
+        return (out, *torch.autograd.grad(out, (q, k, v), do))
+
+    got = run(block_sparse_attention)
+    want = run(block_sparse_attention_ref)
+    for a, b in zip(got, want):
+        assert rel_err(a, b) < 1e-5
+
+
+def test_custom_op_traces_under_compile():
+    g = torch.Generator().manual_seed(5)
+    B, H, L, D, bs = 1, 2, 48, 16, 16
+    q, k, v = (torch.randn(B, H, L, D, generator=g).to(DEV).requires_grad_() for _ in range(3))
+    mask = random_mask(B, H, 3, 0.6, g, empty_rows=False)
+    kvi, kvc = (t.to(DEV) for t in mask_to_block_lists(mask))
+
+    def f(q, k, v):
+        out, lse = block_sparse_attention(q, k, v, kvi, kvc, bs)
+        return (out * 2).sum()
+
+    cf = torch.compile(f, backend="aot_eager", fullgraph=True)
+    loss = cf(q, k, v)
+    gq = torch.autograd.grad(loss, q)[0]
+    loss_e = f(q, k, v)
+    gq_e = torch.autograd.grad(loss_e, q)[0]
+    torch.testing.assert_close(loss, loss_e)
+    torch.testing.assert_close(gq, gq_e)
+
+
+def test_custom_op_opcheck():
+    g = torch.Generator().manual_seed(6)
+    B, H, L, D, bs = 1, 1, 40, 16, 16
+    q, k, v = (torch.randn(B, H, L, D, generator=g).to(DEV).requires_grad_() for _ in range(3))
+    mask = random_mask(B, H, 3, 0.6, g, empty_rows=False)
+    kvi, kvc = (t.to(DEV) for t in mask_to_block_lists(mask))
+    summ = pool_summaries(k.detach(), v.detach(), bs, 8)
+    sk, sv = summ.k.requires_grad_(), summ.v.requires_grad_()
+    torch.library.opcheck(
+        torch.ops.videoblade.block_sparse_attn_fwd.default,
+        (q, k, v, kvi, kvc, bs, 0.25, sk, sv, summ.bias),
+        test_utils=("test_schema", "test_faketensor", "test_autograd_registration"),
+    )
+
+
+# ------------------------------------------------------------------ block importance
+
+
+@pytest.mark.parametrize("L,bs,S", [(100, 16, 4), (128, 32, 16), (75, 16, 8)])
+def test_estimate_sample_matches_torch(L, bs, S):
+    g = torch.Generator().manual_seed(L)
+    B, H, D = 2, 2, 32
+    q, k = (torch.randn(B, H, L, D, generator=g).to(DEV) for _ in range(2))
+    P = estimate_block_importance(q, k, bs, S, mode="sample")
+    P_ref = estimate_block_importance_ref(q, k, bs, S, mode="sample")
+    n = num_blocks(L, bs)
+    assert P.shape == (B, H, n, n) and P.dtype == torch.float32
+    torch.testing.assert_close(P.sum(-1), torch.ones(B, H, n, device=DEV), rtol=1e-4, atol=1e-4)
+    assert rel_err(P, P_ref) < 1e-4
+
+
+def test_estimate_finds_planted_structure():
+    # keys of block j equal the queries of block j (scaled): the diagonal must dominate
+    g = torch.Generator().manual_seed(9)
+    L, D, bs = 96, 16, 16
+    centers = torch.randn(6, D, generator=g) * 3
+    q = centers.repeat_interleave(bs, 0)[None, None] + 0.1 * torch.randn(1, 1, L, D, generator=g)
+    k = q.clone()
+    for mode in ("sample", "mean"):
+        P = estimate_block_importance(q.to(DEV), k.to(DEV), bs, 4, mode=mode)
+        assert (P[0, 0].argmax(-1).cpu() == torch.arange(6)).all(), mode
+        torch.testing.assert_close(P.sum(-1), torch.ones_like(P.sum(-1)))
+
+
+def test_estimate_mean_partial_block_bias():
+    # identical keys everywhere: mass is proportional to each block's token count
+    B, H, L, D, bs = 1, 1, 40, 8, 16  # block sizes 16, 16, 8
+    q = torch.randn(B, H, L, D)
+    k = torch.ones(B, H, L, D)
+    for mode in ("mean", "sample"):
+        P = estimate_block_importance(q.to(DEV), k.to(DEV), bs, 8, mode=mode)
+        torch.testing.assert_close(P[0, 0].cpu(), torch.tensor([0.4, 0.4, 0.2]).expand(3, 3), rtol=1e-4, atol=1e-4)

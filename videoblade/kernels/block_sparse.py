@@ -1,0 +1,723 @@
+"""Triton block-sparse attention, forward and backward, with in-kernel compensation.
+
+Layout (flash-linear-attention style): Triton kernels, host launchers
+``block_sparse_attention_fwd`` / ``block_sparse_attention_bwd``, torch.library custom ops
+with fake (meta) implementations and registered autograd (so ``torch.compile`` traces
+through), and one thin public function :func:`block_sparse_attention`.
+
+Algorithm
+---------
+Forward: one program per (query tile, batch*head). It walks the kept key blocks of its
+query block (``kv_indices``), flash-attention style (online softmax in base 2 with the
+scale folded into one FMA), then - with compensation - walks all summary tokens, masking
+those of kept blocks, in the *same* online softmax, so kept tokens and summaries form one
+softmax partition (SPEC 1.5). It writes out and the row log-sum-exp (natural log).
+
+Backward: probabilities are recomputed from the LSE (no P matrix is stored).
+
+* dq: query-major, same walk as the forward (kept blocks, then summaries).
+* dk, dv: key-major, over the *transposed* block index (for each key block the query
+  blocks that keep it). Each program owns one key tile and accumulates its dk/dv in
+  registers, then writes them once. We prefer this to the alternative (query-major with
+  atomic adds into dk/dv) because (1) it is deterministic - float atomics make the
+  result depend on the arrival order, which breaks bitwise reproducibility of training
+  runs and of our own tests; (2) it writes dk/dv once instead of once per kept pair
+  (fp32 atomics into a [B,H,L,D] buffer plus a final cast cost extra memory traffic);
+  (3) the transposed index costs a few tiny torch ops on [B,H,NQ,NK] ints.
+  The price is recomputing QK^T and dO V^T in both passes (7 matmuls instead of 5),
+  the same trade FlexAttention's backward makes.
+* summary dk/dv: key-major over summary tiles; each walks every query tile and masks
+  the query blocks that keep the summary's block. Its cost is ~1/pool of a dense
+  backward.
+
+The last block may be partial: loads are masked (zeros) and the forward masks logits of
+the padded keys (only in the last key block: the kept list is ascending so that block
+is peeled off the main loop). Rows past L read lse=+inf in the backward, so their
+probabilities vanish without extra masking.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+
+import torch
+import triton
+import triton.language as tl
+
+from .blocks import Summary, block_lists_to_mask, num_blocks, transpose_block_lists
+
+LOG2E = 1.4426950408889634
+LN2 = 0.6931471805599453
+
+
+def _interpret() -> bool:
+    return os.environ.get("TRITON_INTERPRET", "0") == "1"
+
+
+# ----------------------------------------------------------------------------------------
+# forward
+# ----------------------------------------------------------------------------------------
+
+
+@triton.jit
+def _fwd_tile(acc, l_i, m_i, q, K, V, offs_n, offs_d, stride_kl, stride_vl, L, qk_scale, MASK: tl.constexpr):
+    if MASK:
+        kmask = offs_n < L
+        k = tl.load(K + offs_n[:, None] * stride_kl + offs_d[None, :], mask=kmask[:, None], other=0.0)
+        v = tl.load(V + offs_n[:, None] * stride_vl + offs_d[None, :], mask=kmask[:, None], other=0.0)
+    else:
+        k = tl.load(K + offs_n[:, None] * stride_kl + offs_d[None, :])
+        v = tl.load(V + offs_n[:, None] * stride_vl + offs_d[None, :])
+    qk = tl.dot(q, tl.trans(k))
+    if MASK:
+        qk = tl.where(kmask[None, :], qk, float("-inf"))
+    m_new = tl.maximum(m_i, tl.max(qk, 1) * qk_scale)
+    if MASK:
+        m_new = tl.where(m_new == float("-inf"), 0.0, m_new)
+    p = tl.math.exp2(qk * qk_scale - m_new[:, None])
+    alpha = tl.math.exp2(m_i - m_new)
+    l_i = l_i * alpha + tl.sum(p, 1)
+    acc = acc * alpha[:, None]
+    acc = tl.dot(p.to(v.dtype), v, acc)
+    return acc, l_i, m_new
+
+
+@triton.jit
+def _fwd_kernel(
+    Q, K, V, O, LSE, KVI, KVC, SK, SV, SB, KEPT,  # noqa: E741
+    qk_scale,
+    stride_qb, stride_qh, stride_ql,
+    stride_kb, stride_kh, stride_kl,
+    stride_vb, stride_vh, stride_vl,
+    stride_ob, stride_oh, stride_ol,
+    stride_sb, stride_sh, stride_sl,
+    H, L, NQ, NK, MAXK, NS, SPB,
+    BLOCK: tl.constexpr, HEAD_DIM: tl.constexpr,
+    HAS_SUMMARY: tl.constexpr, EVEN_L: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_S: tl.constexpr,
+):
+    SUB: tl.constexpr = BLOCK // BLOCK_N
+    pid_m = tl.program_id(0)
+    bh = tl.program_id(1)
+    b = bh // H
+    h = bh % H
+    start_m = pid_m * BLOCK_M
+    qblk = start_m // BLOCK
+    row = bh * NQ + qblk
+    offs_m = start_m + tl.arange(0, BLOCK_M)
+    offs_d = tl.arange(0, HEAD_DIM)
+    offs_nb = tl.arange(0, BLOCK_N)
+    Qp = Q + b.to(tl.int64) * stride_qb + h.to(tl.int64) * stride_qh
+    Kp = K + b.to(tl.int64) * stride_kb + h.to(tl.int64) * stride_kh
+    Vp = V + b.to(tl.int64) * stride_vb + h.to(tl.int64) * stride_vh
+    q = tl.load(Qp + offs_m[:, None] * stride_ql + offs_d[None, :], mask=offs_m[:, None] < L, other=0.0)
+
+    m_i = tl.full([BLOCK_M], float("-inf"), tl.float32)
+    l_i = tl.zeros([BLOCK_M], tl.float32)
+    acc = tl.zeros([BLOCK_M, HEAD_DIM], tl.float32)
+
+    cnt = tl.load(KVC + row)
+    idx_ptr = KVI + row.to(tl.int64) * MAXK
+    n_tiles = cnt * SUB
+    if not EVEN_L:
+        # the partial last key block, if kept, is the last list entry: peel it off
+        last = tl.load(idx_ptr + tl.maximum(cnt - 1, 0))
+        has_last = (cnt > 0) & (last == NK - 1)
+        n_tiles = n_tiles - has_last.to(tl.int32) * SUB
+    for t in range(0, n_tiles):
+        blk = tl.load(idx_ptr + t // SUB)
+        offs_n = blk * BLOCK + (t % SUB) * BLOCK_N + offs_nb
+        acc, l_i, m_i = _fwd_tile(acc, l_i, m_i, q, Kp, Vp, offs_n, offs_d, stride_kl, stride_vl, L, qk_scale, False)
+    if not EVEN_L:
+        if has_last:
+            last_start = (NK - 1) * BLOCK
+            n_sub = tl.cdiv(L - last_start, BLOCK_N)
+            for t in range(0, n_sub):
+                offs_n = last_start + t * BLOCK_N + offs_nb
+                acc, l_i, m_i = _fwd_tile(acc, l_i, m_i, q, Kp, Vp, offs_n, offs_d, stride_kl, stride_vl, L, qk_scale, True)
+
+    if HAS_SUMMARY:
+        SKp = SK + b.to(tl.int64) * stride_sb + h.to(tl.int64) * stride_sh
+        SVp = SV + b.to(tl.int64) * stride_sb + h.to(tl.int64) * stride_sh
+        kept_row = KEPT + row.to(tl.int64) * NK
+        for s0 in range(0, NS, BLOCK_S):
+            offs_s = s0 + tl.arange(0, BLOCK_S)
+            smask = offs_s < NS
+            kept = tl.load(kept_row + offs_s // SPB, mask=smask, other=1)
+            bias = tl.load(SB + offs_s, mask=smask, other=float("-inf")) * 1.4426950408889634
+            bias = tl.where(kept != 0, float("-inf"), bias)
+            sk = tl.load(SKp + offs_s[:, None] * stride_sl + offs_d[None, :], mask=smask[:, None], other=0.0)
+            sv = tl.load(SVp + offs_s[:, None] * stride_sl + offs_d[None, :], mask=smask[:, None], other=0.0)
+            qk = tl.dot(q, tl.trans(sk)) * qk_scale + bias[None, :]
+            m_new = tl.maximum(m_i, tl.max(qk, 1))
+            m_new = tl.where(m_new == float("-inf"), 0.0, m_new)
+            p = tl.math.exp2(qk - m_new[:, None])
+            alpha = tl.math.exp2(m_i - m_new)
+            l_i = l_i * alpha + tl.sum(p, 1)
+            acc = acc * alpha[:, None]
+            acc = tl.dot(p.to(sv.dtype), sv, acc)
+            m_i = m_new
+
+    nonempty = l_i > 0.0
+    l_safe = tl.where(nonempty, l_i, 1.0)
+    acc = acc / l_safe[:, None]
+    lse = tl.where(nonempty, (m_i + tl.math.log2(l_safe)) * 0.6931471805599453, float("-inf"))
+    Op = O + b.to(tl.int64) * stride_ob + h.to(tl.int64) * stride_oh
+    rmask = offs_m < L
+    tl.store(Op + offs_m[:, None] * stride_ol + offs_d[None, :], acc.to(O.dtype.element_ty), mask=rmask[:, None])
+    tl.store(LSE + bh.to(tl.int64) * L + offs_m, lse, mask=rmask)
+
+
+# ----------------------------------------------------------------------------------------
+# backward
+# ----------------------------------------------------------------------------------------
+
+
+@triton.jit
+def _bwd_preprocess(O, DO, DELTA,  # noqa: E741
+                     stride_ob, stride_oh, stride_ol, stride_db, stride_dh, stride_dl, H, L,
+                    HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr):
+    pid_m = tl.program_id(0)
+    bh = tl.program_id(1)
+    b = bh // H
+    h = bh % H
+    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_d = tl.arange(0, HEAD_DIM)
+    rmask = offs_m < L
+    o = tl.load(O + b.to(tl.int64) * stride_ob + h.to(tl.int64) * stride_oh + offs_m[:, None] * stride_ol
+                + offs_d[None, :], mask=rmask[:, None], other=0.0).to(tl.float32)
+    do = tl.load(DO + b.to(tl.int64) * stride_db + h.to(tl.int64) * stride_dh + offs_m[:, None] * stride_dl
+                 + offs_d[None, :], mask=rmask[:, None], other=0.0).to(tl.float32)
+    tl.store(DELTA + bh.to(tl.int64) * L + offs_m, tl.sum(o * do, 1), mask=rmask)
+
+
+@triton.jit
+def _bwd_dq_kernel(
+    Q, K, V, DO, DQ, LSE, DELTA, KVI, KVC, SK, SV, SB, KEPT,
+    qk_scale, sm_scale,
+    stride_qb, stride_qh, stride_ql,
+    stride_kb, stride_kh, stride_kl,
+    stride_vb, stride_vh, stride_vl,
+    stride_db, stride_dh, stride_dl,
+    stride_sb, stride_sh, stride_sl,
+    stride_gb, stride_gh, stride_gl,
+    H, L, NQ, NK, MAXK, NS, SPB,
+    BLOCK: tl.constexpr, HEAD_DIM: tl.constexpr,
+    HAS_SUMMARY: tl.constexpr, EVEN_L: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_S: tl.constexpr,
+):
+    SUB: tl.constexpr = BLOCK // BLOCK_N
+    pid_m = tl.program_id(0)
+    bh = tl.program_id(1)
+    b = bh // H
+    h = bh % H
+    start_m = pid_m * BLOCK_M
+    qblk = start_m // BLOCK
+    row = bh * NQ + qblk
+    offs_m = start_m + tl.arange(0, BLOCK_M)
+    offs_d = tl.arange(0, HEAD_DIM)
+    offs_nb = tl.arange(0, BLOCK_N)
+    rmask = offs_m < L
+    Kp = K + b.to(tl.int64) * stride_kb + h.to(tl.int64) * stride_kh
+    Vp = V + b.to(tl.int64) * stride_vb + h.to(tl.int64) * stride_vh
+    q = tl.load(Q + b.to(tl.int64) * stride_qb + h.to(tl.int64) * stride_qh + offs_m[:, None] * stride_ql
+                + offs_d[None, :], mask=rmask[:, None], other=0.0)
+    do = tl.load(DO + b.to(tl.int64) * stride_db + h.to(tl.int64) * stride_dh + offs_m[:, None] * stride_dl
+                 + offs_d[None, :], mask=rmask[:, None], other=0.0)
+    lse2 = tl.load(LSE + bh.to(tl.int64) * L + offs_m, mask=rmask, other=float("inf")) * 1.4426950408889634
+    Di = tl.load(DELTA + bh.to(tl.int64) * L + offs_m, mask=rmask, other=0.0)
+    dq = tl.zeros([BLOCK_M, HEAD_DIM], tl.float32)
+
+    cnt = tl.load(KVC + row)
+    idx_ptr = KVI + row.to(tl.int64) * MAXK
+    for t in range(0, cnt * SUB):
+        blk = tl.load(idx_ptr + t // SUB)
+        offs_n = blk * BLOCK + (t % SUB) * BLOCK_N + offs_nb
+        if EVEN_L:
+            k = tl.load(Kp + offs_n[:, None] * stride_kl + offs_d[None, :])
+            v = tl.load(Vp + offs_n[:, None] * stride_vl + offs_d[None, :])
+        else:
+            # padded keys load as 0: their p is finite and multiplies k = 0 in dq
+            kmask = offs_n[:, None] < L
+            k = tl.load(Kp + offs_n[:, None] * stride_kl + offs_d[None, :], mask=kmask, other=0.0)
+            v = tl.load(Vp + offs_n[:, None] * stride_vl + offs_d[None, :], mask=kmask, other=0.0)
+        qk = tl.dot(q, tl.trans(k))
+        p = tl.math.exp2(qk * qk_scale - lse2[:, None])
+        dp = tl.dot(do, tl.trans(v))
+        ds = p * (dp - Di[:, None])
+        dq = tl.dot(ds.to(k.dtype), k, dq)
+
+    if HAS_SUMMARY:
+        SKp = SK + b.to(tl.int64) * stride_sb + h.to(tl.int64) * stride_sh
+        SVp = SV + b.to(tl.int64) * stride_sb + h.to(tl.int64) * stride_sh
+        kept_row = KEPT + row.to(tl.int64) * NK
+        for s0 in range(0, NS, BLOCK_S):
+            offs_s = s0 + tl.arange(0, BLOCK_S)
+            smask = offs_s < NS
+            kept = tl.load(kept_row + offs_s // SPB, mask=smask, other=1)
+            bias = tl.load(SB + offs_s, mask=smask, other=float("-inf")) * 1.4426950408889634
+            bias = tl.where(kept != 0, float("-inf"), bias)
+            sk = tl.load(SKp + offs_s[:, None] * stride_sl + offs_d[None, :], mask=smask[:, None], other=0.0)
+            sv = tl.load(SVp + offs_s[:, None] * stride_sl + offs_d[None, :], mask=smask[:, None], other=0.0)
+            qk = tl.dot(q, tl.trans(sk)) * qk_scale + bias[None, :]
+            p = tl.math.exp2(qk - lse2[:, None])
+            dp = tl.dot(do, tl.trans(sv))
+            ds = p * (dp - Di[:, None])
+            dq = tl.dot(ds.to(sk.dtype), sk, dq)
+
+    dq = dq * sm_scale
+    tl.store(DQ + b.to(tl.int64) * stride_gb + h.to(tl.int64) * stride_gh + offs_m[:, None] * stride_gl
+             + offs_d[None, :], dq.to(DQ.dtype.element_ty), mask=rmask[:, None])
+
+
+@triton.jit
+def _bwd_dkv_kernel(
+    Q, K, V, DO, DK, DV, LSE, DELTA, QI, QC,
+    qk_scale, sm_scale,
+    stride_qb, stride_qh, stride_ql,
+    stride_kb, stride_kh, stride_kl,
+    stride_vb, stride_vh, stride_vl,
+    stride_db, stride_dh, stride_dl,
+    stride_gb, stride_gh, stride_gl,
+    H, L, NQ, NK, MAXQ,
+    BLOCK: tl.constexpr, HEAD_DIM: tl.constexpr, EVEN_L: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+):
+    # key-major: program = one key tile; walks the query blocks that keep its key block
+    SUB: tl.constexpr = BLOCK // BLOCK_M
+    pid_n = tl.program_id(0)
+    bh = tl.program_id(1)
+    b = bh // H
+    h = bh % H
+    start_n = pid_n * BLOCK_N
+    kblk = start_n // BLOCK
+    offs_n = start_n + tl.arange(0, BLOCK_N)
+    offs_d = tl.arange(0, HEAD_DIM)
+    offs_mb = tl.arange(0, BLOCK_M)
+    kmask = offs_n < L
+    k = tl.load(K + b.to(tl.int64) * stride_kb + h.to(tl.int64) * stride_kh + offs_n[:, None] * stride_kl
+                + offs_d[None, :], mask=kmask[:, None], other=0.0)
+    v = tl.load(V + b.to(tl.int64) * stride_vb + h.to(tl.int64) * stride_vh + offs_n[:, None] * stride_vl
+                + offs_d[None, :], mask=kmask[:, None], other=0.0)
+    Qp = Q + b.to(tl.int64) * stride_qb + h.to(tl.int64) * stride_qh
+    DOp = DO + b.to(tl.int64) * stride_db + h.to(tl.int64) * stride_dh
+    LSEp = LSE + bh.to(tl.int64) * L
+    DELp = DELTA + bh.to(tl.int64) * L
+    dk = tl.zeros([BLOCK_N, HEAD_DIM], tl.float32)
+    dv = tl.zeros([BLOCK_N, HEAD_DIM], tl.float32)
+
+    row = bh * NK + kblk
+    cnt = tl.load(QC + row)
+    idx_ptr = QI + row.to(tl.int64) * MAXQ
+    for t in range(0, cnt * SUB):
+        qb = tl.load(idx_ptr + t // SUB)
+        offs_m = qb * BLOCK + (t % SUB) * BLOCK_M + offs_mb
+        if EVEN_L:
+            q = tl.load(Qp + offs_m[:, None] * stride_ql + offs_d[None, :])
+            do = tl.load(DOp + offs_m[:, None] * stride_dl + offs_d[None, :])
+            lse2 = tl.load(LSEp + offs_m) * 1.4426950408889634
+            Di = tl.load(DELp + offs_m)
+        else:
+            # rows past L: lse = +inf so their p is 0
+            rm = offs_m < L
+            q = tl.load(Qp + offs_m[:, None] * stride_ql + offs_d[None, :], mask=rm[:, None], other=0.0)
+            do = tl.load(DOp + offs_m[:, None] * stride_dl + offs_d[None, :], mask=rm[:, None], other=0.0)
+            lse2 = tl.load(LSEp + offs_m, mask=rm, other=float("inf")) * 1.4426950408889634
+            Di = tl.load(DELp + offs_m, mask=rm, other=0.0)
+        qkT = tl.dot(k, tl.trans(q))
+        pT = tl.math.exp2(qkT * qk_scale - lse2[None, :])
+        dv = tl.dot(pT.to(do.dtype), do, dv)
+        dpT = tl.dot(v, tl.trans(do))
+        dsT = pT * (dpT - Di[None, :])
+        dk = tl.dot(dsT.to(q.dtype), q, dk)
+
+    dk = dk * sm_scale
+    # dk and dv share one (contiguous) layout, given by stride_g*
+    goff = b.to(tl.int64) * stride_gb + h.to(tl.int64) * stride_gh + offs_n[:, None] * stride_gl + offs_d[None, :]
+    tl.store(DK + goff, dk.to(DK.dtype.element_ty), mask=kmask[:, None])
+    tl.store(DV + goff, dv.to(DV.dtype.element_ty), mask=kmask[:, None])
+
+
+@triton.jit
+def _bwd_dsummary_kernel(
+    Q, DO, SK, SV, SB, DSK, DSV, LSE, DELTA, KEPT,
+    qk_scale, sm_scale,
+    stride_qb, stride_qh, stride_ql,
+    stride_db, stride_dh, stride_dl,
+    stride_sb, stride_sh, stride_sl,
+    H, L, NQ, NK, NS, SPB,
+    BLOCK: tl.constexpr, HEAD_DIM: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_S: tl.constexpr,
+):
+    # key-major over summary tiles; walks every query tile, masking query blocks that keep
+    # the summary's block (they saw its exact tokens instead)
+    pid_s = tl.program_id(0)
+    bh = tl.program_id(1)
+    b = bh // H
+    h = bh % H
+    offs_s = pid_s * BLOCK_S + tl.arange(0, BLOCK_S)
+    offs_d = tl.arange(0, HEAD_DIM)
+    offs_mb = tl.arange(0, BLOCK_M)
+    smask = offs_s < NS
+    sblk = offs_s // SPB
+    soff = b.to(tl.int64) * stride_sb + h.to(tl.int64) * stride_sh + offs_s[:, None] * stride_sl + offs_d[None, :]
+    sk = tl.load(SK + soff, mask=smask[:, None], other=0.0)
+    sv = tl.load(SV + soff, mask=smask[:, None], other=0.0)
+    bias = tl.load(SB + offs_s, mask=smask, other=float("-inf")) * 1.4426950408889634
+    Qp = Q + b.to(tl.int64) * stride_qb + h.to(tl.int64) * stride_qh
+    DOp = DO + b.to(tl.int64) * stride_db + h.to(tl.int64) * stride_dh
+    LSEp = LSE + bh.to(tl.int64) * L
+    DELp = DELTA + bh.to(tl.int64) * L
+    dsk = tl.zeros([BLOCK_S, HEAD_DIM], tl.float32)
+    dsv = tl.zeros([BLOCK_S, HEAD_DIM], tl.float32)
+    for m0 in range(0, L, BLOCK_M):
+        qblk = m0 // BLOCK
+        kept = tl.load(KEPT + (bh * NQ + qblk).to(tl.int64) * NK + sblk, mask=smask, other=1)
+        b2 = tl.where(kept != 0, float("-inf"), bias)
+        offs_m = m0 + offs_mb
+        rm = offs_m < L
+        q = tl.load(Qp + offs_m[:, None] * stride_ql + offs_d[None, :], mask=rm[:, None], other=0.0)
+        do = tl.load(DOp + offs_m[:, None] * stride_dl + offs_d[None, :], mask=rm[:, None], other=0.0)
+        lse2 = tl.load(LSEp + offs_m, mask=rm, other=float("inf")) * 1.4426950408889634
+        Di = tl.load(DELp + offs_m, mask=rm, other=0.0)
+        sT = tl.dot(sk, tl.trans(q)) * qk_scale + b2[:, None]
+        pT = tl.math.exp2(sT - lse2[None, :])
+        dsv = tl.dot(pT.to(do.dtype), do, dsv)
+        dpT = tl.dot(sv, tl.trans(do))
+        dsT = pT * (dpT - Di[None, :])
+        dsk = tl.dot(dsT.to(q.dtype), q, dsk)
+    dsk = dsk * sm_scale
+    tl.store(DSK + soff, dsk.to(DSK.dtype.element_ty), mask=smask[:, None])
+    tl.store(DSV + soff, dsv.to(DSV.dtype.element_ty), mask=smask[:, None])
+
+
+# ----------------------------------------------------------------------------------------
+# tile configurations
+# ----------------------------------------------------------------------------------------
+
+
+def _cfg(bm, bn, w, s, **extra):
+    return triton.Config({"BLOCK_M": bm, "BLOCK_N": bn, **extra}, num_warps=w, num_stages=s)
+
+
+def _prune(configs, named_args, **kwargs):
+    args = {**named_args, **kwargs}
+    blk = args["BLOCK"]
+    keep = [c for c in configs if c.kwargs["BLOCK_M"] <= blk and c.kwargs["BLOCK_N"] <= blk]
+    return keep or [
+        triton.Config({**configs[0].kwargs, "BLOCK_M": min(blk, 64), "BLOCK_N": min(blk, 64)},
+                      num_warps=4, num_stages=2)
+    ]
+
+
+# Forward: 128-row query tiles with 8 warps (two warpgroups of wgmma on Hopper), key tiles
+# 64/128, 2-4 pipeline stages. D=64 tiles are cheap in smem so deeper pipelines fit.
+_FWD_CONFIGS = [
+    _cfg(128, 128, 8, 3, BLOCK_S=64),
+    _cfg(128, 64, 8, 3, BLOCK_S=64),
+    _cfg(128, 64, 4, 3, BLOCK_S=64),
+    _cfg(128, 128, 8, 2, BLOCK_S=64),
+    _cfg(128, 64, 8, 4, BLOCK_S=64),
+    _cfg(64, 64, 4, 3, BLOCK_S=64),
+]
+_DQ_CONFIGS = [
+    _cfg(128, 64, 8, 3, BLOCK_S=64),
+    _cfg(128, 32, 4, 3, BLOCK_S=32),
+    _cfg(64, 64, 4, 3, BLOCK_S=64),
+    _cfg(128, 64, 4, 2, BLOCK_S=64),
+    _cfg(64, 128, 8, 2, BLOCK_S=64),
+]
+_DKV_CONFIGS = [
+    _cfg(64, 128, 8, 3),
+    _cfg(32, 128, 4, 3),
+    _cfg(64, 128, 4, 2),
+    _cfg(64, 64, 4, 3),
+    _cfg(32, 64, 4, 4),
+]
+_DSUM_CONFIGS = [
+    triton.Config({"BLOCK_M": 64, "BLOCK_S": 64}, num_warps=4, num_stages=3),
+    triton.Config({"BLOCK_M": 128, "BLOCK_S": 64}, num_warps=8, num_stages=2),
+    triton.Config({"BLOCK_M": 64, "BLOCK_S": 32}, num_warps=4, num_stages=3),
+]
+
+
+def _prune_s(configs, named_args, **kwargs):
+    blk = {**named_args, **kwargs}["BLOCK"]
+    return [c for c in configs if c.kwargs["BLOCK_M"] <= blk] or configs[-1:]
+
+
+_KEY = ["HEAD_DIM", "BLOCK", "HAS_SUMMARY", "EVEN_L"]
+_fwd_tuned = triton.autotune(_FWD_CONFIGS, key=_KEY, prune_configs_by={"early_config_prune": _prune})(_fwd_kernel)
+_dq_tuned = triton.autotune(_DQ_CONFIGS, key=_KEY, prune_configs_by={"early_config_prune": _prune})(_bwd_dq_kernel)
+_dkv_tuned = triton.autotune(_DKV_CONFIGS, key=["HEAD_DIM", "BLOCK", "EVEN_L"],
+                             prune_configs_by={"early_config_prune": _prune})(_bwd_dkv_kernel)
+_dsum_tuned = triton.autotune(_DSUM_CONFIGS, key=["HEAD_DIM", "BLOCK"],
+                              prune_configs_by={"early_config_prune": _prune_s})(_bwd_dsummary_kernel)
+
+
+def _interp_meta(block_size: int) -> dict:
+    # small tiles under the interpreter; with block 32 this exercises 2 sub-tiles per block
+    t = min(block_size, 16)
+    return {"BLOCK_M": t, "BLOCK_N": t, "BLOCK_S": 16}
+
+
+# ----------------------------------------------------------------------------------------
+# host launchers
+# ----------------------------------------------------------------------------------------
+
+
+def _check(q, k, v, kv_indices, kv_counts, block_size):
+    if q.dim() != 4 or k.shape != q.shape or v.shape != q.shape:
+        raise ValueError(f"q, k, v must all be [B, H, L, D]; got {tuple(q.shape)}, {tuple(k.shape)}, {tuple(v.shape)}")
+    D = q.shape[-1]
+    if D not in (16, 32, 64, 128):
+        raise ValueError(f"head dim {D} not supported (16, 32, 64, 128)")
+    if block_size < 16 or block_size & (block_size - 1):
+        raise ValueError(f"block_size must be a power of two >= 16, got {block_size}")
+    B, H, L, _ = q.shape
+    nq = num_blocks(L, block_size)
+    if tuple(kv_counts.shape) != (B, H, nq) or tuple(kv_indices.shape[:3]) != (B, H, nq):
+        raise ValueError(
+            f"block lists must be [B,H,NQ(,MAXK)] = [{B},{H},{nq}]; got {tuple(kv_indices.shape)}, {tuple(kv_counts.shape)}"
+        )
+
+
+def _last_unit(x: torch.Tensor) -> torch.Tensor:
+    return x if x.stride(-1) == 1 else x.contiguous()
+
+
+def _kept_int8(kv_indices, kv_counts, nk):
+    return block_lists_to_mask(kv_indices, kv_counts, nk).to(torch.int8)
+
+
+def block_sparse_attention_fwd(q, k, v, kv_indices, kv_counts, block_size, sm_scale, sk=None, sv=None, sbias=None,
+                               out=None, lse=None):
+    """Launch the forward. Returns (out [B,H,L,D] in q.dtype, lse float32 [B,H,L]).
+
+    ``out``/``lse`` may be given (contiguous) to write into; tests pass poisoned buffers.
+    """
+    q, k, v = _last_unit(q), _last_unit(k), _last_unit(v)
+    B, H, L, D = q.shape
+    nq = nk = num_blocks(L, block_size)
+    kvi = kv_indices.to(torch.int32).contiguous()
+    kvc = kv_counts.to(torch.int32).contiguous()
+    if out is None:
+        out = torch.empty_like(q, memory_format=torch.contiguous_format)
+    if lse is None:
+        lse = torch.empty((B, H, L), dtype=torch.float32, device=q.device)
+    has_s = sk is not None
+    if has_s:
+        sk, sv = sk.contiguous(), sv.contiguous()
+        sbias = sbias.to(device=q.device, dtype=torch.float32).contiguous()
+        kept = _kept_int8(kvi, kvc, nk)
+        ns, spb = sk.shape[2], sk.shape[2] // nk
+    else:
+        sk = sv = sbias = kept = kvc  # unused placeholders
+        ns, spb = 0, 1
+    sstr = (sk.stride(0), sk.stride(1), sk.stride(2)) if has_s else (0, 0, 0)
+    args = (
+        q, k, v, out, lse, kvi, kvc, sk, sv, sbias, kept,
+        float(sm_scale) * LOG2E,
+        q.stride(0), q.stride(1), q.stride(2),
+        k.stride(0), k.stride(1), k.stride(2),
+        v.stride(0), v.stride(1), v.stride(2),
+        out.stride(0), out.stride(1), out.stride(2),
+        *sstr,
+        H, L, nq, nk, kvi.shape[-1], ns, spb,
+    )
+    const = {"BLOCK": block_size, "HEAD_DIM": D, "HAS_SUMMARY": has_s, "EVEN_L": L % block_size == 0}
+    if _interpret():
+        meta = _interp_meta(block_size)
+        _fwd_kernel[(triton.cdiv(L, meta["BLOCK_M"]), B * H)](*args, **const, **meta)
+    else:
+        grid = lambda META: (triton.cdiv(L, META["BLOCK_M"]), B * H)
+        _fwd_tuned[grid](*args, **const)
+    return out, lse
+
+
+def block_sparse_attention_bwd(do, q, k, v, out, lse, kv_indices, kv_counts, block_size, sm_scale,
+                               sk=None, sv=None, sbias=None, dq=None, dk=None, dv=None, dsk=None, dsv=None):
+    """Launch the backward. Returns (dq, dk, dv, dsk, dsv); dsk/dsv are None without summaries.
+
+    The gradient buffers may be given (contiguous) to write into; tests pass poisoned ones.
+    """
+    q, k, v, out, do = (_last_unit(t) for t in (q, k, v, out, do))
+    B, H, L, D = q.shape
+    nq = nk = num_blocks(L, block_size)
+    kvi = kv_indices.to(torch.int32).contiguous()
+    kvc = kv_counts.to(torch.int32).contiguous()
+    lse = lse.contiguous()
+    dq = torch.empty(q.shape, dtype=q.dtype, device=q.device) if dq is None else dq
+    dk = torch.empty(k.shape, dtype=k.dtype, device=k.device) if dk is None else dk
+    dv = torch.empty(v.shape, dtype=v.dtype, device=v.device) if dv is None else dv
+    if dk.stride() != dv.stride() or dq.stride(-1) != 1:
+        raise ValueError("dq/dk/dv buffers must be contiguous")
+    delta = torch.empty((B, H, L), dtype=torch.float32, device=q.device)
+    pre_m = 64 if not _interpret() else 16
+    _bwd_preprocess[(triton.cdiv(L, pre_m), B * H)](
+        out, do, delta, out.stride(0), out.stride(1), out.stride(2), do.stride(0), do.stride(1), do.stride(2),
+        H, L, HEAD_DIM=D, BLOCK_M=pre_m,
+    )
+    qi, qc, kept = transpose_block_lists(kvi, kvc, nk)
+    has_s = sk is not None
+    if has_s:
+        sk, sv = sk.contiguous(), sv.contiguous()
+        sbias = sbias.to(device=q.device, dtype=torch.float32).contiguous()
+        kept8 = kept.to(torch.int8)
+        ns, spb = sk.shape[2], sk.shape[2] // nk
+        sstr = (sk.stride(0), sk.stride(1), sk.stride(2))
+    else:
+        sk_, sv_, sb_ = kvc, kvc, kvc
+        kept8 = kvc
+        ns, spb, sstr = 0, 1, (0, 0, 0)
+    even = L % block_size == 0
+    qk_scale = float(sm_scale) * LOG2E
+    dq_args = (
+        q, k, v, do, dq, lse, delta, kvi, kvc,
+        sk if has_s else sk_, sv if has_s else sv_, sbias if has_s else sb_, kept8,
+        qk_scale, float(sm_scale),
+        q.stride(0), q.stride(1), q.stride(2),
+        k.stride(0), k.stride(1), k.stride(2),
+        v.stride(0), v.stride(1), v.stride(2),
+        do.stride(0), do.stride(1), do.stride(2),
+        *sstr,
+        dq.stride(0), dq.stride(1), dq.stride(2),
+        H, L, nq, nk, kvi.shape[-1], ns, spb,
+    )
+    dkv_args = (
+        q, k, v, do, dk, dv, lse, delta, qi, qc,
+        qk_scale, float(sm_scale),
+        q.stride(0), q.stride(1), q.stride(2),
+        k.stride(0), k.stride(1), k.stride(2),
+        v.stride(0), v.stride(1), v.stride(2),
+        do.stride(0), do.stride(1), do.stride(2),
+        dk.stride(0), dk.stride(1), dk.stride(2),
+        H, L, nq, nk, qi.shape[-1],
+    )
+    dq_const = {"BLOCK": block_size, "HEAD_DIM": D, "HAS_SUMMARY": has_s, "EVEN_L": even}
+    dkv_const = {"BLOCK": block_size, "HEAD_DIM": D, "EVEN_L": even}
+    if _interpret():
+        meta = _interp_meta(block_size)
+        _bwd_dq_kernel[(triton.cdiv(L, meta["BLOCK_M"]), B * H)](*dq_args, **dq_const, **meta)
+        _bwd_dkv_kernel[(triton.cdiv(L, meta["BLOCK_N"]), B * H)](
+            *dkv_args, **dkv_const, BLOCK_M=meta["BLOCK_M"], BLOCK_N=meta["BLOCK_N"])
+    else:
+        _dq_tuned[lambda M: (triton.cdiv(L, M["BLOCK_M"]), B * H)](*dq_args, **dq_const)
+        _dkv_tuned[lambda M: (triton.cdiv(L, M["BLOCK_N"]), B * H)](*dkv_args, **dkv_const)
+    if not has_s:
+        return dq, dk, dv, None, None
+    dsk = torch.empty_like(sk) if dsk is None else dsk
+    dsv = torch.empty_like(sv) if dsv is None else dsv
+    s_args = (
+        q, do, sk, sv, sbias, dsk, dsv, lse, delta, kept8,
+        qk_scale, float(sm_scale),
+        q.stride(0), q.stride(1), q.stride(2),
+        do.stride(0), do.stride(1), do.stride(2),
+        *sstr,
+        H, L, nq, nk, ns, spb,
+    )
+    s_const = {"BLOCK": block_size, "HEAD_DIM": D}
+    if _interpret():
+        meta = _interp_meta(block_size)
+        _bwd_dsummary_kernel[(triton.cdiv(ns, meta["BLOCK_S"]), B * H)](
+            *s_args, **s_const, BLOCK_M=meta["BLOCK_M"], BLOCK_S=meta["BLOCK_S"])
+    else:
+        _dsum_tuned[lambda M: (triton.cdiv(ns, M["BLOCK_S"]), B * H)](*s_args, **s_const)
+    return dq, dk, dv, dsk, dsv
+
+
+# ----------------------------------------------------------------------------------------
+# custom ops + autograd
+# ----------------------------------------------------------------------------------------
+
+
+@torch.library.custom_op("videoblade::block_sparse_attn_fwd", mutates_args=())
+def _bsa_fwd_op(
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, kv_indices: torch.Tensor, kv_counts: torch.Tensor,
+    block_size: int, sm_scale: float,
+    sk: torch.Tensor | None, sv: torch.Tensor | None, sbias: torch.Tensor | None,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    return block_sparse_attention_fwd(q, k, v, kv_indices, kv_counts, block_size, sm_scale, sk, sv, sbias)
+
+
+@_bsa_fwd_op.register_fake
+def _(q, k, v, kv_indices, kv_counts, block_size, sm_scale, sk, sv, sbias):
+    B, H, L, _ = q.shape
+    return (torch.empty(q.shape, dtype=q.dtype, device=q.device),
+            q.new_empty((B, H, L), dtype=torch.float32))
+
+
+@torch.library.custom_op("videoblade::block_sparse_attn_bwd", mutates_args=())
+def _bsa_bwd_op(
+    do: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, out: torch.Tensor, lse: torch.Tensor,
+    kv_indices: torch.Tensor, kv_counts: torch.Tensor, block_size: int, sm_scale: float,
+    sk: torch.Tensor | None, sv: torch.Tensor | None, sbias: torch.Tensor | None,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    dq, dk, dv, dsk, dsv = block_sparse_attention_bwd(
+        do, q, k, v, out, lse, kv_indices, kv_counts, block_size, sm_scale, sk, sv, sbias
+    )
+    if dsk is None:  # custom ops cannot return None: empty placeholders
+        dsk = q.new_empty(0)
+        dsv = q.new_empty(0)
+    return dq, dk, dv, dsk, dsv
+
+
+@_bsa_bwd_op.register_fake
+def _(do, q, k, v, out, lse, kv_indices, kv_counts, block_size, sm_scale, sk, sv, sbias):
+    if sk is None:
+        dsk, dsv = q.new_empty(0), q.new_empty(0)
+    else:
+        dsk, dsv = torch.empty_like(sk), torch.empty_like(sv)
+    return torch.empty_like(q), torch.empty_like(k), torch.empty_like(v), dsk, dsv
+
+
+def _setup_context(ctx, inputs, output):
+    q, k, v, kv_indices, kv_counts, block_size, sm_scale, sk, sv, sbias = inputs
+    out, lse = output
+    ctx.block_size = block_size
+    ctx.sm_scale = sm_scale
+    ctx.has_summary = sk is not None
+    ctx.save_for_backward(q, k, v, out, lse, kv_indices, kv_counts, sk, sv, sbias)
+    ctx.mark_non_differentiable(lse)
+
+
+def _backward(ctx, dout, dlse):
+    q, k, v, out, lse, kv_indices, kv_counts, sk, sv, sbias = ctx.saved_tensors
+    dq, dk, dv, dsk, dsv = _bsa_bwd_op(
+        dout, q, k, v, out, lse, kv_indices, kv_counts, ctx.block_size, ctx.sm_scale, sk, sv, sbias
+    )
+    if not ctx.has_summary:
+        dsk = dsv = None
+    return dq, dk, dv, None, None, None, None, dsk, dsv, None
+
+
+torch.library.register_autograd("videoblade::block_sparse_attn_fwd", _backward, setup_context=_setup_context)
+
+
+def block_sparse_attention(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    kv_indices: torch.Tensor,
+    kv_counts: torch.Tensor,
+    block_size: int = 128,
+    sm_scale: float | None = None,
+    summary: Summary | None = None,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Block-sparse softmax attention (Triton), optionally with in-kernel compensation.
+
+    q, k, v: [B, H, L, D] (any strides with unit stride on D), fp16/bf16 on GPU (fp16/fp32
+    under ``TRITON_INTERPRET=1``). kv_indices int32 [B, H, NQ, MAXK] ascending kept key
+    blocks per query block, kv_counts int32 [B, H, NQ] (NQ = ceil(L / block_size)).
+    summary: :func:`videoblade.kernels.pool_summaries` output, or None (exact masked
+    attention). Returns (out [B, H, L, D] in q.dtype, lse float32 [B, H, L]); lse is not
+    differentiable. Rows with nothing to attend to give out 0 and lse -inf.
+    """
+    _check(q, k, v, kv_indices, kv_counts, block_size)
+    scale = float(sm_scale) if sm_scale is not None else 1.0 / math.sqrt(q.shape[-1])
+    if summary is None:
+        return _bsa_fwd_op(q, k, v, kv_indices, kv_counts, block_size, scale, None, None, None)
+    if block_size % summary.pool:
+        raise ValueError(f"summary pool {summary.pool} must divide block_size {block_size}")
+    return _bsa_fwd_op(q, k, v, kv_indices, kv_counts, block_size, scale, summary.k, summary.v, summary.bias)

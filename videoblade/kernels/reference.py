@@ -1,0 +1,102 @@
+"""Pure-torch float32 reference of block-sparse attention (+ compensation).
+
+This is the specification the Triton kernels are tested against, and the CPU backend of
+``AdaptiveSparseAttention``: it is differentiable (plain autograd) and processes the
+queries in chunks under activation checkpointing, so memory stays at one chunk's score
+matrix (a few tens of MB for L <= 4096) in forward and backward alike.
+
+Semantics (SPEC 1.4/1.5): query block i attends exactly to the tokens of the key blocks
+listed in ``kv_indices[b, h, i, :kv_counts[b, h, i]]``; with ``summary`` it also attends
+to the summary tokens of every key block it does *not* keep, each with logit
+``q . k_s * scale + log(count)``; both parts form one softmax. Rows with nothing to
+attend to give out 0 and lse -inf.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch.utils.checkpoint import checkpoint
+
+from .blocks import Summary, block_lists_to_mask, num_blocks
+
+
+def _chunk(qc, k, v, sk, sv, sbias, kept_rows, kblk, sblk, scale):
+    # qc [B,H,R,D] fp32; kept_rows bool [B,H,R,NK] (the row's query-block mask)
+    s = torch.matmul(qc, k.transpose(-1, -2)) * scale
+    s = s.masked_fill(~kept_rows[..., kblk], float("-inf"))
+    vv = v
+    if sk is not None:
+        ss = torch.matmul(qc, sk.transpose(-1, -2)) * scale + sbias
+        ss = ss.masked_fill(kept_rows[..., sblk], float("-inf"))
+        s = torch.cat([s, ss], -1)
+        vv = torch.cat([v, sv], -2)
+    mx = s.amax(-1, keepdim=True).detach()
+    mx = torch.where(torch.isfinite(mx), mx, torch.zeros_like(mx))
+    e = torch.exp(s - mx)
+    denom = e.sum(-1, keepdim=True)
+    nonempty = denom > 0
+    safe = torch.where(nonempty, denom, torch.ones_like(denom))
+    out = torch.matmul(e, vv) / safe
+    lse = torch.where(nonempty, mx + torch.log(safe), torch.full_like(mx, float("-inf")))
+    return out, lse.squeeze(-1)
+
+
+def block_sparse_attention_ref(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    kv_indices: torch.Tensor,
+    kv_counts: torch.Tensor,
+    block_size: int = 128,
+    sm_scale: float | None = None,
+    summary: Summary | None = None,
+    max_chunk_elems: int = 1 << 24,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Masked dense attention in float32. Returns (out in q.dtype [B,H,L,D], lse float32 [B,H,L])."""
+    B, H, L, D = q.shape
+    nk = num_blocks(L, block_size)
+    scale = float(sm_scale) if sm_scale is not None else D**-0.5
+    mask = block_lists_to_mask(kv_indices, kv_counts, nk)  # [B,H,NQ,NK]
+    dev = q.device
+    kblk = torch.arange(L, device=dev) // block_size
+    qf, kf, vf = q.float(), k.float(), v.float()
+    sk = sv = sbias = sblk = None
+    ncols = L
+    if summary is not None:
+        sk, sv = summary.k.float(), summary.v.float()
+        sbias = summary.bias.float().to(dev)
+        sblk = torch.arange(sk.shape[2], device=dev) // (block_size // summary.pool)
+        ncols += sk.shape[2]
+    rows = max(block_size, (max_chunk_elems // max(1, B * H * ncols)) // block_size * block_size)
+    need_grad = torch.is_grad_enabled() and any(
+        t is not None and t.requires_grad for t in (q, k, v, sk, sv)
+    )
+    outs, lses = [], []
+    for r0 in range(0, L, rows):
+        r1 = min(L, r0 + rows)
+        qblk = torch.arange(r0, r1, device=dev) // block_size
+        kept_rows = mask[:, :, qblk]
+        args = (qf[:, :, r0:r1], kf, vf, sk, sv, sbias, kept_rows, kblk, sblk, scale)
+        if need_grad and r1 - r0 < L:
+            o, lse = checkpoint(_chunk, *args, use_reentrant=False)
+        else:
+            o, lse = _chunk(*args)
+        outs.append(o)
+        lses.append(lse)
+    out = torch.cat(outs, 2) if len(outs) > 1 else outs[0]
+    lse = torch.cat(lses, 2) if len(lses) > 1 else lses[0]
+    return out.to(q.dtype), lse
+
+
+def dense_attention_ref(q, k, v, sm_scale=None, max_chunk_elems: int = 1 << 26):
+    """Plain softmax attention in float32 (chunked over queries, no grad); for GPU-tier checks."""
+    B, H, L, D = q.shape
+    scale = float(sm_scale) if sm_scale is not None else D**-0.5
+    rows = max(1, max_chunk_elems // max(1, B * H * k.shape[2]))
+    out = torch.empty(q.shape, dtype=torch.float32, device=q.device)
+    kf, vf = k.float(), v.float()
+    with torch.no_grad():
+        for r0 in range(0, L, rows):
+            s = torch.matmul(q[:, :, r0 : r0 + rows].float(), kf.transpose(-1, -2)) * scale
+            out[:, :, r0 : r0 + rows] = torch.matmul(torch.softmax(s, -1), vf)
+    return out
