@@ -1,0 +1,122 @@
+"""Prompt store: encode with the model's own text encoder, read back, validate, distributed sampler."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from videoblade.data import (
+    DEFAULT_TRAIN_PROMPTS,
+    DEFAULT_VAL_PROMPTS,
+    DistributedPromptSampler,
+    PromptStore,
+    PromptStoreError,
+    encode_prompts_to_store,
+    read_prompt_file,
+    write_prompt_store,
+)
+from videoblade.models import get_adapter
+from videoblade.models.tiny import tiny_model_folder
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture(scope="module")
+def tiny_wan():
+    return tiny_model_folder("wan")
+
+
+def test_default_prompt_lists():
+    train, val = read_prompt_file(DEFAULT_TRAIN_PROMPTS), read_prompt_file(DEFAULT_VAL_PROMPTS)
+    assert len(train) >= 200 and len(val) >= 8
+    assert len(set(train)) == len(train)
+    assert not set(train) & set(val)
+
+
+def test_encode_store_matches_adapter_encoding(tiny_wan, tmp_path):
+    prompts = [f"a small red robot walks in the city number {i}" for i in range(7)] + ["sunset over the sea"]
+    out = encode_prompts_to_store(tiny_wan, prompts, tmp_path / "store", dtype="fp32", batch_size=3, shard_size=3,
+                                  negative_prompt="blurry", progress=False)
+    store = PromptStore(out)
+    m = json.loads((out / "manifest.json").read_text())
+    assert m["family"] == "wan" and m["count"] == 8 and [s["count"] for s in m["shards"]] == [3, 3, 2]
+    assert store.prompts() == prompts and m["negative_prompt"] == "blurry"
+    adapter = get_adapter("wan")
+    loaded = adapter.load(tiny_wan, dtype=torch.float32, components=("text_encoder", "tokenizer"))
+    ref = adapter.encode_prompts(loaded.text_encoder, loaded.tokenizer, prompts, max_length=store.text_max_length)
+    torch.testing.assert_close(store.get(range(8)), ref.float())
+    torch.testing.assert_close(store.get([7, 2, 4]), ref[[7, 2, 4]].float())
+    neg = adapter.encode_prompts(loaded.text_encoder, loaded.tokenizer, ["blurry"], max_length=store.text_max_length)
+    torch.testing.assert_close(store.negative(), neg.float())
+    store.check("wan", store.text_max_length, store.hidden_size)
+    with pytest.raises(PromptStoreError, match="encoded for a wan model"):
+        store.check("cogvideox")
+    with pytest.raises(PromptStoreError, match="text_max_length"):
+        store.check("wan", store.text_max_length + 1)
+    with pytest.raises(IndexError):
+        store.get([8])
+
+
+def test_process_prompts_cli(tiny_wan, tmp_path):
+    pf = tmp_path / "p.txt"
+    pf.write_text("# comment\na cat on a sofa\n\na dog in the snow\n")
+    out = tmp_path / "store"
+    r = subprocess.run([sys.executable, str(ROOT / "utils" / "process_prompts.py"), "--model", str(tiny_wan),
+                        "--prompts", str(pf), "--out", str(out), "--device", "cpu"],
+                       capture_output=True, text=True, cwd=tmp_path)
+    assert r.returncode == 0, r.stderr
+    s = PromptStore(out)
+    assert len(s) == 2 and s.prompts() == ["a cat on a sofa", "a dog in the snow"]
+    assert s.dtype == torch.bfloat16 and s.get([0]).dtype == torch.bfloat16
+
+
+def test_store_errors(tmp_path):
+    with pytest.raises(PromptStoreError, match="process_prompts"):
+        PromptStore(tmp_path)
+    with pytest.raises(PromptStoreError, match="prompts"):
+        write_prompt_store(tmp_path / "s", [torch.zeros(2, 4, 8)], ["a"], family="wan", text_max_length=4,
+                           negative_embeds=torch.zeros(1, 4, 8))
+    write_prompt_store(tmp_path / "s", [torch.zeros(2, 4, 8)], ["a", "b"], family="wan", text_max_length=4,
+                       negative_embeds=torch.zeros(1, 4, 8))
+    (tmp_path / "s" / "embeds-00000.safetensors").unlink()
+    with pytest.raises(PromptStoreError, match="missing"):
+        PromptStore(tmp_path / "s")
+
+
+@pytest.mark.parametrize("n,world,batch", [(10, 2, 2), (7, 3, 1), (5, 1, 5), (13, 2, 3)])
+def test_sampler_every_prompt_once_per_epoch(n, world, batch):
+    samplers = [DistributedPromptSampler(n, batch, world, r, seed=3) for r in range(world)]
+    steps = 6 * n  # plenty of epochs
+    stream = []
+    for _ in range(steps):
+        for s in samplers:
+            stream.append(s.next_indices())
+    # reassemble the global stream: at each step ranks interleave
+    flat = []
+    for i in range(0, len(stream), world):
+        group = stream[i:i + world]
+        for j in range(batch):
+            for r in range(world):
+                flat.append(group[r][j])
+    for e in range(len(flat) // n):
+        assert sorted(flat[e * n:(e + 1) * n]) == list(range(n))
+    assert flat[:n] != flat[n:2 * n] or n < 3  # a fresh permutation per epoch
+
+
+def test_sampler_resume_is_exact():
+    a = DistributedPromptSampler(11, 2, 2, 1, seed=5)
+    first = [a.next_indices() for _ in range(4)]
+    state = a.state_dict()
+    rest = [a.next_indices() for _ in range(9)]
+    b = DistributedPromptSampler(11, 2, 2, 1, seed=5)
+    b.load_state_dict(state)
+    assert [b.next_indices() for _ in range(9)] == rest
+    c = DistributedPromptSampler(11, 2, 2, 1, seed=5)
+    assert [c.next_indices() for _ in range(4)] == first
+    with pytest.raises(PromptStoreError, match="same prompt store"):
+        DistributedPromptSampler(12, 2, 2, 1).load_state_dict(state)
