@@ -55,6 +55,11 @@ def _interpret() -> bool:
     return os.environ.get("TRITON_INTERPRET", "0") == "1"
 
 
+def _autotune() -> bool:
+    # VIDEOBLADE_KERNEL_AUTOTUNE=0: take each kernel's first (default) tile config, no tuning
+    return os.environ.get("VIDEOBLADE_KERNEL_AUTOTUNE", "1") != "0"
+
+
 # ----------------------------------------------------------------------------------------
 # forward
 # ----------------------------------------------------------------------------------------
@@ -414,31 +419,26 @@ def _prune(configs, named_args, **kwargs):
 # Forward: 128-row query tiles with 8 warps (two warpgroups of wgmma on Hopper), key tiles
 # 64/128, 2-4 pipeline stages. D=64 tiles are cheap in smem so deeper pipelines fit.
 _FWD_CONFIGS = [
-    _cfg(128, 128, 8, 3, BLOCK_S=64),
     _cfg(128, 64, 8, 3, BLOCK_S=64),
+    _cfg(128, 128, 8, 3, BLOCK_S=64),
     _cfg(128, 64, 4, 3, BLOCK_S=64),
     _cfg(128, 128, 8, 2, BLOCK_S=64),
-    _cfg(128, 64, 8, 4, BLOCK_S=64),
-    _cfg(64, 64, 4, 3, BLOCK_S=64),
+    _cfg(64, 64, 4, 4, BLOCK_S=64),
 ]
 _DQ_CONFIGS = [
     _cfg(128, 64, 8, 3, BLOCK_S=64),
     _cfg(128, 32, 4, 3, BLOCK_S=32),
     _cfg(64, 64, 4, 3, BLOCK_S=64),
-    _cfg(128, 64, 4, 2, BLOCK_S=64),
-    _cfg(64, 128, 8, 2, BLOCK_S=64),
 ]
 _DKV_CONFIGS = [
     _cfg(64, 128, 8, 3),
     _cfg(32, 128, 4, 3),
-    _cfg(64, 128, 4, 2),
     _cfg(64, 64, 4, 3),
-    _cfg(32, 64, 4, 4),
+    _cfg(64, 128, 4, 2),
 ]
 _DSUM_CONFIGS = [
     triton.Config({"BLOCK_M": 64, "BLOCK_S": 64}, num_warps=4, num_stages=3),
     triton.Config({"BLOCK_M": 128, "BLOCK_S": 64}, num_warps=8, num_stages=2),
-    triton.Config({"BLOCK_M": 64, "BLOCK_S": 32}, num_warps=4, num_stages=3),
 ]
 
 
@@ -448,12 +448,19 @@ def _prune_s(configs, named_args, **kwargs):
 
 
 _KEY = ["HEAD_DIM", "BLOCK", "HAS_SUMMARY", "EVEN_L"]
-_fwd_tuned = triton.autotune(_FWD_CONFIGS, key=_KEY, prune_configs_by={"early_config_prune": _prune})(_fwd_kernel)
-_dq_tuned = triton.autotune(_DQ_CONFIGS, key=_KEY, prune_configs_by={"early_config_prune": _prune})(_bwd_dq_kernel)
-_dkv_tuned = triton.autotune(_DKV_CONFIGS, key=["HEAD_DIM", "BLOCK", "EVEN_L"],
-                             prune_configs_by={"early_config_prune": _prune})(_bwd_dkv_kernel)
-_dsum_tuned = triton.autotune(_DSUM_CONFIGS, key=["HEAD_DIM", "BLOCK"],
-                              prune_configs_by={"early_config_prune": _prune_s})(_bwd_dsummary_kernel)
+
+
+def _tuned(kernel, configs, key, prune):
+    return {
+        True: triton.autotune(configs, key=key, prune_configs_by={"early_config_prune": prune})(kernel),
+        False: triton.autotune(configs[:1], key=key, prune_configs_by={"early_config_prune": prune})(kernel),
+    }
+
+
+_fwd_tuned = _tuned(_fwd_kernel, _FWD_CONFIGS, _KEY, _prune)
+_dq_tuned = _tuned(_bwd_dq_kernel, _DQ_CONFIGS, _KEY, _prune)
+_dkv_tuned = _tuned(_bwd_dkv_kernel, _DKV_CONFIGS, ["HEAD_DIM", "BLOCK", "EVEN_L"], _prune)
+_dsum_tuned = _tuned(_bwd_dsummary_kernel, _DSUM_CONFIGS, ["HEAD_DIM", "BLOCK"], _prune_s)
 
 
 def _interp_meta(block_size: int) -> dict:
@@ -532,7 +539,7 @@ def block_sparse_attention_fwd(q, k, v, kv_indices, kv_counts, block_size, sm_sc
         _fwd_kernel[(triton.cdiv(L, meta["BLOCK_M"]), B * H)](*args, **const, **meta)
     else:
         grid = lambda META: (triton.cdiv(L, META["BLOCK_M"]), B * H)
-        _fwd_tuned[grid](*args, **const)
+        _fwd_tuned[_autotune()][grid](*args, **const)
     return out, lse
 
 
@@ -603,8 +610,8 @@ def block_sparse_attention_bwd(do, q, k, v, out, lse, kv_indices, kv_counts, blo
         _bwd_dkv_kernel[(triton.cdiv(L, meta["BLOCK_N"]), B * H)](
             *dkv_args, **dkv_const, BLOCK_M=meta["BLOCK_M"], BLOCK_N=meta["BLOCK_N"])
     else:
-        _dq_tuned[lambda M: (triton.cdiv(L, M["BLOCK_M"]), B * H)](*dq_args, **dq_const)
-        _dkv_tuned[lambda M: (triton.cdiv(L, M["BLOCK_N"]), B * H)](*dkv_args, **dkv_const)
+        _dq_tuned[_autotune()][lambda M: (triton.cdiv(L, M["BLOCK_M"]), B * H)](*dq_args, **dq_const)
+        _dkv_tuned[_autotune()][lambda M: (triton.cdiv(L, M["BLOCK_N"]), B * H)](*dkv_args, **dkv_const)
     if not has_s:
         return dq, dk, dv, None, None
     dsk = torch.empty_like(sk) if dsk is None else dsk
@@ -623,7 +630,7 @@ def block_sparse_attention_bwd(do, q, k, v, out, lse, kv_indices, kv_counts, blo
         _bwd_dsummary_kernel[(triton.cdiv(ns, meta["BLOCK_S"]), B * H)](
             *s_args, **s_const, BLOCK_M=meta["BLOCK_M"], BLOCK_S=meta["BLOCK_S"])
     else:
-        _dsum_tuned[lambda M: (triton.cdiv(ns, M["BLOCK_S"]), B * H)](*s_args, **s_const)
+        _dsum_tuned[_autotune()][lambda M: (triton.cdiv(ns, M["BLOCK_S"]), B * H)](*s_args, **s_const)
     return dq, dk, dv, dsk, dsv
 
 

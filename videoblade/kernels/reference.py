@@ -51,20 +51,26 @@ def block_sparse_attention_ref(
     sm_scale: float | None = None,
     summary: Summary | None = None,
     max_chunk_elems: int = 1 << 24,
+    compute_dtype: torch.dtype = torch.float32,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Masked dense attention in float32. Returns (out in q.dtype [B,H,L,D], lse float32 [B,H,L])."""
+    """Masked dense attention in float32. Returns (out in q.dtype [B,H,L,D], lse float32 [B,H,L]).
+
+    ``max_chunk_elems`` bounds one chunk's score matrix (B*H*rows*cols elements).
+    ``compute_dtype`` other than float32 gives the "naive same-dtype implementation" that
+    the GPU tests use as the error yardstick (flash-attention rule).
+    """
     B, H, L, D = q.shape
     nk = num_blocks(L, block_size)
     scale = float(sm_scale) if sm_scale is not None else D**-0.5
     mask = block_lists_to_mask(kv_indices, kv_counts, nk)  # [B,H,NQ,NK]
     dev = q.device
     kblk = torch.arange(L, device=dev) // block_size
-    qf, kf, vf = q.float(), k.float(), v.float()
+    qf, kf, vf = (t.to(compute_dtype) for t in (q, k, v))
     sk = sv = sbias = sblk = None
     ncols = L
     if summary is not None:
-        sk, sv = summary.k.float(), summary.v.float()
-        sbias = summary.bias.float().to(dev)
+        sk, sv = summary.k.to(compute_dtype), summary.v.to(compute_dtype)
+        sbias = summary.bias.to(device=dev, dtype=compute_dtype)
         sblk = torch.arange(sk.shape[2], device=dev) // (block_size // summary.pool)
         ncols += sk.shape[2]
     rows = max(block_size, (max_chunk_elems // max(1, B * H * ncols)) // block_size * block_size)
@@ -85,7 +91,7 @@ def block_sparse_attention_ref(
         lses.append(lse)
     out = torch.cat(outs, 2) if len(outs) > 1 else outs[0]
     lse = torch.cat(lses, 2) if len(lses) > 1 else lses[0]
-    return out.to(q.dtype), lse
+    return out.to(q.dtype), lse.float()
 
 
 def dense_attention_ref(q, k, v, sm_scale=None, max_chunk_elems: int = 1 << 26):

@@ -1,0 +1,237 @@
+"""Block-sparse attention benchmark -> benchmarks/results/attention_h200.json (issue 3).
+
+Shapes: Wan (1x12x32760x128) and CogVideoX (1x48x17776x64), bf16, block 128; densities
+0.05, 0.10, 0.15, 0.25, 1.0; forward and forward+backward. Peers measured in the same
+process: cuDNN SDPA (dense) and compiled FlexAttention with the identical block mask
+(``BlockMask.from_kv_blocks`` with every kept block "full"). Compensation (summaries)
+and the block-importance estimate are timed separately.
+
+    python benchmarks/attention.py --out DIR           # full run, writes DIR/attention_h200.json
+    python benchmarks/attention.py --quick              # fewer reps/densities (smoke)
+"""
+# ruff: noqa: B023  (closures are timed immediately, inside the iteration that defines them)
+
+from __future__ import annotations
+
+import argparse
+import math
+import os
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+from common import cuda_median_ms, print_table, print_targets, target, write_results  # noqa: E402
+
+from videoblade.kernels import (  # noqa: E402
+    block_sparse_attention,
+    estimate_block_importance,
+    mask_to_block_lists,
+    num_blocks,
+    pool_summaries,
+)
+
+SHAPES = {"wan": (1, 12, 32760, 128), "cog": (1, 48, 17776, 64)}
+POOL = {"wan": 32, "cog": 16}
+DENSITIES = [0.05, 0.10, 0.15, 0.25, 1.0]
+BLOCK = 128
+
+
+def random_block_mask(B, H, n, density, gen, device):
+    """Each query block keeps round(density * n) key blocks (>= 1), the diagonal always."""
+    keep = max(1, round(density * n))
+    scores = torch.rand(B, H, n, n, generator=gen, device=device)
+    idx = torch.arange(n, device=device)
+    scores[..., idx, idx] = 2.0
+    top = scores.topk(keep, dim=-1).indices
+    mask = torch.zeros(B, H, n, n, dtype=torch.bool, device=device)
+    mask.scatter_(-1, top, True)
+    return mask
+
+
+def make_flex(B, H, L, kvi, kvc, device):
+    from torch.nn.attention.flex_attention import BlockMask
+
+    zeros_n = torch.zeros_like(kvc)
+    bm = BlockMask.from_kv_blocks(
+        zeros_n, torch.zeros_like(kvi), kvc, kvi, BLOCK_SIZE=BLOCK, mask_mod=None, seq_lengths=(L, L)
+    )
+    return bm
+
+
+def matmul_tflops(device):
+    a = torch.randn(8192, 8192, device=device, dtype=torch.bfloat16)
+    b = torch.randn(8192, 8192, device=device, dtype=torch.bfloat16)
+    ms = cuda_median_ms(lambda: a @ b, warmup=3, reps=10)
+    return 2 * 8192**3 / ms / 1e9
+
+
+def copy_tbps(device):
+    x = torch.empty(2 * 1024**3, dtype=torch.uint8, device=device)
+    y = torch.empty_like(x)
+    ms = cuda_median_ms(lambda: y.copy_(x), warmup=3, reps=10)
+    return 2 * x.numel() / ms / 1e9
+
+
+def bench_shape(name, reps, dens_list, gen, rows, res, flex, t0):
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+
+    dev = "cuda"
+    B, H, L, D = SHAPES[name]
+    n = num_blocks(L, BLOCK)
+    q, k, v = (torch.randn(B, H, L, D, device=dev, dtype=torch.bfloat16, generator=gen) for _ in range(3))
+    do = torch.randn_like(q)
+    qg, kg, vg = (t.detach().clone().requires_grad_() for t in (q, k, v))
+    dense_flops = 4 * B * H * L * L * D
+
+    def fwd_bwd(fn):
+        def run():
+            qg.grad = kg.grad = vg.grad = None
+            out = fn(qg, kg, vg)
+            out.backward(do)
+        return run
+
+    # cuDNN dense (falls back to flash SDPA if cuDNN refuses the shape; the row says which)
+    sdpa = torch.nn.functional.scaled_dot_product_attention
+    backend, bname = SDPBackend.CUDNN_ATTENTION, "cudnn"
+    try:
+        with sdpa_kernel([backend]):
+            sdpa(q, k, v)
+    except RuntimeError as e:  # pragma: no cover - depends on the cuDNN build
+        print("cuDNN SDPA refused:", e)
+        backend, bname = SDPBackend.FLASH_ATTENTION, "flash"
+    with sdpa_kernel([backend]):
+        ms = cuda_median_ms(lambda: sdpa(q, k, v), reps=reps)
+        res[(name, "cudnn", 1.0, "fwd")] = ms
+        rows.append({"what": f"{bname} sdpa dense", "shape": [B, H, L, D], "density": 1.0, "pass": "fwd",
+                     "median_ms": ms, "peer": None, "tflops": dense_flops / ms / 1e9})
+        ms = cuda_median_ms(fwd_bwd(lambda a, b, c: sdpa(a, b, c)), reps=reps)
+        res[(name, "cudnn", 1.0, "fwdbwd")] = ms
+        rows.append({"what": f"{bname} sdpa dense", "shape": [B, H, L, D], "density": 1.0, "pass": "fwd+bwd",
+                     "median_ms": ms, "peer": None, "tflops": 3.5 * dense_flops / ms / 1e9})
+
+    for dens in dens_list:
+        mask = random_block_mask(B, H, n, dens, gen, dev)
+        kvi, kvc = mask_to_block_lists(mask)
+        real = mask.float().mean().item()
+        # FLOPs actually required: kept pairs x tokens (partial last block counted by its size)
+        sizes = torch.full((n,), BLOCK, device=dev, dtype=torch.float64)
+        sizes[-1] = L - (n - 1) * BLOCK
+        pair_tokens = (mask.double() * sizes[:, None] * sizes[None, :]).sum().item()
+        flops = 4 * pair_tokens * D
+        bm = make_flex(B, H, L, kvi, kvc, dev)
+
+        def ours(a, b, c):
+            return block_sparse_attention(a, b, c, kvi, kvc, BLOCK)[0]
+
+        def flx(a, b, c):
+            return flex(a, b, c, block_mask=bm)
+
+        # correctness vs flex on the same mask (also proves the masks match)
+        with torch.no_grad():
+            o1 = ours(q, k, v).float()
+            o2 = flx(q, k, v).float()
+            rel = ((o1 - o2).norm() / o2.norm()).item()
+        for label, fn in (("ours", ours), ("flex", flx)):
+            ms = cuda_median_ms(lambda: fn(q, k, v), reps=reps)
+            res[(name, label, dens, "fwd")] = ms
+            rows.append({"what": f"{label} block-sparse", "shape": [B, H, L, D], "density": dens, "pass": "fwd",
+                         "median_ms": ms, "peer": "flex" if label == "ours" else None, "realized_density": real,
+                         "tflops": flops / ms / 1e9, "rel_diff_vs_flex": rel if label == "ours" else None})
+            ms = cuda_median_ms(fwd_bwd(fn), reps=reps)
+            res[(name, label, dens, "fwdbwd")] = ms
+            rows.append({"what": f"{label} block-sparse", "shape": [B, H, L, D], "density": dens,
+                         "pass": "fwd+bwd", "median_ms": ms, "peer": "flex" if label == "ours" else None,
+                         "realized_density": real, "tflops": 3.5 * flops / ms / 1e9})
+        res[(name, "realdens", dens)] = real
+        if dens in (0.10, 0.15):
+            pool = POOL[name]
+
+            def ours_c(a, b, c):
+                return block_sparse_attention(a, b, c, kvi, kvc, BLOCK, summary=pool_summaries(b, c, BLOCK, pool))[0]
+
+            ms = cuda_median_ms(lambda: ours_c(q, k, v), reps=reps)
+            rows.append({"what": f"ours + compensation (pool {pool}, incl. pooling)", "shape": [B, H, L, D],
+                         "density": dens, "pass": "fwd", "median_ms": ms, "peer": "ours", "realized_density": real})
+            ms = cuda_median_ms(fwd_bwd(ours_c), reps=reps)
+            rows.append({"what": f"ours + compensation (pool {pool}, incl. pooling)", "shape": [B, H, L, D],
+                         "density": dens, "pass": "fwd+bwd", "median_ms": ms, "peer": "ours",
+                         "realized_density": real})
+        print(f"[{time.time() - t0:6.1f}s] {name} d={dens} done (rel diff vs flex {rel:.2e})", flush=True)
+
+    # block-importance estimate (no grad)
+    for mode, S in (("sample", 16), ("mean", 0)):
+        ms = cuda_median_ms(lambda: estimate_block_importance(q, k, BLOCK, S or 16, mode=mode), reps=reps)
+        res[(name, "estimate", mode)] = ms
+        rows.append({"what": f"estimate_block_importance {mode}" + (f" S={S}" if S else ""),
+                     "shape": [B, H, L, D], "density": None, "pass": "fwd", "median_ms": ms, "peer": None})
+
+
+def main():
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--out", default=None, help="results folder (default benchmarks/results)")
+    ap.add_argument("--quick", action="store_true")
+    ap.add_argument("--shapes", default="wan,cog")
+    ap.add_argument("--reps", type=int, default=30)
+    args = ap.parse_args()
+    dev = "cuda"
+    torch.backends.cuda.matmul.allow_tf32 = False
+    from torch.nn.attention.flex_attention import flex_attention
+
+    flex = torch.compile(flex_attention, dynamic=False)
+    reps = 10 if args.quick else args.reps
+    dens_list = [0.10, 1.0] if args.quick else DENSITIES
+    rows = []
+    t0 = time.time()
+    peak = matmul_tflops(dev)
+    bw = copy_tbps(dev)
+    rows.append({"what": "ceiling bf16 matmul 8192^3", "shape": [8192, 8192, 8192], "density": None, "pass": "fwd",
+                 "median_ms": 2 * 8192**3 / peak / 1e9, "peer": None, "tflops": peak})
+    rows.append({"what": "ceiling d2d copy 2 GiB", "shape": [2 * 1024**3], "density": None, "pass": "fwd",
+                 "median_ms": 4 * 1024**3 / bw / 1e9, "peer": None, "tb_per_s": bw})
+    res = {}
+    gen = torch.Generator(device=dev).manual_seed(0)
+    for name in args.shapes.split(","):
+        bench_shape(name, reps, dens_list, gen, rows, res, flex, t0)
+        torch.cuda.empty_cache()
+
+    targets = {}
+
+    def get(*key):
+        return res.get(key)
+
+    for name in args.shapes.split(","):
+        cud = get(name, "cudnn", 1.0, "fwd")
+        for dens in (0.10, 0.15):
+            o = get(name, "ours", dens, "fwd")
+            if o and (name == "wan" or dens == 0.10):
+                targets[f"{name}_fwd_efficiency_d{dens:.2f}"] = target(cud * get(name, "realdens", dens) / o, 0.75, True)
+        for p in ("fwd", "fwdbwd"):
+            o, f = get(name, "ours", 0.10, p), get(name, "flex", 0.10, p)
+            if o and f:
+                targets[f"{name}_{p}_speedup_vs_flex_d0.10"] = target(f / o, 1.3, True)
+    if get("wan", "ours", 1.0, "fwd"):
+        targets["wan_dense_time_ratio_vs_cudnn"] = target(get("wan", "ours", 1.0, "fwd") / get("wan", "cudnn", 1.0, "fwd"),
+                                                          1.25, False)
+    if get("wan", "ours", 0.15, "fwd"):
+        targets["wan_estimate_overhead_d0.15"] = target(get("wan", "estimate", "sample") / get("wan", "ours", 0.15, "fwd"),
+                                                        0.15, False)
+        targets["wan_estimate_overhead_d0.15_mean_mode"] = target(
+            get("wan", "estimate", "mean") / get("wan", "ours", 0.15, "fwd"), 0.15, False)
+
+    print_table(rows, ["what", "shape", "density", "pass", "median_ms", "tflops", "peer"])
+    print_targets(targets)
+    path = write_results("attention_h200", rows, targets, out_dir=args.out,
+                         settings={"block": BLOCK, "dtype": "bfloat16", "reps": reps,
+                                   "autotune": os.environ.get("VIDEOBLADE_KERNEL_AUTOTUNE", "1")})
+    print("wrote", path)
+    if not math.isfinite(sum(r["median_ms"] for r in rows)):
+        raise SystemExit("non-finite timing")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,137 @@
+"""Shared helpers for every benchmark in this folder.
+
+- :func:`env_info`: gpu name, torch/triton versions, git commit, date (UTC ISO).
+- :func:`cuda_median_ms`: CUDA-event median timer (warm-up, many reps).
+- :func:`target`: one entry of the ``targets`` object.
+- :func:`write_results`: writes ``benchmarks/results/<name>.json`` (or ``out_dir``) with the
+  common top level of DESIGN.md: gpu, torch, triton, commit, date, rows, targets.
+- :func:`print_table`: a plain aligned table of rows.
+
+Row format (DESIGN.md): ``{"what", "shape", "density", "pass", "median_ms", "peer", ...}``;
+extra keys are allowed. A target's value must be computed from rows of the same run.
+"""
+
+from __future__ import annotations
+
+import datetime as _dt
+import json
+import os
+import statistics
+import subprocess
+from collections.abc import Callable, Iterable, Sequence
+from pathlib import Path
+
+import torch
+
+RESULTS_DIR = Path(__file__).resolve().parent / "results"
+
+
+def git_commit() -> str:
+    """Commit of the checkout; ``VIDEOBLADE_COMMIT`` overrides (copies without .git, e.g. a GPU box)."""
+    env = os.environ.get("VIDEOBLADE_COMMIT")
+    if env:
+        return env
+    try:
+        out = subprocess.run(
+            ["git", "rev-parse", "HEAD"], cwd=Path(__file__).resolve().parent, capture_output=True, text=True, timeout=10
+        )
+        if out.returncode == 0:
+            return out.stdout.strip()
+    except (OSError, subprocess.SubprocessError):
+        pass
+    return "unknown"
+
+
+def env_info() -> dict:
+    try:
+        import triton
+
+        triton_version = triton.__version__
+    except ImportError:  # pragma: no cover - CPU boxes without triton
+        triton_version = None
+    gpu = torch.cuda.get_device_name() if torch.cuda.is_available() else "cpu"
+    return {
+        "gpu": gpu,
+        "torch": torch.__version__,
+        "triton": triton_version,
+        "commit": git_commit(),
+        "date": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
+    }
+
+
+def cuda_median_ms(fn: Callable[[], object], warmup: int = 5, reps: int = 30, min_reps: int = 5,
+                   max_total_ms: float = 4000.0) -> float:
+    """Median time of ``fn()`` in ms, each rep between its own pair of CUDA events.
+
+    ``warmup`` calls first (compilation, autotuning, allocator). Reps stop early (never
+    below ``min_reps``) once ``max_total_ms`` of measured time is spent.
+    """
+    for _ in range(warmup):
+        fn()
+    torch.cuda.synchronize()
+    times: list[float] = []
+    total = 0.0
+    for i in range(reps):
+        start = torch.cuda.Event(enable_timing=True)
+        end = torch.cuda.Event(enable_timing=True)
+        start.record()
+        fn()
+        end.record()
+        end.synchronize()
+        t = start.elapsed_time(end)
+        times.append(t)
+        total += t
+        if i + 1 >= min_reps and total > max_total_ms:
+            break
+    return statistics.median(times)
+
+
+def target(value: float, goal: float, higher_is_better: bool) -> dict:
+    return {"value": float(value), "target": float(goal), "higher_is_better": bool(higher_is_better)}
+
+
+def target_met(t: dict) -> bool:
+    return t["value"] >= t["target"] if t["higher_is_better"] else t["value"] <= t["target"]
+
+
+def write_results(name: str, rows: Sequence[dict], targets: dict | None = None, out_dir: str | os.PathLike | None = None,
+                  **extra) -> Path:
+    """Write ``<out_dir or benchmarks/results>/<name>.json`` and return its path."""
+    doc = {**env_info(), "rows": list(rows), "targets": dict(targets or {}), **extra}
+    d = Path(out_dir) if out_dir is not None else RESULTS_DIR
+    d.mkdir(parents=True, exist_ok=True)
+    path = d / f"{name}.json"
+    path.write_text(json.dumps(doc, indent=1, default=str) + "\n")
+    return path
+
+
+def _fmt(x) -> str:
+    if isinstance(x, float):
+        return f"{x:.4g}"
+    if isinstance(x, (list, tuple)):
+        return "x".join(str(i) for i in x)
+    return "" if x is None else str(x)
+
+
+def print_table(rows: Iterable[dict], columns: Sequence[str] | None = None) -> None:
+    rows = list(rows)
+    if not rows:
+        return
+    if columns is None:
+        columns = []
+        for r in rows:
+            for k in r:
+                if k not in columns:
+                    columns.append(k)
+    cells = [[_fmt(r.get(c)) for c in columns] for r in rows]
+    widths = [max(len(c), *(len(row[i]) for row in cells)) for i, c in enumerate(columns)]
+    print("  ".join(c.ljust(w) for c, w in zip(columns, widths)))
+    for row in cells:
+        print("  ".join(v.ljust(w) for v, w in zip(row, widths)))
+
+
+def print_targets(targets: dict) -> None:
+    for name, t in targets.items():
+        mark = "MET " if target_met(t) else "miss"
+        op = ">=" if t["higher_is_better"] else "<="
+        print(f"[{mark}] {name}: {t['value']:.3f} (target {op} {t['target']})")
