@@ -1,0 +1,253 @@
+"""Full-size transformer forward with adaptive sparse attention vs dense (one GPU, bf16).
+
+Rows:
+* ``forward``: one no-grad forward of random-weight Wan2.1-T2V-1.3B at 81x480x832
+  (21x30x52 = 32,760 tokens) and CogVideoX-5B at 49x480x720 (13x30x45 = 17,550 video + 226
+  text tokens), with (a) diffusers' default attention, (b) dense cuDNN SDPA
+  (``sdpa_kernel(CUDNN_ATTENTION)``), (c) ASA at the default ``ASAConfig`` (CogVideoX with
+  pool 16, SPEC 1.5); the realised density of (c) is read from the installed ASA.
+* ``attn_error``: relative L2 error of ASA's attention output against fp32 dense attention on
+  q/k/v with 3D locality (``videoblade.attention.synthetic.local_qkv``) at density 0.15
+  (top-k), for raster order / Gilbert reordering / reordering + compensation.
+
+Targets: ``wan_forward_speedup_vs_best_dense`` >= 3, ``cog_forward_speedup_vs_best_dense`` >= 1.5
+(the faster dense variant is the baseline), and each error step lowering the error.
+
+The model configs are the published ``transformer/config.json`` values (no download); the
+weights are random (diffusers' default init), so the dense/sparse *times* are meaningful and
+the realised density reflects random-weight attention maps, not a trained model's.
+
+    python benchmarks/transformer.py [--only wan|cog] [--out DIR]
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import gc
+import math
+import os
+import sys
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from benchmarks.common import cuda_median_ms, print_table, print_targets, target, write_results  # noqa: E402
+from videoblade.attention import (  # noqa: E402
+    AdaptiveSparseAttention,
+    set_adaptive_sparse_attention,
+    unset_adaptive_sparse_attention,
+)
+from videoblade.attention.synthetic import local_qkv  # noqa: E402
+from videoblade.config import ASAConfig  # noqa: E402
+
+# Wan-AI/Wan2.1-T2V-1.3B-Diffusers transformer/config.json
+WAN_1_3B = dict(
+    patch_size=(1, 2, 2), num_attention_heads=12, attention_head_dim=128, in_channels=16, out_channels=16,
+    text_dim=4096, freq_dim=256, ffn_dim=8960, num_layers=30, cross_attn_norm=True,
+    qk_norm="rms_norm_across_heads", eps=1e-6, image_dim=None, added_kv_proj_dim=None, rope_max_seq_len=1024,
+)
+# THUDM/CogVideoX-5b transformer/config.json
+COG_5B = dict(
+    num_attention_heads=48, attention_head_dim=64, in_channels=16, out_channels=16, flip_sin_to_cos=True,
+    freq_shift=0, time_embed_dim=512, text_embed_dim=4096, num_layers=42, dropout=0.0, attention_bias=True,
+    sample_width=90, sample_height=60, sample_frames=49, patch_size=2, temporal_compression_ratio=4,
+    max_text_seq_length=226, activation_fn="gelu-approximate", timestep_activation_fn="silu",
+    norm_elementwise_affine=True, norm_eps=1e-5, spatial_interpolation_scale=1.875,
+    temporal_interpolation_scale=1.0, use_rotary_positional_embeddings=True, use_learned_positional_embeddings=False,
+)
+VAE_T, VAE_S = 4, 8  # both VAEs: 4x temporal, 8x spatial compression
+
+# --smoke: the same code path on the CPU with toy widths (checks the script, measures nothing)
+SMOKE = False
+DEVICE = "cuda"
+WAN_SMOKE = dict(WAN_1_3B, num_attention_heads=2, attention_head_dim=32, ffn_dim=64, num_layers=2, text_dim=32)
+COG_SMOKE = dict(COG_5B, num_attention_heads=2, attention_head_dim=32, num_layers=2, text_embed_dim=32, time_embed_dim=32,
+                 max_text_seq_length=20)
+
+
+def _timer(fn, warmup, reps, min_reps, max_total_ms):
+    if not SMOKE:
+        return cuda_median_ms(fn, warmup=warmup, reps=reps, min_reps=min_reps, max_total_ms=max_total_ms)
+    import statistics
+    import time
+
+    ts = []
+    for _ in range(2):
+        t0 = time.perf_counter()
+        fn()
+        ts.append(1e3 * (time.perf_counter() - t0))
+    return statistics.median(ts)
+
+
+def _latent_fhw(frames, height, width):
+    return (frames - 1) // VAE_T + 1, height // VAE_S, width // VAE_S
+
+
+def build(family: str, dtype=torch.bfloat16):
+    from diffusers import CogVideoXTransformer3DModel, WanTransformer3DModel
+
+    cls, cfg = (WanTransformer3DModel, WAN_1_3B) if family == "wan" else (CogVideoXTransformer3DModel, COG_5B)
+    if SMOKE:
+        cfg, dtype = (WAN_SMOKE if family == "wan" else COG_SMOKE), torch.float32
+    torch.manual_seed(0)
+    with torch.device(DEVICE):
+        model = cls(**cfg)
+    return model.to(dtype).eval().requires_grad_(False)
+
+
+def make_inputs(family: str, model, frames, height, width, dtype=torch.bfloat16):
+    dtype = next(model.parameters()).dtype
+    g = torch.Generator(device=DEVICE).manual_seed(0)
+    f, h, w = _latent_fhw(frames, height, width)
+    cfg = model.config
+    if family == "wan":
+        x = torch.randn(1, cfg.in_channels, f, h, w, device=DEVICE, dtype=dtype, generator=g)
+        enc = torch.randn(1, 512, cfg.text_dim, device=DEVICE, dtype=dtype, generator=g)
+        t = torch.tensor([700.0], device=DEVICE)
+        tokens = (f, h // cfg.patch_size[1], w // cfg.patch_size[2])
+        return dict(hidden_states=x, timestep=t, encoder_hidden_states=enc, return_dict=False), tokens, 0
+    from diffusers.models.embeddings import get_3d_rotary_pos_embed
+    from diffusers.pipelines.cogvideo.pipeline_cogvideox import get_resize_crop_region_for_grid
+
+    p = cfg.patch_size
+    x = torch.randn(1, f, cfg.in_channels, h, w, device=DEVICE, dtype=dtype, generator=g)
+    text = cfg.max_text_seq_length
+    enc = torch.randn(1, text, cfg.text_embed_dim, device=DEVICE, dtype=dtype, generator=g)
+    t = torch.tensor([700], device=DEVICE)
+    gh, gw = h // p, w // p
+    crops = get_resize_crop_region_for_grid((gh, gw), cfg.sample_width // p, cfg.sample_height // p)
+    rope = get_3d_rotary_pos_embed(embed_dim=cfg.attention_head_dim, crops_coords=crops, grid_size=(gh, gw),
+                                   temporal_size=f, device=torch.device(DEVICE))
+    return (dict(hidden_states=x, encoder_hidden_states=enc, timestep=t, image_rotary_emb=rope, return_dict=False),
+            (f, gh, gw), text)
+
+
+def forward_rows(family: str, frames, height, width, asa_cfg: ASAConfig, reps: int) -> list[dict]:
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+
+    model = build(family)
+    inp, grid, text = make_inputs(family, model, frames, height, width)
+    shape = f"{frames}x{height}x{width} -> tokens {grid[0]}x{grid[1]}x{grid[2]}" + (f" + {text} text" if text else "")
+    rows = []
+    name = "Wan2.1-1.3B" if family == "wan" else "CogVideoX-5B"
+
+    def fwd():
+        with torch.no_grad():
+            return model(**inp)[0]
+
+    def fwd_cudnn():
+        import contextlib
+
+        ctx = contextlib.nullcontext() if SMOKE else sdpa_kernel([SDPBackend.CUDNN_ATTENTION])
+        with torch.no_grad(), ctx:
+            return model(**inp)[0]
+
+    dense_out = fwd().float()
+    t_def = _timer(fwd, warmup=1, reps=reps, min_reps=3, max_total_ms=4000)
+    rows.append(dict(what=f"{name} forward, dense (diffusers default SDPA)", shape=shape, density=1.0, median_ms=t_def,
+                     peer=None, **{"pass": bool(torch.isfinite(dense_out).all())}))
+    cud_out = fwd_cudnn().float()
+    t_cud = _timer(fwd_cudnn, warmup=1, reps=reps, min_reps=3, max_total_ms=4000)
+    rel_cud = float((cud_out - dense_out).norm() / dense_out.norm())
+    rows.append(dict(what=f"{name} forward, dense (cuDNN SDPA)", shape=shape, density=1.0, median_ms=t_cud,
+                     peer="dense default", rel_l2_vs_default=rel_cud, **{"pass": rel_cud < 2e-2}))
+
+    asa = set_adaptive_sparse_attention(model, asa_cfg)
+    asa_out = fwd().float()  # also compiles / autotunes the kernels
+    asa.reset_stats()
+    t_asa = _timer(fwd, warmup=1, reps=reps, min_reps=3, max_total_ms=4000)
+    dens = asa.density_stats()
+    rel_asa = float((asa_out - dense_out).norm() / dense_out.norm())
+    best = min(t_def, t_cud)
+    rows.append(dict(what=f"{name} forward, ASA defaults", shape=shape, density=dens["mean"], median_ms=t_asa,
+                     peer=f"best dense {best:.1f} ms", speedup_vs_best_dense=best / t_asa,
+                     rel_l2_vs_dense_output=rel_asa, asa_config=dataclasses.asdict(asa_cfg),
+                     density_min_layer=min(v["mean"] for v in dens["layers"].values()),
+                     density_max_layer=max(v["mean"] for v in dens["layers"].values()),
+                     **{"pass": bool(torch.isfinite(asa_out).all())}))
+    unset_adaptive_sparse_attention(model)
+    return rows
+
+
+def error_rows(label: str, grid, text: int, heads: int, head_dim: int, pool: int) -> list[dict]:
+    from videoblade.kernels.reference import dense_attention_ref
+
+    q, k, v = local_qkv(grid, heads, head_dim, text_tokens=text, length_scale=ERR_LENGTH_SCALE, noise=ERR_NOISE,
+                        dtype=torch.float32 if SMOKE else torch.bfloat16, device=DEVICE)
+    ref = dense_attention_ref(q, k, v)
+    rows = []
+    for variant, reorder, comp in [("raster order", False, False), ("Gilbert reorder", True, False),
+                                   ("reorder + compensation", True, True)]:
+        asa = AdaptiveSparseAttention(ASAConfig(mode="topk", topk=0.15, reorder=reorder, compensation=comp, pool=pool))
+        with torch.no_grad():
+            out = asa(q, k, v, grid=grid, text_tokens=text)
+        err = float((out.float() - ref).norm() / ref.norm())
+        rows.append(dict(what=f"attn_error {label}: {variant}", shape=list(q.shape), density=asa.density_stats()["mean"],
+                         rel_l2_error=err, median_ms=None, peer="fp32 dense attention",
+                         **{"pass": bool(math.isfinite(err))}))
+    del q, k, v, ref
+    torch.cuda.empty_cache()
+    return rows
+
+
+ERR_LENGTH_SCALE = 3.0
+ERR_NOISE = 0.5
+
+
+def _free():
+    gc.collect()
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()
+
+
+def main():
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--only", choices=["wan", "cog"], default=None)
+    ap.add_argument("--skip-error", action="store_true")
+    ap.add_argument("--reps", type=int, default=10)
+    ap.add_argument("--out", default=os.environ.get("OUT") or None, help="results folder (default benchmarks/results)")
+    ap.add_argument("--smoke", action="store_true", help="toy sizes on the CPU: checks the script, measures nothing")
+    args = ap.parse_args()
+    global SMOKE, DEVICE
+    if args.smoke:
+        SMOKE, DEVICE = True, "cpu"
+    elif not torch.cuda.is_available():
+        sys.exit("benchmarks/transformer.py needs a CUDA GPU (or --smoke)")
+    sizes = dict(wan=(81, 480, 832), cog=(49, 480, 720), wan_grid=(21, 30, 52), cog_grid=(13, 30, 45), cog_text=226)
+    if SMOKE:
+        sizes = dict(wan=(9, 64, 96), cog=(9, 64, 96), wan_grid=(3, 8, 12), cog_grid=(3, 6, 8), cog_text=20)
+    torch.backends.cuda.matmul.allow_tf32 = True
+    rows: list[dict] = []
+    targets: dict = {}
+    if not args.skip_error:
+        wan_err = error_rows("Wan shape", sizes["wan_grid"], 0, 4, 128, 32)
+        cog_err = error_rows("CogVideoX shape", sizes["cog_grid"], sizes["cog_text"], 4, 64, 16)
+        rows += wan_err + cog_err
+        print_table(rows, ["what", "density", "rel_l2_error"])
+        for lab, er in (("wan", wan_err), ("cog", cog_err)):
+            e = [r["rel_l2_error"] for r in er]
+            targets[f"{lab}_attn_error_ratio_reorder_vs_raster"] = target(e[1] / e[0], 1.0, False)
+            targets[f"{lab}_attn_error_ratio_compensation_vs_reorder"] = target(e[2] / e[1], 1.0, False)
+    if args.only in (None, "wan"):
+        r = forward_rows("wan", *sizes["wan"], ASAConfig(), args.reps)
+        rows += r
+        _free()
+        targets["wan_forward_speedup_vs_best_dense"] = target(r[2]["speedup_vs_best_dense"], 3.0, True)
+        print_table(r, ["what", "density", "median_ms", "speedup_vs_best_dense"])
+    if args.only in (None, "cog"):
+        r = forward_rows("cog", *sizes["cog"], ASAConfig(pool=16), args.reps)
+        rows += r
+        targets["cog_forward_speedup_vs_best_dense"] = target(r[2]["speedup_vs_best_dense"], 1.5, True)
+        print_table(r, ["what", "density", "median_ms", "speedup_vs_best_dense"])
+    print()
+    print_table(rows, ["what", "density", "median_ms", "speedup_vs_best_dense", "rel_l2_error", "pass"])
+    print_targets(targets)
+    path = write_results("transformer_h200", rows, targets, out_dir=args.out)
+    print(f"wrote {path}")
+
+
+if __name__ == "__main__":
+    main()
