@@ -34,6 +34,7 @@ from videoblade.kernels import (  # noqa: E402
     num_blocks,
     pool_summaries,
 )
+from videoblade.kernels.block_sparse import tuned_configs  # noqa: E402
 
 SHAPES = {"wan": (1, 12, 32760, 128), "cog": (1, 48, 17776, 64)}
 POOL = {"wan": 32, "cog": 16}
@@ -227,7 +228,11 @@ def main():
     print_targets(targets)
     path = write_results("attention_h200", rows, targets, out_dir=args.out,
                          settings={"block": BLOCK, "dtype": "bfloat16", "reps": reps,
-                                   "autotune": os.environ.get("VIDEOBLADE_KERNEL_AUTOTUNE", "1")})
+                                   "autotune": os.environ.get("VIDEOBLADE_KERNEL_AUTOTUNE", "1")},
+                         tuned_configs=tuned_configs())
+    for kname, d in tuned_configs().items():
+        for key, cfg in d.items():
+            print(f"tuned {kname} {key}: {cfg}")
     print("wrote", path)
     if not math.isfinite(sum(r["median_ms"] for r in rows)):
         raise SystemExit("non-finite timing")

@@ -423,18 +423,25 @@ _FWD_CONFIGS = [
     _cfg(128, 128, 8, 3, BLOCK_S=64),
     _cfg(128, 64, 4, 3, BLOCK_S=64),
     _cfg(128, 128, 8, 2, BLOCK_S=64),
+    _cfg(128, 64, 8, 4, BLOCK_S=64),
+    _cfg(128, 64, 8, 2, BLOCK_S=64),
+    _cfg(128, 128, 4, 2, BLOCK_S=64),
     _cfg(64, 64, 4, 4, BLOCK_S=64),
 ]
 _DQ_CONFIGS = [
     _cfg(128, 64, 8, 3, BLOCK_S=64),
     _cfg(128, 32, 4, 3, BLOCK_S=32),
     _cfg(64, 64, 4, 3, BLOCK_S=64),
+    _cfg(128, 128, 8, 2, BLOCK_S=64),
+    _cfg(128, 64, 8, 2, BLOCK_S=64),
 ]
 _DKV_CONFIGS = [
     _cfg(64, 128, 8, 3),
     _cfg(32, 128, 4, 3),
     _cfg(64, 64, 4, 3),
     _cfg(64, 128, 4, 2),
+    _cfg(64, 128, 8, 2),
+    _cfg(32, 128, 8, 4),
 ]
 _DSUM_CONFIGS = [
     triton.Config({"BLOCK_M": 64, "BLOCK_S": 64}, num_warps=4, num_stages=3),
@@ -461,6 +468,15 @@ _fwd_tuned = _tuned(_fwd_kernel, _FWD_CONFIGS, _KEY, _prune)
 _dq_tuned = _tuned(_bwd_dq_kernel, _DQ_CONFIGS, _KEY, _prune)
 _dkv_tuned = _tuned(_bwd_dkv_kernel, _DKV_CONFIGS, ["HEAD_DIM", "BLOCK", "EVEN_L"], _prune)
 _dsum_tuned = _tuned(_bwd_dsummary_kernel, _DSUM_CONFIGS, ["HEAD_DIM", "BLOCK"], _prune_s)
+
+
+def tuned_configs() -> dict:
+    """The tile configs the autotuner picked so far, per kernel and key (for benchmark reports)."""
+    out = {}
+    for name, t in (("fwd", _fwd_tuned[True]), ("dq", _dq_tuned[True]), ("dkv", _dkv_tuned[True]),
+                    ("dsummary", _dsum_tuned[True])):
+        out[name] = {str(k): str(c) for k, c in getattr(t, "cache", {}).items()}
+    return out
 
 
 def _interp_meta(block_size: int) -> dict:

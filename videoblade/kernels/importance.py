@@ -101,6 +101,24 @@ def _estimate_kernel(
                  mask=(offs_qb[:, None] < NQ) & (offs_kb[None, :] < NK))
 
 
+_EST_CONFIGS = [
+    triton.Config({"BLOCK_Q": bq, "BLOCK_K": bk}, num_warps=w, num_stages=st)
+    for bq, bk, w, st in [(64, 64, 4, 2), (128, 64, 8, 3), (128, 128, 8, 2), (64, 128, 4, 3), (128, 64, 4, 3)]
+]
+
+
+def _est_prune(configs, named_args, **kwargs):
+    S = {**named_args, **kwargs}["S"]
+    return [c for c in configs if c.kwargs["BLOCK_Q"] >= S and c.kwargs["BLOCK_K"] >= S] or [
+        triton.Config({"BLOCK_Q": S, "BLOCK_K": S}, num_warps=4, num_stages=2)
+    ]
+
+
+_estimate_tuned = triton.autotune(_EST_CONFIGS, key=["S", "HEAD_DIM"], prune_configs_by={"early_config_prune": _est_prune})(
+    _estimate_kernel
+)
+
+
 def _pow2(n: int) -> bool:
     return n > 0 and n & (n - 1) == 0
 
@@ -132,14 +150,15 @@ def estimate_block_importance(
     if q.device.type == "cpu" and os.environ.get("TRITON_INTERPRET", "0") != "1":
         return _estimate_sample_torch(qs, ks, kbias, nb, S, scale)
     P = torch.empty((B, H, nb, nb), dtype=torch.float32, device=q.device)
-    interp = os.environ.get("TRITON_INTERPRET", "0") == "1"
-    block_q = max(16, S) if interp else max(64, S)
-    block_k = max(16, S) if interp else max(64, S)
-    _estimate_kernel[(triton.cdiv(nb * S, block_q), B * H)](
-        qs, ks, kbias, P, scale * 1.4426950408889634, nb, nb,
-        S=S, HEAD_DIM=D, BLOCK_Q=block_q, BLOCK_K=block_k,
-        num_warps=4, num_stages=2,
-    )
+    if os.environ.get("TRITON_INTERPRET", "0") == "1":
+        t = max(16, S)
+        _estimate_kernel[(triton.cdiv(nb * S, t), B * H)](
+            qs, ks, kbias, P, scale * 1.4426950408889634, nb, nb, S=S, HEAD_DIM=D, BLOCK_Q=t, BLOCK_K=t
+        )
+    else:
+        _estimate_tuned[lambda M: (triton.cdiv(nb * S, M["BLOCK_Q"]), B * H)](
+            qs, ks, kbias, P, scale * 1.4426950408889634, nb, nb, S=S, HEAD_DIM=D
+        )
     return P
 
 
