@@ -181,8 +181,8 @@ def register_adapter(cls: type[ModelAdapter]) -> type[ModelAdapter]:
 
 
 def _ensure_registered() -> None:
-    if not _ADAPTERS:  # importing the family modules registers them
-        from videoblade.models import cogvideox, wan  # noqa: F401
+    if "toy" not in _ADAPTERS:  # importing the family modules registers them
+        from videoblade.models import cogvideox, toy, wan  # noqa: F401
 
 
 def family_of_folder(folder: str | Path) -> str:
@@ -197,6 +197,9 @@ def family_of_folder(folder: str | Path) -> str:
             f"{folder} has no transformer/config.json: model.path must be a diffusers-layout folder "
             "(transformer/, vae/, text_encoder/, tokenizer/, scheduler/)"
         )
+    hint = folder / HINT_FILE  # a family sharing another's transformer class (toy: Wan's) names itself here
+    if hint.is_file() and _read_json(hint).get("family") in _ADAPTERS:
+        return _read_json(hint)["family"]
     cls_name = _read_json(cfg_path).get("_class_name")
     if cls_name not in _CLASS_TO_FAMILY:
         known = ", ".join(f"{k} ({v})" for k, v in sorted(_CLASS_TO_FAMILY.items()))
@@ -297,7 +300,8 @@ class ModelAdapter:
         """Fill unset sizes from the folder's hint file (tiny models) or the family default."""
         info = self._as_info(folder_or_info)
         dh, dw, df = info.hints.get("default_size", self.default_size)
-        return (int(height or dh), int(width or dw), int(frames or df))
+        return (int(dh if height is None else height), int(dw if width is None else width),
+                int(df if frames is None else frames))
 
     def geometry(self, folder_or_info, height: int | None = None, width: int | None = None,
                  frames: int | None = None) -> VideoGeometry:
@@ -327,6 +331,7 @@ class ModelAdapter:
             raise ModelRequestError(
                 f"frames={frames} gives {F} latent frames, not divisible by the temporal patch {pt}: use {near}"
             )
+        self._check_latent_frames(info, frames, F)
         H, W = height // sc, width // sc
         C = self.latent_channels(info)
         return VideoGeometry(
@@ -337,6 +342,9 @@ class ModelAdapter:
             height=height, width=width, frames=frames,
             spatial_compression=sc, temporal_compression=tc,
         )
+
+    def _check_latent_frames(self, info: ModelInfo, frames: int, latent_frames: int) -> None:
+        """Family-specific rule on the latent frame count (raise ModelRequestError); none by default."""
 
     def schedule(self, folder: str | Path, shift: float | None = None) -> Schedule:
         self.check_components(folder, ("scheduler",))
