@@ -130,6 +130,12 @@ class TrainConfig:
     num_validation_videos: int = 2
     vae_slicing: bool = True
     vae_tiling: bool = False
+    # --- trainer (videoblade/distill/trainer.py) ---
+    share_base: bool = True  # student/fake/teacher share one frozen base (named peft adapters); off under DeepSpeed
+    deepspeed_config: str | None = None  # DeepSpeed JSON (e.g. ds_config.json); also taken from `accelerate launch`
+    stop_at_step: int | None = None  # save a checkpoint and exit at this step (LR schedule still spans max_train_steps)
+    tracker_project: str = "videoblade"  # accelerate tracker project name
+    export_comfy: bool = True  # also write the student LoRA in the original-Wan / ComfyUI layout (Wan only)
 
 
 @dataclass
@@ -205,6 +211,8 @@ def _validate(cfg: RunConfig) -> None:
     _check(tr.checkpoints_total_limit >= 1, "train.checkpoints_total_limit", "must be >= 1")
     _check(tr.mixed_precision in ("no", "fp16", "bf16"), "train.mixed_precision", "must be no, fp16 or bf16")
     _check(tr.report_to in ("wandb", "tensorboard", "none"), "train.report_to", "must be wandb, tensorboard or none")
+    _check(tr.stop_at_step is None or 1 <= tr.stop_at_step <= tr.max_train_steps, "train.stop_at_step",
+           f"must be in [1, max_train_steps={tr.max_train_steps}] or null")
 
     _check(s.steps >= 1, "sample.steps", "must be >= 1")
     _check(s.guidance >= 1.0, "sample.guidance", "must be >= 1 (1 means no CFG pass)")

@@ -1,0 +1,886 @@
+"""Data-free TDM distillation trainer on accelerate (single process, DDP, DeepSpeed ZeRO-3).
+
+    from videoblade.config import load_config
+    from videoblade.distill.trainer import train
+    summary = train(load_config("wanx/configs/tdm_asa.yaml", ["model.path=...", "train.prompt_store=..."]))
+
+or `python -m videoblade.train --config X.yaml key=value ...` (under `accelerate launch` for several
+GPUs). The step itself is SPEC section 2, built from `videoblade.distill.tdm`'s pure functions.
+
+Roles. student = base + LoRA "student" + ASA; fake score = base + LoRA "fake" (ASA if
+`asa.apply_to_fake`); teacher = the base with adapters disabled and ASA switched off, i.e. dense.
+* `train.share_base=true` (single process and DDP): ONE frozen base transformer holds both named
+  adapters; a role switch sets the active adapter / disables adapters and flips the ASA enable flag
+  (`RoleSwitch`). Memory: one base + two LoRAs. Under DDP the shared module is wrapped once with
+  `find_unused_parameters=True` (each backward touches one adapter; the other's grads stay None).
+* DeepSpeed (ZeRO-3, optional CPU offload, from `ds_config.json`): each engine owns and partitions
+  its module, so the two trained roles are two modules (student base + "student", fake base +
+  "fake"), prepared with two `DeepSpeedPlugin`s (`accelerator.state.select_deepspeed_plugin`) and
+  each stepped by its own engine; the teacher is the student module with its adapter disabled.
+  Memory: two (partitioned) bases. `share_base` is ignored there, and the log says so.
+A role switch must be undone before a backward: gradient checkpointing recomputes a block with the
+module's *current* adapter and ASA state, so the step always re-selects the role whose graph it
+back-propagates (see `_fake_step` / `_generator_step`).
+
+Skipped fake steps: a fake-score loss that is non-finite or above `tdm.max_fake_loss` (on any rank:
+the decision is all-reduced) gets no backward and is counted (`skipped_fake_steps`). Under DeepSpeed a
+skipped micro-step at an accumulation boundary defers that engine's update to the next boundary.
+
+Checkpoints (`<output_dir>/checkpoints/checkpoint-<step>`): written into a temporary folder and
+renamed, so a kill during a save leaves the previous checkpoint usable; the last
+`checkpoints_total_limit` are kept. They hold both LoRAs, both optimizers and LR schedulers
+(safetensors + JSON; DeepSpeed engines use DeepSpeed's own checkpoint format), every rank's RNG
+states, the step, the prompt position and the skip counter, so a resumed run continues bit for bit.
+
+Run folder: config.yaml (resolved), metrics.jsonl, logs/ (trackers), checkpoints/, samples/*.mp4,
+pytorch_lora_weights.safetensors (student, diffusers layout), lora_comfy.safetensors (Wan),
+fake/pytorch_lora_weights.safetensors, summary.json.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import copy
+import json
+import math
+import os
+import re
+import shutil
+import socket
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from videoblade.config import RunConfig, dump_config, to_dict
+from videoblade.distill import tdm
+from videoblade.sampling import guided, randn
+from videoblade.schedules import Schedule
+
+__all__ = ["TrainRequestError", "TrainRequest", "validate_request", "RoleSwitch", "TDMTrainer", "train",
+           "latest_checkpoint"]
+
+CKPT_RE = re.compile(r"^checkpoint-(\d+)$")
+
+
+class TrainRequestError(ValueError):
+    """The training request cannot run; the message says what to change."""
+
+
+# ============================================================================ request validation
+@dataclass
+class TrainRequest:
+    folder: Path
+    family: str
+    adapter: Any
+    info: Any
+    geometry: Any
+    schedule: Schedule
+    store: Any
+    output_dir: Path
+    use_deepspeed: bool
+    ds_config: dict | None
+    target_modules: list[str]
+    validation_prompts: list[str] | None = None
+    notes: list[str] = field(default_factory=list)
+
+
+def _want_deepspeed(cfg: RunConfig) -> tuple[bool, str | None]:
+    path = cfg.train.deepspeed_config or os.environ.get("ACCELERATE_DEEPSPEED_CONFIG_FILE")
+    launched = os.environ.get("ACCELERATE_USE_DEEPSPEED", "false").lower() == "true"
+    if path in (None, "", "none"):
+        if launched:
+            raise TrainRequestError(
+                "accelerate was launched with DeepSpeed but no DeepSpeed JSON was given: set "
+                "deepspeed_config_file in the accelerate config or train.deepspeed_config=ds_config.json")
+        return False, None
+    return True, path
+
+
+def _fill_ds_config(path: str, cfg: RunConfig) -> dict:
+    p = Path(path)
+    if not p.is_file():
+        raise TrainRequestError(f"DeepSpeed config {p} not found (train.deepspeed_config)")
+    try:
+        d = json.loads(p.read_text())
+    except json.JSONDecodeError as e:
+        raise TrainRequestError(f"DeepSpeed config {p} is not valid JSON: {e}") from None
+    tr = cfg.train
+    for key, val in (("train_micro_batch_size_per_gpu", tr.train_batch_size),
+                     ("gradient_accumulation_steps", tr.gradient_accumulation_steps),
+                     ("gradient_clipping", cfg.optim.max_grad_norm)):
+        if d.get(key, "auto") == "auto":
+            d[key] = val
+    if d.get("optimizer") or d.get("scheduler"):
+        raise TrainRequestError(
+            f"{p}: remove the 'optimizer'/'scheduler' sections: the trainer builds its two AdamW optimizers "
+            "(optim.*) and cosine-with-restarts schedulers itself and hands them to DeepSpeed")
+    zs = d.get("zero_optimization", {}).get("stage", 0)
+    if zs == 3:
+        for k in ("reduce_bucket_size", "stage3_prefetch_bucket_size", "stage3_param_persistence_threshold"):
+            if d["zero_optimization"].get(k) == "auto":
+                raise TrainRequestError(f"{p}: zero_optimization.{k} must be a number (diffusers models have no "
+                                        "config.hidden_size for accelerate to derive it from)")
+    return d
+
+
+def validate_request(cfg: RunConfig) -> TrainRequest:
+    """Check everything (model folder, sizes, prompt store, output dir, DeepSpeed JSON) before any weights load."""
+    from videoblade.data import PromptStore, PromptStoreError, read_prompt_file
+    from videoblade.models import ModelRequestError, get_adapter
+
+    m, tr = cfg.model, cfg.train
+    if not m.path:
+        raise TrainRequestError("model.path must be set to a local diffusers model folder")
+    if not tr.prompt_store:
+        raise TrainRequestError("train.prompt_store must be set (build one with utils/process_prompts.py)")
+    folder = Path(m.path)
+    try:
+        adapter = get_adapter(folder)
+        if m.family not in ("auto",) and m.family.replace("tiny-", "") != adapter.family:
+            raise TrainRequestError(f"model.family={m.family} but {folder} holds a {adapter.family} model: "
+                                    f"set model.family={adapter.family} or auto")
+        info = adapter.inspect(folder)
+        comps = ["transformer", "scheduler"]
+        if tr.validation_steps and tr.num_validation_videos > 0:
+            comps.append("vae")
+            if tr.validation_prompts:
+                comps += ["text_encoder", "tokenizer"]
+        adapter.check_components(folder, comps)
+        geometry = adapter.geometry(info, m.height, m.width, m.frames)
+        schedule = adapter.schedule(folder)
+    except ModelRequestError as e:
+        raise TrainRequestError(str(e)) from None
+    try:
+        store = PromptStore(tr.prompt_store)
+        tcfg = info.transformer_config
+        hidden = tcfg.get("text_dim", tcfg.get("text_embed_dim"))
+        store.check(adapter.family, m.text_max_length, hidden)
+    except PromptStoreError as e:
+        raise TrainRequestError(str(e)) from None
+    if adapter.family == "cogvideox" and store.text_max_length != geometry.text_tokens:
+        raise TrainRequestError(
+            f"prompt store has {store.text_max_length} text tokens but the CogVideoX transformer concatenates "
+            f"{geometry.text_tokens} (max_text_seq_length): re-encode with --max_length {geometry.text_tokens}")
+    val_prompts = None
+    if tr.validation_prompts:
+        try:
+            val_prompts = read_prompt_file(tr.validation_prompts)
+        except PromptStoreError as e:
+            raise TrainRequestError(f"train.validation_prompts: {e}") from None
+    out = Path(tr.output_dir)
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+        probe = out / f".write-probe-{os.getpid()}"
+        probe.write_text("ok")
+        probe.unlink()
+    except OSError as e:
+        raise TrainRequestError(f"train.output_dir {out} is not writable: {e}") from None
+    use_ds, ds_path = _want_deepspeed(cfg)
+    ds_config = _fill_ds_config(ds_path, cfg) if use_ds else None
+    targets = list(cfg.lora.target_modules or adapter.lora_target_modules)
+    if cfg.asa.enabled:
+        bs = cfg.asa.block_size
+        if geometry.seq_len < 2 * bs:
+            # not an error: tiny test sizes; a real run has thousands of blocks
+            pass
+    if tr.stop_at_step is not None and tr.stop_at_step > tr.max_train_steps:
+        raise TrainRequestError("train.stop_at_step must be <= train.max_train_steps")
+    return TrainRequest(folder=folder, family=adapter.family, adapter=adapter, info=info, geometry=geometry,
+                        schedule=schedule, store=store, output_dir=out, use_deepspeed=use_ds, ds_config=ds_config,
+                        target_modules=targets, validation_prompts=val_prompts)
+
+
+# ============================================================================ roles
+class RoleSwitch:
+    """Selects student / fake / teacher on one shared module or on two modules.
+
+    `modules["student"]` and `modules["fake"]` are the *unwrapped* diffusers transformers (the same
+    object when the base is shared). The teacher is the student module with adapters disabled.
+    `asa[name]` is the AdaptiveSparseAttention installed on a module (or None); its `cfg.enabled`
+    flag is flipped per role (the install object stays), so the teacher always runs dense.
+    """
+
+    def __init__(self, modules: dict[str, torch.nn.Module], asa: dict[int, Any], fake_uses_asa: bool):
+        from peft.tuners.tuners_utils import BaseTunerLayer
+
+        self.modules = modules
+        self.asa = asa  # id(module) -> AdaptiveSparseAttention | None
+        self.fake_uses_asa = fake_uses_asa
+        self.layers = {id(m): [x for x in m.modules() if isinstance(x, BaseTunerLayer)] for m in modules.values()}
+        self.trainable = {id(m): [p for n, p in m.named_parameters() if ".lora_" in n] for m in modules.values()}
+        self._state: dict[int, tuple] = {}
+
+    def _apply(self, module, adapter: str | None, asa_on: bool) -> None:
+        key = id(module)
+        want = (adapter, asa_on)
+        if self._state.get(key) != want:
+            for layer in self.layers[key]:
+                if adapter is None:
+                    layer.enable_adapters(False)
+                else:
+                    layer.enable_adapters(True)
+                    layer.set_adapter(adapter)
+            for p in self.trainable[key]:  # peft toggles requires_grad; keep every LoRA param trainable
+                p.requires_grad_(True)
+            self._state[key] = want
+        asa = self.asa.get(key)
+        if asa is not None:
+            asa.cfg.enabled = asa_on
+            asa.record_stats = asa_on
+
+    def select(self, role: str) -> torch.nn.Module:
+        if role == "student":
+            m = self.modules["student"]
+            self._apply(m, "student", True)
+        elif role == "fake":
+            m = self.modules["fake"]
+            self._apply(m, "fake", self.fake_uses_asa)
+        elif role == "teacher":
+            m = self.modules["student"]
+            self._apply(m, None, False)
+        else:
+            raise ValueError(f"unknown role {role!r}")
+        return m
+
+
+# ============================================================================ state files
+def _save_tensors(path: Path, tensors: dict[str, torch.Tensor], meta: dict | None = None) -> None:
+    from safetensors.torch import save_file
+
+    tensors = {k: v.detach().cpu().contiguous() for k, v in tensors.items()} or {"_empty": torch.zeros(0)}
+    save_file(tensors, str(path), metadata={"json": json.dumps(meta)} if meta is not None else None)
+
+
+def _load_tensors(path: Path) -> tuple[dict[str, torch.Tensor], Any]:
+    from safetensors import safe_open
+
+    with safe_open(str(path), framework="pt") as f:
+        meta = (f.metadata() or {}).get("json")
+        t = {k: f.get_tensor(k) for k in f.keys() if k != "_empty"}
+    return t, (json.loads(meta) if meta else None)
+
+
+def _optimizer_to_file(opt, path: Path) -> None:
+    sd = opt.state_dict()
+    tensors, rest = {}, {}
+    for idx, st in sd["state"].items():
+        for k, v in st.items():
+            if torch.is_tensor(v):
+                tensors[f"{idx}.{k}"] = v
+            else:
+                rest.setdefault(str(idx), {})[k] = v
+    _save_tensors(path, tensors, {"param_groups": sd["param_groups"], "state": rest})
+
+
+def _optimizer_from_file(opt, path: Path) -> None:
+    tensors, meta = _load_tensors(path)
+    state: dict[int, dict] = {}
+    for key, v in tensors.items():
+        idx, name = key.split(".", 1)
+        state.setdefault(int(idx), {})[name] = v
+    for idx, st in meta["state"].items():
+        state.setdefault(int(idx), {}).update(st)
+    opt.load_state_dict({"state": state, "param_groups": meta["param_groups"]})
+
+
+def _jsonable(x):
+    if isinstance(x, dict):
+        return {k: _jsonable(v) for k, v in x.items()}
+    if isinstance(x, (list, tuple)):
+        return [_jsonable(v) for v in x]
+    if torch.is_tensor(x):
+        return x.item() if x.numel() == 1 else x.tolist()
+    if isinstance(x, (int, float, str, bool)) or x is None:
+        return x
+    return None  # lambdas and other callables: schedulers rebuild them
+
+
+def latest_checkpoint(output_dir: str | Path) -> Path | None:
+    """The newest complete checkpoint folder (temporary folders of an interrupted save are ignored)."""
+    root = Path(output_dir) / "checkpoints"
+    if not root.is_dir():
+        return None
+    best = None
+    for d in root.iterdir():
+        m = CKPT_RE.match(d.name)
+        if m and (d / "state.json").is_file() and (best is None or int(m.group(1)) > best[0]):
+            best = (int(m.group(1)), d)
+    return best[1] if best else None
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _peak_memory_gb(device: torch.device) -> float:
+    if device.type == "cuda":
+        return torch.cuda.max_memory_allocated(device) / 2**30
+    import resource
+
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20  # KiB on Linux
+
+
+# ============================================================================ trainer
+class TDMTrainer:
+    def __init__(self, cfg: RunConfig, request: TrainRequest | None = None):
+        self.cfg = cfg
+        self.req = request or validate_request(cfg)
+        self.out = self.req.output_dir
+        self._setup_accelerator()
+        self._build_models()
+        self._build_optim()
+        from videoblade.data import DistributedPromptSampler
+
+        acc = self.accelerator
+        self.sampler = DistributedPromptSampler(len(self.req.store), cfg.train.train_batch_size,
+                                                acc.num_processes, acc.process_index, seed=cfg.train.seed)
+        gdev = self.device if self.device.type == "cuda" else torch.device("cpu")
+        self.generator = torch.Generator(device=gdev).manual_seed(cfg.train.seed * 1000 + acc.process_index)
+        self.negative = self.req.store.negative().to(self.device)
+        self.global_step = 0
+        self.skipped_fake = 0
+        self.fake_steps = 0
+
+    # ------------------------------------------------------------------ setup
+    def _setup_accelerator(self) -> None:
+        from accelerate import Accelerator
+        from accelerate.utils import DistributedDataParallelKwargs, ProjectConfiguration, set_seed
+
+        cfg, req = self.cfg, self.req
+        tr = cfg.train
+        log_with = None if tr.report_to == "none" else tr.report_to
+        if log_with == "wandb":
+            try:
+                import wandb  # noqa: F401
+
+                os.environ.setdefault("WANDB_MODE", "offline")
+                os.environ.setdefault("WANDB_DIR", str(self.out))
+            except ImportError:
+                log_with = "tensorboard"
+                req.notes.append("wandb is not installed: logging to tensorboard instead")
+        if log_with == "tensorboard":
+            try:
+                import tensorboard  # noqa: F401
+            except ImportError:
+                log_with = None
+                req.notes.append("tensorboard is not installed: metrics go to metrics.jsonl only")
+        kwargs: dict[str, Any] = {}
+        cuda = torch.cuda.is_available()
+        self.shared = bool(tr.share_base) and not req.use_deepspeed
+        if req.use_deepspeed:
+            from accelerate.utils import DeepSpeedPlugin
+
+            if "RANK" not in os.environ:  # plain `python -m videoblade.train`: a world of one
+                os.environ.update(RANK="0", LOCAL_RANK="0", WORLD_SIZE="1", MASTER_ADDR="127.0.0.1",
+                                  MASTER_PORT=str(_free_port()))
+            if not cuda:
+                # DeepSpeed's CPU backend JIT-compiles a shared-memory allreduce (~100 s) that only
+                # inference uses; gloo does the training collectives.
+                import deepspeed.comm.torch as ds_torch
+
+                ds_torch.build_shm_op = lambda: None
+            kwargs["deepspeed_plugins"] = {"student": DeepSpeedPlugin(hf_ds_config=copy.deepcopy(req.ds_config)),
+                                           "fake": DeepSpeedPlugin(hf_ds_config=copy.deepcopy(req.ds_config))}
+            if tr.share_base:
+                req.notes.append("DeepSpeed: each engine partitions its own module, so student and fake get "
+                                 "separate bases (train.share_base ignored)")
+        else:
+            kwargs["cpu"] = not cuda
+            kwargs["kwargs_handlers"] = [DistributedDataParallelKwargs(find_unused_parameters=self.shared)]
+        self.accelerator = Accelerator(
+            mixed_precision=tr.mixed_precision, gradient_accumulation_steps=tr.gradient_accumulation_steps,
+            log_with=log_with, project_config=ProjectConfiguration(project_dir=str(self.out),
+                                                                   logging_dir=str(self.out / "logs")),
+            **kwargs)
+        self.device = self.accelerator.device
+        self.log_with = log_with
+        set_seed(tr.seed)  # LoRA init (peft uses the global RNG) is the same on every rank
+
+    def _build_models(self) -> None:
+        from peft import LoraConfig
+
+        from videoblade.models import parse_dtype
+
+        cfg, req = self.cfg, self.req
+        dtype = parse_dtype(cfg.model.dtype)
+        load_device = "cpu" if req.use_deepspeed else self.device
+        base = req.adapter.load(req.folder, dtype=dtype, device=load_device, components=("transformer",)).transformer
+        missing = [t for t in req.target_modules if not any(n.endswith(t) for n, _ in base.named_modules())]
+        if missing:
+            raise TrainRequestError(f"lora.target_modules {missing} match no module of the transformer")
+
+        def lora(adapter_name: str) -> LoraConfig:
+            return LoraConfig(r=cfg.lora.rank, lora_alpha=cfg.lora.lora_alpha, target_modules=list(req.target_modules),
+                              lora_dropout=cfg.lora.lora_dropout, init_lora_weights=True)
+
+        def prepare_module(module, adapters: list[str]):
+            module.requires_grad_(False)
+            for name in adapters:
+                module.add_adapter(lora(name), adapter_name=name)
+            for n, p in module.named_parameters():
+                if ".lora_" in n:
+                    p.requires_grad_(True)
+                    if not req.use_deepspeed:
+                        p.data = p.data.float()  # fp32 trainable weights; DeepSpeed keeps its own masters
+            if cfg.train.gradient_checkpointing:
+                module.enable_gradient_checkpointing()
+            module.train()
+            return module
+
+        if self.shared:
+            prepare_module(base, ["student", "fake"])
+            student = fake = base
+        else:
+            fake = copy.deepcopy(base)
+            student = prepare_module(base, ["student"])
+            fake = prepare_module(fake, ["fake"])
+        self.asa_cfg = None
+        asa_map: dict[int, Any] = {}
+        if cfg.asa.enabled:
+            from videoblade.attention import set_adaptive_sparse_attention
+
+            self.asa_cfg = copy.deepcopy(cfg.asa)
+            asa_map[id(student)] = set_adaptive_sparse_attention(student, copy.deepcopy(cfg.asa))
+            if fake is not student and cfg.asa.apply_to_fake:
+                asa_map[id(fake)] = set_adaptive_sparse_attention(fake, copy.deepcopy(cfg.asa))
+        self._asa_map = asa_map
+        self._raw = {"student": student, "fake": fake}
+
+    def _param_groups(self, module, adapter: str) -> list[torch.nn.Parameter]:
+        return [p for n, p in module.named_parameters() if ".lora_" in n and f".{adapter}." in n]
+
+    def _build_optim(self) -> None:
+        from diffusers.optimization import get_scheduler
+
+        cfg, req, acc = self.cfg, self.req, self.accelerator
+        o = cfg.optim
+
+        def make(params, lr):
+            opt = torch.optim.AdamW(params, lr=lr, betas=(o.adam_beta1, o.adam_beta2), eps=o.adam_epsilon,
+                                    weight_decay=o.adam_weight_decay)
+            sch = get_scheduler(o.lr_scheduler, opt, num_warmup_steps=o.lr_warmup_steps,
+                                num_training_steps=cfg.train.max_train_steps, num_cycles=o.lr_num_cycles)
+            return opt, sch
+
+        ps = self._param_groups(self._raw["student"], "student")
+        pf = self._param_groups(self._raw["fake"], "fake")
+        opt_s, sch_s = make(ps, o.learning_rate)
+        opt_f, sch_f = make(pf, o.learning_rate_fake)
+        self.params = {"student": ps, "fake": pf}
+        if req.use_deepspeed:
+            from accelerate.utils import DeepSpeedEngineWrapper
+
+            acc.state.select_deepspeed_plugin("student")
+            eng_s, opt_s, sch_s = acc.prepare(self._raw["student"], opt_s, sch_s)
+            acc.state.select_deepspeed_plugin("fake")
+            eng_f, opt_f, sch_f = acc.prepare(self._raw["fake"], opt_f, sch_f)
+            acc.state.select_deepspeed_plugin("student")
+            self.grad_model = {"student": eng_s, "fake": eng_f}
+            self.nograd_model = dict(self.grad_model)
+            self.engines = {"student": DeepSpeedEngineWrapper(eng_s), "fake": DeepSpeedEngineWrapper(eng_f)}
+            # the engines converted their modules (bf16): the roles act on those
+            self._raw = {"student": eng_s.module, "fake": eng_f.module}
+            self.params = {"student": self._param_groups(eng_s.module, "student"),
+                           "fake": self._param_groups(eng_f.module, "fake")}
+            self._asa_map = {id(eng_s.module): self._asa_map.get(id(eng_s.module)),
+                             id(eng_f.module): self._asa_map.get(id(eng_f.module))}
+        else:
+            if self.shared:
+                model, opt_s, opt_f = acc.prepare(self._raw["student"], opt_s, opt_f)
+                self.grad_model = {"student": model, "fake": model}
+            else:
+                ms, mf, opt_s, opt_f = acc.prepare(self._raw["student"], self._raw["fake"], opt_s, opt_f)
+                self.grad_model = {"student": ms, "fake": mf}
+            self.nograd_model = dict(self._raw)  # no DDP machinery for no-grad calls
+            self.engines = None
+        self.optimizers = {"student": opt_s, "fake": opt_f}
+        self.schedulers = {"student": sch_s, "fake": sch_f}
+        self.roles = RoleSwitch(self._raw, {k: v for k, v in self._asa_map.items() if v is not None},
+                                fake_uses_asa=bool(self.cfg.asa.enabled and self.cfg.asa.apply_to_fake))
+        self.prepared = list(dict.fromkeys(self.grad_model.values()))
+
+    # ------------------------------------------------------------------ model calls
+    def _predict(self, role: str, x: torch.Tensor, t: torch.Tensor, emb: torch.Tensor, grad: bool) -> torch.Tensor:
+        self.roles.select(role)
+        model = (self.grad_model if grad else self.nograd_model)["fake" if role == "fake" else "student"]
+        ctx = contextlib.nullcontext() if grad else torch.no_grad()
+        with ctx:
+            return self.req.adapter.predict(model, x, t, emb, self.req.geometry, schedule=self.req.schedule)
+
+    def _fn(self, role: str, emb: torch.Tensor):
+        return lambda x, t: self._predict(role, x, t, emb, grad=False)
+
+    def _backward(self, role: str, loss: torch.Tensor) -> None:
+        if self.engines is not None:
+            self.engines[role].backward(loss, sync_gradients=self.accelerator.sync_gradients)
+        else:
+            self.accelerator.backward(loss)
+
+    def _any_rank(self, flag: bool) -> bool:
+        t = torch.tensor([1.0 if flag else 0.0], device=self.device)
+        if self.accelerator.num_processes > 1:
+            t = self.accelerator.reduce(t, reduction="sum")
+        return bool(t.item() > 0)
+
+    def _optimizer_step(self, role: str) -> float | None:
+        """Clip + step + zero_grad (non-DeepSpeed; DeepSpeed stepped inside backward). Returns the grad norm."""
+        acc = self.accelerator
+        if self.engines is not None:
+            if acc.sync_gradients:
+                n = self.grad_model[role].get_global_grad_norm()
+                return None if n is None else float(n)
+            return None
+        norm = None
+        if acc.sync_gradients:
+            norm = acc.clip_grad_norm_(self.params[role], self.cfg.optim.max_grad_norm)
+            norm = None if norm is None else float(norm)
+        self.optimizers[role].step()
+        if acc.sync_gradients:
+            self.schedulers[role].step()
+        self.optimizers[role].zero_grad(set_to_none=True)
+        return norm
+
+    # ------------------------------------------------------------------ one TDM micro-step
+    def _micro_step(self, emb: torch.Tensor) -> dict[str, float]:
+        cfg, req = self.cfg, self.req
+        sched, t_cfg, gen = req.schedule, cfg.tdm, self.generator
+        B = emb.shape[0]
+        T = sched.num_train_timesteps
+        neg = self.negative.expand(B, *self.negative.shape[1:]).to(emb.dtype)
+        s_fake = tdm.sample_stages(B, t_cfg.k_step, T, t_cfg.t_max, gen, self.device)
+        s_gen = tdm.sample_stages(B, t_cfg.k_step, T, t_cfg.t_max, gen, self.device)
+        depth = int(torch.maximum(s_fake.index, s_gen.index).max())
+        noise = randn((B, *req.geometry.latent_shape), gen, self.device)
+        roll = tdm.student_rollout(self._fn("student", emb), sched, noise, t_cfg.k_step, t_cfg.eta, gen, depth=depth)
+        logs: dict[str, float] = {}
+
+        # ---- fake-score step (SPEC 2.2)
+        x_g = tdm.gather_stage(roll.states, s_fake.index)
+        out_s = tdm.gather_stage(roll.outputs, s_fake.index)
+        x0_s, eps_s = sched.to_x0_eps(out_s, x_g, s_fake.t_g)
+        x_t = tdm.landed_noisy(sched, x0_s, eps_s, s_fake, t_cfg.eta, gen)
+        teacher_out = None
+        if t_cfg.lambda_reg > 0:
+            teacher_out = self._predict("teacher", x_t, s_fake.t, emb, grad=False)
+        fake_out = self._predict("fake", x_t, s_fake.t, emb, grad=True)
+        loss_f, parts = tdm.fake_score_loss(sched, fake_out, x_t, s_fake.t, x0_s, teacher_out, t_cfg.lambda_reg)
+        lf = loss_f.detach()
+        bad = self._any_rank(not bool(torch.isfinite(lf)) or float(lf) > t_cfg.max_fake_loss)
+        self.fake_steps += 1
+        if bad:
+            self.skipped_fake += 1
+            del fake_out, loss_f
+        else:
+            self.roles.select("fake")  # the recompute of checkpointed blocks sees the fake role
+            self._backward("fake", loss_f)
+        gn = self._optimizer_step("fake")
+        logs.update(loss_fake=float(lf), loss_fake_dsm=float(parts["dsm"]), loss_fake_reg=float(parts["reg"]))
+        if gn is not None:
+            logs["grad_norm_fake"] = gn
+
+        # ---- generator step (SPEC 2.3)
+        x_g = tdm.gather_stage(roll.states, s_gen.index)
+        out = self._predict("student", x_g, s_gen.t_g, emb, grad=True)
+        x0_s, eps_s = sched.to_x0_eps(out, x_g, s_gen.t_g)
+        x_t = tdm.landed_noisy(sched, x0_s, eps_s, s_gen, t_cfg.eta, gen)  # from the detached landing point
+        with torch.no_grad():
+            real = guided(self._fn("teacher", emb), self._fn("teacher", neg), t_cfg.cfg)(x_t, s_gen.t)
+            x0_real, _ = sched.to_x0_eps(real, x_t, s_gen.t)
+            fake = self._predict("fake", x_t, s_gen.t, emb, grad=False)
+            x0_fake, _ = sched.to_x0_eps(fake, x_t, s_gen.t)
+        loss_g, gstats = tdm.generator_loss(x0_s, x0_real, x0_fake, t_cfg.huber_c, t_cfg.sample_weighting)
+        self.roles.select("student")  # the student's graph is recomputed under the student role
+        self._backward("student", loss_g)
+        gn = self._optimizer_step("student")
+        logs.update(loss_gen=float(loss_g.detach()), real_fake_gap=float(gstats["real_fake_gap"]),
+                    rollout_depth=depth + 1)
+        if gn is not None:
+            logs["grad_norm_student"] = gn
+        return logs
+
+    # ------------------------------------------------------------------ checkpoints
+    def _ckpt_root(self) -> Path:
+        return self.out / "checkpoints"
+
+    def _trainable_state(self, role: str) -> dict[str, torch.Tensor]:
+        module = self._raw[role]
+        return {n: p.detach() for n, p in module.named_parameters() if ".lora_" in n and f".{role}." in n}
+
+    def save_checkpoint(self) -> Path:
+        acc = self.accelerator
+        root = self._ckpt_root()
+        step = self.global_step
+        tmp = root / f".tmp-checkpoint-{step}"
+        final = root / f"checkpoint-{step}"
+        if acc.is_main_process:
+            root.mkdir(parents=True, exist_ok=True)
+            if tmp.exists():
+                shutil.rmtree(tmp)
+            tmp.mkdir()
+        acc.wait_for_everyone()
+        if self.engines is not None:
+            for role in ("student", "fake"):
+                self.grad_model[role].save_checkpoint(str(tmp / f"ds_{role}"), tag="state", save_latest=False)
+        elif acc.is_main_process:
+            for role in ("student", "fake"):
+                _save_tensors(tmp / f"{role}_lora.safetensors", self._trainable_state(role))
+                _optimizer_to_file(self.optimizers[role], tmp / f"{role}_optimizer.safetensors")
+                (tmp / f"{role}_scheduler.json").write_text(json.dumps(_jsonable(self.schedulers[role].state_dict())))
+        rng = {"generator": self.generator.get_state(), "torch": torch.get_rng_state()}
+        if torch.cuda.is_available():
+            rng["cuda"] = torch.cuda.get_rng_state(self.device)
+        _save_tensors(tmp / f"rng_rank{acc.process_index}.safetensors", rng)
+        acc.wait_for_everyone()
+        if acc.is_main_process:
+            state = {"step": step, "sampler": self.sampler.state_dict(), "skipped_fake_steps": self.skipped_fake,
+                     "fake_steps": self.fake_steps, "num_processes": acc.num_processes,
+                     "deepspeed": self.engines is not None, "shared_base": self.shared}
+            (tmp / "state.json").write_text(json.dumps(state, indent=2))  # last file: marks it complete
+            if final.exists():
+                shutil.rmtree(final)
+            os.replace(tmp, final)
+            ckpts = sorted((int(CKPT_RE.match(d.name).group(1)), d) for d in root.iterdir()
+                           if CKPT_RE.match(d.name))
+            for _, d in ckpts[:-self.cfg.train.checkpoints_total_limit]:
+                shutil.rmtree(d, ignore_errors=True)
+        acc.wait_for_everyone()
+        return final
+
+    def load_checkpoint(self, path: Path) -> None:
+        acc = self.accelerator
+        state = json.loads((path / "state.json").read_text())
+        if state["deepspeed"] != (self.engines is not None):
+            raise TrainRequestError(f"{path} was written {'with' if state['deepspeed'] else 'without'} DeepSpeed; "
+                                    "resume with the same launcher setup (or train.resume_from_checkpoint=null)")
+        if self.engines is not None:
+            for role in ("student", "fake"):
+                self.grad_model[role].load_checkpoint(str(path / f"ds_{role}"), tag="state",
+                                                      load_optimizer_states=True, load_lr_scheduler_states=True)
+        else:
+            for role in ("student", "fake"):
+                tensors, _ = _load_tensors(path / f"{role}_lora.safetensors")
+                own = dict(self._raw[role].named_parameters())
+                if set(tensors) != {n for n in own if ".lora_" in n and f".{role}." in n}:
+                    raise TrainRequestError(f"{path}: the {role} LoRA in the checkpoint does not match this model "
+                                            "(another rank / target modules?)")
+                with torch.no_grad():
+                    for n, t in tensors.items():
+                        own[n].copy_(t)
+                _optimizer_from_file(self.optimizers[role], path / f"{role}_optimizer.safetensors")
+                self.schedulers[role].load_state_dict(json.loads((path / f"{role}_scheduler.json").read_text()))
+        rng_file = path / f"rng_rank{acc.process_index}.safetensors"
+        if rng_file.is_file() and state["num_processes"] == acc.num_processes:
+            rng, _ = _load_tensors(rng_file)
+            self.generator.set_state(rng["generator"])
+            torch.set_rng_state(rng["torch"])
+            if "cuda" in rng and torch.cuda.is_available():
+                torch.cuda.set_rng_state(rng["cuda"], self.device)
+        self.sampler.load_state_dict(state["sampler"])
+        self.global_step = int(state["step"])
+        self.skipped_fake = int(state["skipped_fake_steps"])
+        self.fake_steps = int(state.get("fake_steps", 0))
+
+    # ------------------------------------------------------------------ outputs
+    def _gathered(self, role: str) -> dict[str, torch.Tensor]:
+        params = dict(self._trainable_state(role))
+        if self.engines is not None:
+            import deepspeed
+
+            live = [p for n, p in self._raw[role].named_parameters() if n in params]
+            with deepspeed.zero.GatheredParameters(live, modifier_rank=None):
+                return {re.sub(rf"\.{role}\.", ".", n): p.detach().float().cpu().clone()
+                        for n, p in self._raw[role].named_parameters() if n in params}
+        return {re.sub(rf"\.{role}\.", ".", n): t.float().cpu().clone() for n, t in params.items()}
+
+    def export_loras(self) -> dict[str, str]:
+        from videoblade.io.lora import export_comfy, save_lora
+
+        cfg = self.cfg
+        sd_s, sd_f = self._gathered("student"), self._gathered("fake")
+        out: dict[str, str] = {}
+        if self.accelerator.is_main_process:
+            common = dict(family=self.req.family, rank=cfg.lora.rank, alpha=cfg.lora.lora_alpha,
+                          target_modules=self.req.target_modules, k_step=cfg.tdm.k_step, eta=cfg.tdm.eta,
+                          extra={"cfg": cfg.tdm.cfg, "lambda_reg": cfg.tdm.lambda_reg, "step": self.global_step,
+                                 "base_model": str(self.req.folder)})
+            p = save_lora(self.out, sd_s, asa=to_dict(cfg.asa) if cfg.asa.enabled else None, **common)
+            out["student"] = str(p)
+            f = save_lora(self.out / "fake", sd_f,
+                          asa=to_dict(cfg.asa) if cfg.asa.enabled and cfg.asa.apply_to_fake else None,
+                          **dict(common, extra=dict(common["extra"], role="fake_score")))
+            out["fake"] = str(f)
+            if cfg.train.export_comfy and self.req.family == "wan":
+                out["comfy"] = str(export_comfy(p))
+        self.accelerator.wait_for_everyone()
+        return out
+
+    # ------------------------------------------------------------------ validation
+    def _validation_embeds(self) -> torch.Tensor | None:
+        tr = self.cfg.train
+        if not tr.validation_steps or tr.num_validation_videos <= 0:
+            return None
+        n = tr.num_validation_videos
+        if self.req.validation_prompts is None:
+            return self.req.store.get(range(min(n, len(self.req.store)))).to(self.device)
+        cache = self.out / "validation_embeds.safetensors"
+        acc = self.accelerator
+        if acc.is_main_process and not cache.is_file():
+            adapter = self.req.adapter
+            te = adapter.load(self.req.folder, dtype=torch.float32 if self.device.type == "cpu" else torch.bfloat16,
+                              device=self.device, components=("text_encoder", "tokenizer"))
+            emb = adapter.encode_prompts(te.text_encoder, te.tokenizer, self.req.validation_prompts[:n],
+                                         max_length=self.req.store.text_max_length)
+            _save_tensors(cache, {"embeds": emb.float()})
+            del te
+        acc.wait_for_everyone()
+        return _load_tensors(cache)[0]["embeds"].to(self.device)
+
+    def validate(self, embeds: torch.Tensor) -> list[str]:
+        """Sample with the student through the shared sampler; write mp4s (main process). All ranks run
+        the forwards (ZeRO-3 gathers parameters collectively); only the main one decodes and writes."""
+        from videoblade.sampling import sample
+
+        cfg, acc, req = self.cfg, self.accelerator, self.req
+        self.roles.select("student")
+        g = torch.Generator(device=self.generator.device).manual_seed(cfg.sample.seed)
+        lat = sample(req.adapter, self.nograd_model["student"], req.schedule, embeds.to(self.device), req.geometry,
+                     steps=cfg.tdm.k_step, eta=cfg.tdm.eta, generator=g, progress=False, desc="validation")
+        for a in self.roles.asa.values():
+            a.reset_stats()
+        paths: list[str] = []
+        if acc.is_main_process:
+            from videoblade.io.video import write_video
+
+            if getattr(self, "_vae", None) is None:
+                self._vae = req.adapter.load(req.folder, device=self.device, components=("vae",)).vae
+                if cfg.train.vae_slicing and hasattr(self._vae, "enable_slicing"):
+                    self._vae.enable_slicing()
+                if cfg.train.vae_tiling and hasattr(self._vae, "enable_tiling"):
+                    self._vae.enable_tiling()
+            frames = req.adapter.decode(self._vae, lat)
+            d = self.out / "samples"
+            d.mkdir(exist_ok=True)
+            for i in range(frames.shape[0]):
+                p = d / f"step{self.global_step:06d}_{i}.mp4"
+                write_video(p, frames[i], fps=cfg.sample.fps)
+                paths.append(str(p))
+        acc.wait_for_everyone()
+        return paths
+
+    # ------------------------------------------------------------------ loop
+    def _density(self) -> dict[str, float]:
+        out = {}
+        for name, role in (("density_student", "student"), ("density_fake", "fake")):
+            a = self.roles.asa.get(id(self._raw[role]))
+            if a is None or (name == "density_fake" and a is self.roles.asa.get(id(self._raw["student"]))):
+                continue
+            st = a.density_stats(reset=True)
+            if st["mean"] is not None:
+                out[name] = float(st["mean"])
+        return out
+
+    def run(self) -> dict:
+        from tqdm.auto import tqdm
+
+        cfg, acc = self.cfg, self.accelerator
+        tr = cfg.train
+        if acc.is_main_process:
+            dump_config(cfg, self.out)
+        resume = None
+        if tr.resume_from_checkpoint == "latest":
+            resume = latest_checkpoint(self.out)
+        elif tr.resume_from_checkpoint:
+            resume = Path(tr.resume_from_checkpoint)
+            if not (resume / "state.json").is_file():
+                raise TrainRequestError(f"train.resume_from_checkpoint={resume} is not a complete checkpoint")
+        if resume is not None:
+            self.load_checkpoint(resume)
+        if self.log_with is not None:
+            flat = {}
+
+            def walk(prefix, d):
+                for k, v in d.items():
+                    if isinstance(v, dict):
+                        walk(f"{prefix}{k}.", v)
+                    else:
+                        flat[prefix + k] = v if isinstance(v, (int, float, str, bool)) else str(v)
+            walk("", to_dict(cfg))
+            acc.init_trackers(tr.tracker_project, config=flat)
+        for note in self.req.notes:
+            acc.print(f"[videoblade] {note}")
+        val_embeds = self._validation_embeds()
+        stop = tr.stop_at_step or tr.max_train_steps
+        metrics_f = open(self.out / "metrics.jsonl", "a") if acc.is_main_process else None
+        bar = tqdm(total=tr.max_train_steps, initial=self.global_step, desc="TDM", unit="step",
+                   disable=not acc.is_local_main_process, dynamic_ncols=True)
+        if self.device.type == "cuda":
+            torch.cuda.reset_peak_memory_stats(self.device)
+        t_prev = time.perf_counter()
+        step_times: list[float] = []
+        last: dict[str, float] = {}
+        videos: list[str] = []
+        try:
+            while self.global_step < stop:
+                agg: dict[str, list[float]] = {}
+                for _ in range(tr.gradient_accumulation_steps):
+                    idx = self.sampler.next_indices()
+                    emb = self.req.store.get(idx).to(self.device)
+                    with acc.accumulate(*self.prepared):
+                        logs = self._micro_step(emb)
+                    for k, v in logs.items():
+                        agg.setdefault(k, []).append(v)
+                self.global_step += 1
+                now = time.perf_counter()
+                step_times.append(now - t_prev)
+                t_prev = now
+                rec = {k: sum(v) / len(v) for k, v in agg.items()}
+                rec.update(step=self.global_step, skipped_fake_steps=self.skipped_fake,
+                           lr_student=self.schedulers["student"].get_last_lr()[0],
+                           lr_fake=self.schedulers["fake"].get_last_lr()[0], s_per_it=step_times[-1],
+                           peak_memory_gb=_peak_memory_gb(self.device), epoch=self.sampler.epoch)
+                rec.update(self._density())
+                last = rec
+                if self.global_step % tr.logging_steps == 0 or self.global_step == stop:
+                    if self.log_with is not None:
+                        acc.log({k: v for k, v in rec.items() if k != "step"}, step=self.global_step)
+                    if metrics_f is not None:
+                        metrics_f.write(json.dumps(rec) + "\n")
+                        metrics_f.flush()
+                bar.update(1)
+                bar.set_postfix(loss_g=f"{rec['loss_gen']:.4g}", loss_f=f"{rec['loss_fake']:.4g}",
+                                skip=self.skipped_fake)
+                if self.global_step % tr.checkpointing_steps == 0 or self.global_step == stop:
+                    self.save_checkpoint()
+                if val_embeds is not None and self.global_step % tr.validation_steps == 0:
+                    videos += self.validate(val_embeds)
+        finally:
+            bar.close()
+            if metrics_f is not None:
+                metrics_f.close()
+        loras = self.export_loras() if self.global_step >= tr.max_train_steps else {}
+        timed = step_times[1:] if len(step_times) > 1 else step_times
+        summary = {"step": self.global_step, "max_train_steps": tr.max_train_steps, "finished":
+                   self.global_step >= tr.max_train_steps, "skipped_fake_steps": self.skipped_fake,
+                   "fake_steps": self.fake_steps, "s_per_it": (sum(timed) / len(timed)) if timed else None,
+                   "peak_memory_gb": _peak_memory_gb(self.device), "last": last, "loras": loras,
+                   "videos": videos, "num_processes": acc.num_processes, "deepspeed": self.engines is not None,
+                   "shared_base": self.shared, "resumed_from": str(resume) if resume else None,
+                   "family": self.req.family, "geometry": {"latent_shape": list(self.req.geometry.latent_shape),
+                                                           "token_grid": list(self.req.geometry.token_grid)}}
+        if acc.is_main_process:
+            (self.out / "summary.json").write_text(json.dumps(summary, indent=2))
+        if self.log_with is not None:
+            acc.end_training()
+        return summary
+
+
+def train(cfg: RunConfig) -> dict:
+    """Validate the request, build the roles, run (or resume) TDM training; returns the summary dict."""
+    req = validate_request(cfg)
+    trainer = TDMTrainer(cfg, req)
+    return trainer.run()

@@ -1,0 +1,35 @@
+"""Entry point: `python -m videoblade.train --config X.yaml key=value ...` (or under `accelerate launch`).
+
+Loads the typed config (YAML + dotted overrides), validates the whole request (model folder, sizes,
+prompt store, output dir, DeepSpeed JSON) before any weights load, and runs TDM distillation
+(`videoblade.distill.trainer`). Outputs land in `train.output_dir`.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+
+from videoblade.config import ConfigError, load_config
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(prog="python -m videoblade.train", description=__doc__,
+                                 formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--config", default=None, help="YAML config (e.g. wanx/configs/tdm_asa.yaml)")
+    ap.add_argument("overrides", nargs="*", help="dotted overrides, e.g. model.path=/models/wan train.max_train_steps=10")
+    args = ap.parse_args(argv)
+    from videoblade.distill.trainer import TrainRequestError, train
+
+    try:
+        cfg = load_config(args.config, args.overrides, require=("model.path", "train.prompt_store"))
+        summary = train(cfg)
+    except (ConfigError, TrainRequestError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    print(f"done: step {summary['step']}/{summary['max_train_steps']}, LoRA: {summary['loras'].get('student', '-')}")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
