@@ -180,9 +180,24 @@ def register_adapter(cls: type[ModelAdapter]) -> type[ModelAdapter]:
     return cls
 
 
+_DISCOVERED = False
+
+
 def _ensure_registered() -> None:
-    if "toy" not in _ADAPTERS:  # importing the family modules registers them
-        from videoblade.models import cogvideox, toy, wan  # noqa: F401
+    """Import every module of videoblade.models once: a family registers itself by being a file
+    there (`@register_adapter`), so adding a family needs no edit anywhere else."""
+    global _DISCOVERED
+    if _DISCOVERED:
+        return
+    _DISCOVERED = True
+    import importlib
+    import pkgutil
+
+    import videoblade.models as pkg
+
+    for mod in pkgutil.iter_modules(pkg.__path__):
+        if not mod.name.startswith("_") and mod.name not in ("base", "tiny"):
+            importlib.import_module(f"videoblade.models.{mod.name}")
 
 
 def family_of_folder(folder: str | Path) -> str:
