@@ -229,6 +229,13 @@ def test_kernel_fwd_bwd_matches_reference(case):
         assert err < 2 * tol, f"{name}: rel err {err:.2e}"
 
 
+@pytest.mark.parametrize("case", [CASES[1], CASES[4]], ids=[_ids(CASES[1]), _ids(CASES[4])])
+def test_kernel_tma_descriptor_path(case, monkeypatch):
+    # the tensor-descriptor (TMA) loads used on Hopper, run by the interpreter
+    monkeypatch.setenv("VIDEOBLADE_KERNEL_TMA", "1")
+    test_kernel_fwd_bwd_matches_reference(case)
+
+
 def test_public_fn_autograd_through_summaries():
     # grads reach k and v through pool_summaries (torch) and the kernel's summary grads
     g = torch.Generator().manual_seed(11)

@@ -47,12 +47,43 @@ import triton.language as tl
 
 from .blocks import Summary, block_lists_to_mask, num_blocks, transpose_block_lists
 
+try:  # host-side TMA descriptors (triton >= 3.4)
+    from triton.tools.tensor_descriptor import TensorDescriptor
+except ImportError:  # pragma: no cover
+    TensorDescriptor = None
+
 LOG2E = 1.4426950408889634
 LN2 = 0.6931471805599453
 
 
 def _interpret() -> bool:
     return os.environ.get("TRITON_INTERPRET", "0") == "1"
+
+
+def _use_tma(*tensors) -> bool:
+    """Tensor-memory-accelerator loads for the streamed K/V (fwd, dq) and Q/dO (dk/dv) tiles.
+
+    On by default on Hopper+ GPUs (``VIDEOBLADE_KERNEL_TMA=0`` turns it off); under the
+    interpreter only when ``VIDEOBLADE_KERNEL_TMA=1`` (so the CPU tests cover both paths).
+    Needs 16-byte aligned base and strides (4-D descriptor [B, H, L, D], any layout).
+    """
+    flag = os.environ.get("VIDEOBLADE_KERNEL_TMA")
+    if TensorDescriptor is None or flag == "0":
+        return False
+    if _interpret():
+        if flag != "1":
+            return False
+    elif not (tensors[0].is_cuda and torch.cuda.get_device_capability(tensors[0].device)[0] >= 9):
+        return False
+    for t in tensors:
+        es = t.element_size()
+        if t.stride(-1) != 1 or t.data_ptr() % 16 or any((st * es) % 16 for st in t.stride()[:-1]):
+            return False
+    return True
+
+
+def _desc(t: torch.Tensor, rows: int):
+    return TensorDescriptor(t, list(t.shape), list(t.stride()), [1, 1, rows, t.shape[-1]])
 
 
 def _autotune() -> bool:
@@ -66,17 +97,30 @@ def _autotune() -> bool:
 
 
 @triton.jit
-def _fwd_tile(acc, l_i, m_i, q, K, V, offs_n, offs_d, stride_kl, stride_vl, L, qk_scale, MASK: tl.constexpr):
-    if MASK:
-        kmask = offs_n < L
-        k = tl.load(K + offs_n[:, None] * stride_kl + offs_d[None, :], mask=kmask[:, None], other=0.0)
-        v = tl.load(V + offs_n[:, None] * stride_vl + offs_d[None, :], mask=kmask[:, None], other=0.0)
+def _load_rows(X, b, h, start, offs_b, offs_d, L, stride_l, MASK: tl.constexpr, USE_TMA: tl.constexpr,
+               ROWS: tl.constexpr, HEAD_DIM: tl.constexpr):
+    # ROWS x HEAD_DIM tile of rows [start, start + ROWS) of head (b, h); rows >= L read as 0.
+    # X is a 4-D [B, H, L, D] TMA descriptor (OOB rows zero-filled by the copy engine) or a
+    # pointer already offset to head (b, h).
+    if USE_TMA:
+        x = X.load([b, h, start, 0]).reshape(ROWS, HEAD_DIM)
     else:
-        k = tl.load(K + offs_n[:, None] * stride_kl + offs_d[None, :])
-        v = tl.load(V + offs_n[:, None] * stride_vl + offs_d[None, :])
+        offs = start + offs_b
+        if MASK:
+            x = tl.load(X + offs[:, None] * stride_l + offs_d[None, :], mask=offs[:, None] < L, other=0.0)
+        else:
+            x = tl.load(X + offs[:, None] * stride_l + offs_d[None, :])
+    return x
+
+
+@triton.jit
+def _fwd_tile(acc, l_i, m_i, q, K, V, b, h, start_n, offs_nb, offs_d, stride_kl, stride_vl, L, qk_scale,
+              MASK: tl.constexpr, USE_TMA: tl.constexpr, BLOCK_N: tl.constexpr, HEAD_DIM: tl.constexpr):
+    k = _load_rows(K, b, h, start_n, offs_nb, offs_d, L, stride_kl, MASK, USE_TMA, BLOCK_N, HEAD_DIM)
+    v = _load_rows(V, b, h, start_n, offs_nb, offs_d, L, stride_vl, MASK, USE_TMA, BLOCK_N, HEAD_DIM)
     qk = tl.dot(q, tl.trans(k))
     if MASK:
-        qk = tl.where(kmask[None, :], qk, float("-inf"))
+        qk = tl.where((start_n + offs_nb)[None, :] < L, qk, float("-inf"))
     m_new = tl.maximum(m_i, tl.max(qk, 1) * qk_scale)
     if MASK:
         m_new = tl.where(m_new == float("-inf"), 0.0, m_new)
@@ -99,7 +143,7 @@ def _fwd_kernel(
     stride_sb, stride_sh, stride_sl,
     H, L, NQ, NK, MAXK, NS, SPB,
     BLOCK: tl.constexpr, HEAD_DIM: tl.constexpr,
-    HAS_SUMMARY: tl.constexpr, EVEN_L: tl.constexpr,
+    HAS_SUMMARY: tl.constexpr, EVEN_L: tl.constexpr, USE_TMA: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_S: tl.constexpr,
 ):
     SUB: tl.constexpr = BLOCK // BLOCK_N
@@ -114,8 +158,12 @@ def _fwd_kernel(
     offs_d = tl.arange(0, HEAD_DIM)
     offs_nb = tl.arange(0, BLOCK_N)
     Qp = Q + b.to(tl.int64) * stride_qb + h.to(tl.int64) * stride_qh
-    Kp = K + b.to(tl.int64) * stride_kb + h.to(tl.int64) * stride_kh
-    Vp = V + b.to(tl.int64) * stride_vb + h.to(tl.int64) * stride_vh
+    if USE_TMA:
+        Kp = K
+        Vp = V
+    else:
+        Kp = K + b.to(tl.int64) * stride_kb + h.to(tl.int64) * stride_kh
+        Vp = V + b.to(tl.int64) * stride_vb + h.to(tl.int64) * stride_vh
     q = tl.load(Qp + offs_m[:, None] * stride_ql + offs_d[None, :], mask=offs_m[:, None] < L, other=0.0)
 
     m_i = tl.full([BLOCK_M], float("-inf"), tl.float32)
@@ -132,15 +180,17 @@ def _fwd_kernel(
         n_tiles = n_tiles - has_last.to(tl.int32) * SUB
     for t in range(0, n_tiles):
         blk = tl.load(idx_ptr + t // SUB)
-        offs_n = blk * BLOCK + (t % SUB) * BLOCK_N + offs_nb
-        acc, l_i, m_i = _fwd_tile(acc, l_i, m_i, q, Kp, Vp, offs_n, offs_d, stride_kl, stride_vl, L, qk_scale, False)
+        start_n = blk * BLOCK + (t % SUB) * BLOCK_N
+        acc, l_i, m_i = _fwd_tile(acc, l_i, m_i, q, Kp, Vp, b, h, start_n, offs_nb, offs_d, stride_kl, stride_vl, L,
+                                  qk_scale, False, USE_TMA, BLOCK_N, HEAD_DIM)
     if not EVEN_L:
         if has_last:
             last_start = (NK - 1) * BLOCK
             n_sub = tl.cdiv(L - last_start, BLOCK_N)
             for t in range(0, n_sub):
-                offs_n = last_start + t * BLOCK_N + offs_nb
-                acc, l_i, m_i = _fwd_tile(acc, l_i, m_i, q, Kp, Vp, offs_n, offs_d, stride_kl, stride_vl, L, qk_scale, True)
+                start_n = last_start + t * BLOCK_N
+                acc, l_i, m_i = _fwd_tile(acc, l_i, m_i, q, Kp, Vp, b, h, start_n, offs_nb, offs_d, stride_kl,
+                                          stride_vl, L, qk_scale, True, USE_TMA, BLOCK_N, HEAD_DIM)
 
     if HAS_SUMMARY:
         SKp = SK + b.to(tl.int64) * stride_sb + h.to(tl.int64) * stride_sh
@@ -209,7 +259,7 @@ def _bwd_dq_kernel(
     stride_gb, stride_gh, stride_gl,
     H, L, NQ, NK, MAXK, NS, SPB,
     BLOCK: tl.constexpr, HEAD_DIM: tl.constexpr,
-    HAS_SUMMARY: tl.constexpr, EVEN_L: tl.constexpr,
+    HAS_SUMMARY: tl.constexpr, EVEN_L: tl.constexpr, USE_TMA: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_S: tl.constexpr,
 ):
     SUB: tl.constexpr = BLOCK // BLOCK_N
@@ -224,8 +274,12 @@ def _bwd_dq_kernel(
     offs_d = tl.arange(0, HEAD_DIM)
     offs_nb = tl.arange(0, BLOCK_N)
     rmask = offs_m < L
-    Kp = K + b.to(tl.int64) * stride_kb + h.to(tl.int64) * stride_kh
-    Vp = V + b.to(tl.int64) * stride_vb + h.to(tl.int64) * stride_vh
+    if USE_TMA:
+        Kp = K
+        Vp = V
+    else:
+        Kp = K + b.to(tl.int64) * stride_kb + h.to(tl.int64) * stride_kh
+        Vp = V + b.to(tl.int64) * stride_vb + h.to(tl.int64) * stride_vh
     q = tl.load(Q + b.to(tl.int64) * stride_qb + h.to(tl.int64) * stride_qh + offs_m[:, None] * stride_ql
                 + offs_d[None, :], mask=rmask[:, None], other=0.0)
     do = tl.load(DO + b.to(tl.int64) * stride_db + h.to(tl.int64) * stride_dh + offs_m[:, None] * stride_dl
@@ -238,15 +292,10 @@ def _bwd_dq_kernel(
     idx_ptr = KVI + row.to(tl.int64) * MAXK
     for t in range(0, cnt * SUB):
         blk = tl.load(idx_ptr + t // SUB)
-        offs_n = blk * BLOCK + (t % SUB) * BLOCK_N + offs_nb
-        if EVEN_L:
-            k = tl.load(Kp + offs_n[:, None] * stride_kl + offs_d[None, :])
-            v = tl.load(Vp + offs_n[:, None] * stride_vl + offs_d[None, :])
-        else:
-            # padded keys load as 0: their p is finite and multiplies k = 0 in dq
-            kmask = offs_n[:, None] < L
-            k = tl.load(Kp + offs_n[:, None] * stride_kl + offs_d[None, :], mask=kmask, other=0.0)
-            v = tl.load(Vp + offs_n[:, None] * stride_vl + offs_d[None, :], mask=kmask, other=0.0)
+        start_n = blk * BLOCK + (t % SUB) * BLOCK_N
+        # padded keys load as 0: their p is finite and multiplies k = 0 in dq
+        k = _load_rows(Kp, b, h, start_n, offs_nb, offs_d, L, stride_kl, not EVEN_L, USE_TMA, BLOCK_N, HEAD_DIM)
+        v = _load_rows(Vp, b, h, start_n, offs_nb, offs_d, L, stride_vl, not EVEN_L, USE_TMA, BLOCK_N, HEAD_DIM)
         qk = tl.dot(q, tl.trans(k))
         p = tl.math.exp2(qk * qk_scale - lse2[:, None])
         dp = tl.dot(do, tl.trans(v))
@@ -286,7 +335,7 @@ def _bwd_dkv_kernel(
     stride_db, stride_dh, stride_dl,
     stride_gb, stride_gh, stride_gl,
     H, L, NQ, NK, MAXQ,
-    BLOCK: tl.constexpr, HEAD_DIM: tl.constexpr, EVEN_L: tl.constexpr,
+    BLOCK: tl.constexpr, HEAD_DIM: tl.constexpr, EVEN_L: tl.constexpr, USE_TMA: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
 ):
     # key-major: program = one key tile; walks the query blocks that keep its key block
@@ -305,8 +354,12 @@ def _bwd_dkv_kernel(
                 + offs_d[None, :], mask=kmask[:, None], other=0.0)
     v = tl.load(V + b.to(tl.int64) * stride_vb + h.to(tl.int64) * stride_vh + offs_n[:, None] * stride_vl
                 + offs_d[None, :], mask=kmask[:, None], other=0.0)
-    Qp = Q + b.to(tl.int64) * stride_qb + h.to(tl.int64) * stride_qh
-    DOp = DO + b.to(tl.int64) * stride_db + h.to(tl.int64) * stride_dh
+    if USE_TMA:
+        Qp = Q
+        DOp = DO
+    else:
+        Qp = Q + b.to(tl.int64) * stride_qb + h.to(tl.int64) * stride_qh
+        DOp = DO + b.to(tl.int64) * stride_db + h.to(tl.int64) * stride_dh
     LSEp = LSE + bh.to(tl.int64) * L
     DELp = DELTA + bh.to(tl.int64) * L
     dk = tl.zeros([BLOCK_N, HEAD_DIM], tl.float32)
@@ -317,17 +370,16 @@ def _bwd_dkv_kernel(
     idx_ptr = QI + row.to(tl.int64) * MAXQ
     for t in range(0, cnt * SUB):
         qb = tl.load(idx_ptr + t // SUB)
-        offs_m = qb * BLOCK + (t % SUB) * BLOCK_M + offs_mb
+        start_m = qb * BLOCK + (t % SUB) * BLOCK_M
+        offs_m = start_m + offs_mb
+        q = _load_rows(Qp, b, h, start_m, offs_mb, offs_d, L, stride_ql, not EVEN_L, USE_TMA, BLOCK_M, HEAD_DIM)
+        do = _load_rows(DOp, b, h, start_m, offs_mb, offs_d, L, stride_dl, not EVEN_L, USE_TMA, BLOCK_M, HEAD_DIM)
         if EVEN_L:
-            q = tl.load(Qp + offs_m[:, None] * stride_ql + offs_d[None, :])
-            do = tl.load(DOp + offs_m[:, None] * stride_dl + offs_d[None, :])
             lse2 = tl.load(LSEp + offs_m) * 1.4426950408889634
             Di = tl.load(DELp + offs_m)
         else:
             # rows past L: lse = +inf so their p is 0
             rm = offs_m < L
-            q = tl.load(Qp + offs_m[:, None] * stride_ql + offs_d[None, :], mask=rm[:, None], other=0.0)
-            do = tl.load(DOp + offs_m[:, None] * stride_dl + offs_d[None, :], mask=rm[:, None], other=0.0)
             lse2 = tl.load(LSEp + offs_m, mask=rm, other=float("inf")) * 1.4426950408889634
             Di = tl.load(DELp + offs_m, mask=rm, other=0.0)
         qkT = tl.dot(k, tl.trans(q))
@@ -402,8 +454,18 @@ def _bwd_dsummary_kernel(
 # ----------------------------------------------------------------------------------------
 
 
+def _desc_pre_hook(nargs):
+    # TMA descriptors carry their box shape: set it from the config being launched
+    if TensorDescriptor is None:
+        return
+    for name, rows in (("K", "BLOCK_N"), ("V", "BLOCK_N"), ("Q", "BLOCK_M"), ("DO", "BLOCK_M")):
+        d = nargs.get(name)
+        if isinstance(d, TensorDescriptor):
+            d.block_shape = [1, 1, nargs[rows], nargs["HEAD_DIM"]]
+
+
 def _cfg(bm, bn, w, s, **extra):
-    return triton.Config({"BLOCK_M": bm, "BLOCK_N": bn, **extra}, num_warps=w, num_stages=s)
+    return triton.Config({"BLOCK_M": bm, "BLOCK_N": bn, **extra}, num_warps=w, num_stages=s, pre_hook=_desc_pre_hook)
 
 
 def _prune(configs, named_args, **kwargs):
@@ -412,7 +474,7 @@ def _prune(configs, named_args, **kwargs):
     keep = [c for c in configs if c.kwargs["BLOCK_M"] <= blk and c.kwargs["BLOCK_N"] <= blk]
     return keep or [
         triton.Config({**configs[0].kwargs, "BLOCK_M": min(blk, 64), "BLOCK_N": min(blk, 64)},
-                      num_warps=4, num_stages=2)
+                      num_warps=4, num_stages=2, pre_hook=_desc_pre_hook)
     ]
 
 
@@ -454,7 +516,7 @@ def _prune_s(configs, named_args, **kwargs):
     return [c for c in configs if c.kwargs["BLOCK_M"] <= blk] or configs[-1:]
 
 
-_KEY = ["HEAD_DIM", "BLOCK", "HAS_SUMMARY", "EVEN_L"]
+_KEY = ["HEAD_DIM", "BLOCK", "HAS_SUMMARY", "EVEN_L", "USE_TMA"]
 
 
 def _tuned(kernel, configs, key, prune):
@@ -466,7 +528,7 @@ def _tuned(kernel, configs, key, prune):
 
 _fwd_tuned = _tuned(_fwd_kernel, _FWD_CONFIGS, _KEY, _prune)
 _dq_tuned = _tuned(_bwd_dq_kernel, _DQ_CONFIGS, _KEY, _prune)
-_dkv_tuned = _tuned(_bwd_dkv_kernel, _DKV_CONFIGS, ["HEAD_DIM", "BLOCK", "EVEN_L"], _prune)
+_dkv_tuned = _tuned(_bwd_dkv_kernel, _DKV_CONFIGS, ["HEAD_DIM", "BLOCK", "EVEN_L", "USE_TMA"], _prune)
 _dsum_tuned = _tuned(_bwd_dsummary_kernel, _DSUM_CONFIGS, ["HEAD_DIM", "BLOCK"], _prune_s)
 
 
@@ -539,8 +601,11 @@ def block_sparse_attention_fwd(q, k, v, kv_indices, kv_counts, block_size, sm_sc
         sk = sv = sbias = kept = kvc  # unused placeholders
         ns, spb = 0, 1
     sstr = (sk.stride(0), sk.stride(1), sk.stride(2)) if has_s else (0, 0, 0)
+    tma = _use_tma(k, v)
+    meta = _interp_meta(block_size) if _interpret() else None
+    kx, vx = (_desc(k, meta["BLOCK_N"] if meta else 64), _desc(v, meta["BLOCK_N"] if meta else 64)) if tma else (k, v)
     args = (
-        q, k, v, out, lse, kvi, kvc, sk, sv, sbias, kept,
+        q, kx, vx, out, lse, kvi, kvc, sk, sv, sbias, kept,
         float(sm_scale) * LOG2E,
         q.stride(0), q.stride(1), q.stride(2),
         k.stride(0), k.stride(1), k.stride(2),
@@ -549,9 +614,8 @@ def block_sparse_attention_fwd(q, k, v, kv_indices, kv_counts, block_size, sm_sc
         *sstr,
         H, L, nq, nk, kvi.shape[-1], ns, spb,
     )
-    const = {"BLOCK": block_size, "HEAD_DIM": D, "HAS_SUMMARY": has_s, "EVEN_L": L % block_size == 0}
-    if _interpret():
-        meta = _interp_meta(block_size)
+    const = {"BLOCK": block_size, "HEAD_DIM": D, "HAS_SUMMARY": has_s, "EVEN_L": L % block_size == 0, "USE_TMA": tma}
+    if meta is not None:
         _fwd_kernel[(triton.cdiv(L, meta["BLOCK_M"]), B * H)](*args, **const, **meta)
     else:
         grid = lambda META: (triton.cdiv(L, META["BLOCK_M"]), B * H)
@@ -596,8 +660,15 @@ def block_sparse_attention_bwd(do, q, k, v, out, lse, kv_indices, kv_counts, blo
         ns, spb, sstr = 0, 1, (0, 0, 0)
     even = L % block_size == 0
     qk_scale = float(sm_scale) * LOG2E
+    tma = _use_tma(q, k, v, do)
+    meta = _interp_meta(block_size) if _interpret() else None
+    if tma:
+        kx, vx = _desc(k, meta["BLOCK_N"] if meta else 64), _desc(v, meta["BLOCK_N"] if meta else 64)
+        qx, dox = _desc(q, meta["BLOCK_M"] if meta else 64), _desc(do, meta["BLOCK_M"] if meta else 64)
+    else:
+        kx, vx, qx, dox = k, v, q, do
     dq_args = (
-        q, k, v, do, dq, lse, delta, kvi, kvc,
+        q, kx, vx, do, dq, lse, delta, kvi, kvc,
         sk if has_s else sk_, sv if has_s else sv_, sbias if has_s else sb_, kept8,
         qk_scale, float(sm_scale),
         q.stride(0), q.stride(1), q.stride(2),
@@ -609,7 +680,7 @@ def block_sparse_attention_bwd(do, q, k, v, out, lse, kv_indices, kv_counts, blo
         H, L, nq, nk, kvi.shape[-1], ns, spb,
     )
     dkv_args = (
-        q, k, v, do, dk, dv, lse, delta, qi, qc,
+        qx, k, v, dox, dk, dv, lse, delta, qi, qc,
         qk_scale, float(sm_scale),
         q.stride(0), q.stride(1), q.stride(2),
         k.stride(0), k.stride(1), k.stride(2),
@@ -618,10 +689,9 @@ def block_sparse_attention_bwd(do, q, k, v, out, lse, kv_indices, kv_counts, blo
         dk.stride(0), dk.stride(1), dk.stride(2),
         H, L, nq, nk, qi.shape[-1],
     )
-    dq_const = {"BLOCK": block_size, "HEAD_DIM": D, "HAS_SUMMARY": has_s, "EVEN_L": even}
-    dkv_const = {"BLOCK": block_size, "HEAD_DIM": D, "EVEN_L": even}
-    if _interpret():
-        meta = _interp_meta(block_size)
+    dq_const = {"BLOCK": block_size, "HEAD_DIM": D, "HAS_SUMMARY": has_s, "EVEN_L": even, "USE_TMA": tma}
+    dkv_const = {"BLOCK": block_size, "HEAD_DIM": D, "EVEN_L": even, "USE_TMA": tma}
+    if meta is not None:
         _bwd_dq_kernel[(triton.cdiv(L, meta["BLOCK_M"]), B * H)](*dq_args, **dq_const, **meta)
         _bwd_dkv_kernel[(triton.cdiv(L, meta["BLOCK_N"]), B * H)](
             *dkv_args, **dkv_const, BLOCK_M=meta["BLOCK_M"], BLOCK_N=meta["BLOCK_N"])
