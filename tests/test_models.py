@@ -400,3 +400,11 @@ def test_encode_and_decode_match_diffusers_pipeline(family, tiny_wan, tiny_cog):
     expected = (np.asarray(vid) * 255).round().astype(np.int16)
     assert frames.shape == expected.shape == (1, n, 32, 32, 3)
     assert np.abs(frames - expected).max() <= 1
+
+
+@pytest.mark.parametrize("component", ["transformer", "vae", "text_encoder", "tokenizer"])
+def test_weight_guard_is_effective(tiny_wan, no_weight_loads, component):
+    """The guard the validation tests rely on really intercepts every component load."""
+    with pytest.raises(AssertionError, match="was called"):
+        WanAdapter().load(tiny_wan, "fp32", components=(component,))
+    assert len(no_weight_loads) == 1
