@@ -311,6 +311,30 @@ def latest_checkpoint(output_dir: str | Path) -> Path | None:
     return best[1] if best else None
 
 
+def _deepspeed_keep_tuple_attributes() -> None:
+    """ZeRO-3's module hooks rebuild every tuple they pass through as `type(t)(items)`, which drops
+    the attributes of a tuple subclass (ASA's `RotaryWithContext` carries its forward context that
+    way) or fails in its constructor. Rebuild such tuples with their attributes instead."""
+    import deepspeed.runtime.zero.parameter_offload as po
+    import deepspeed.runtime.zero.utils as zu
+
+    orig = zu.apply_to_tensors_only
+    if getattr(orig, "_videoblade", False):
+        return
+
+    def apply_to_tensors_only(function, value, warning_msg_fn=None):
+        if isinstance(value, tuple) and type(value) is not tuple and hasattr(value, "__dict__") \
+                and not zu.isinstance_namedtuple(value):
+            new = tuple.__new__(type(value), [apply_to_tensors_only(function, e) for e in value])
+            new.__dict__.update(value.__dict__)
+            return new
+        return orig(function, value, warning_msg_fn=warning_msg_fn)
+
+    apply_to_tensors_only._videoblade = True
+    zu.apply_to_tensors_only = apply_to_tensors_only
+    po.apply_to_tensors_only = apply_to_tensors_only
+
+
 def _free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
@@ -384,6 +408,7 @@ class TDMTrainer:
                 import deepspeed.comm.torch as ds_torch
 
                 ds_torch.build_shm_op = lambda: None
+            _deepspeed_keep_tuple_attributes()
             kwargs["deepspeed_plugins"] = {"student": DeepSpeedPlugin(hf_ds_config=copy.deepcopy(req.ds_config)),
                                            "fake": DeepSpeedPlugin(hf_ds_config=copy.deepcopy(req.ds_config))}
             if tr.share_base:
@@ -439,17 +464,23 @@ class TDMTrainer:
             fake = copy.deepcopy(base)
             student = prepare_module(base, ["student"])
             fake = prepare_module(fake, ["fake"])
-        self.asa_cfg = None
+        self._raw = {"student": student, "fake": fake}
+
+    def _install_asa(self) -> dict[int, Any]:
+        """ASA on the student module (and the fake's when separate and `asa.apply_to_fake`).
+
+        Installed after `accelerator.prepare`: DeepSpeed ZeRO-3 registers forward hooks that rebuild
+        a module's tuple outputs, which must run before ASA's rope hook attaches its context."""
+        cfg = self.cfg
+        student, fake = self._raw["student"], self._raw["fake"]
         asa_map: dict[int, Any] = {}
         if cfg.asa.enabled:
             from videoblade.attention import set_adaptive_sparse_attention
 
-            self.asa_cfg = copy.deepcopy(cfg.asa)
             asa_map[id(student)] = set_adaptive_sparse_attention(student, copy.deepcopy(cfg.asa))
             if fake is not student and cfg.asa.apply_to_fake:
                 asa_map[id(fake)] = set_adaptive_sparse_attention(fake, copy.deepcopy(cfg.asa))
-        self._asa_map = asa_map
-        self._raw = {"student": student, "fake": fake}
+        return asa_map
 
     def _param_groups(self, module, adapter: str) -> list[torch.nn.Parameter]:
         return [p for n, p in module.named_parameters() if ".lora_" in n and f".{adapter}." in n]
@@ -476,9 +507,11 @@ class TDMTrainer:
             from accelerate.utils import DeepSpeedEngineWrapper
 
             acc.state.select_deepspeed_plugin("student")
-            eng_s, opt_s, sch_s = acc.prepare(self._raw["student"], opt_s, sch_s)
+            # the LR schedulers stay ours (DeepSpeed steps only its own scheduler types): stepped per
+            # optimizer step in _optimizer_step and checkpointed as JSON in both modes
+            eng_s, opt_s = acc.prepare(self._raw["student"], opt_s)
             acc.state.select_deepspeed_plugin("fake")
-            eng_f, opt_f, sch_f = acc.prepare(self._raw["fake"], opt_f, sch_f)
+            eng_f, opt_f = acc.prepare(self._raw["fake"], opt_f)
             acc.state.select_deepspeed_plugin("student")
             self.grad_model = {"student": eng_s, "fake": eng_f}
             self.nograd_model = dict(self.grad_model)
@@ -487,8 +520,6 @@ class TDMTrainer:
             self._raw = {"student": eng_s.module, "fake": eng_f.module}
             self.params = {"student": self._param_groups(eng_s.module, "student"),
                            "fake": self._param_groups(eng_f.module, "fake")}
-            self._asa_map = {id(eng_s.module): self._asa_map.get(id(eng_s.module)),
-                             id(eng_f.module): self._asa_map.get(id(eng_f.module))}
         else:
             if self.shared:
                 model, opt_s, opt_f = acc.prepare(self._raw["student"], opt_s, opt_f)
@@ -500,7 +531,8 @@ class TDMTrainer:
             self.engines = None
         self.optimizers = {"student": opt_s, "fake": opt_f}
         self.schedulers = {"student": sch_s, "fake": sch_f}
-        self.roles = RoleSwitch(self._raw, {k: v for k, v in self._asa_map.items() if v is not None},
+        self._asa_map = self._install_asa()
+        self.roles = RoleSwitch(self._raw, self._asa_map,
                                 fake_uses_asa=bool(self.cfg.asa.enabled and self.cfg.asa.apply_to_fake))
         self.prepared = list(dict.fromkeys(self.grad_model.values()))
 
@@ -532,6 +564,7 @@ class TDMTrainer:
         acc = self.accelerator
         if self.engines is not None:
             if acc.sync_gradients:
+                self.schedulers[role].step()
                 n = self.grad_model[role].get_global_grad_norm()
                 return None if n is None else float(n)
             return None
@@ -623,13 +656,15 @@ class TDMTrainer:
                 shutil.rmtree(tmp)
             tmp.mkdir()
         acc.wait_for_everyone()
-        if self.engines is not None:
+        if self.engines is not None:  # DeepSpeed's own format (partitioned LoRA + optimizer states)
             for role in ("student", "fake"):
                 self.grad_model[role].save_checkpoint(str(tmp / f"ds_{role}"), tag="state", save_latest=False)
         elif acc.is_main_process:
             for role in ("student", "fake"):
                 _save_tensors(tmp / f"{role}_lora.safetensors", self._trainable_state(role))
                 _optimizer_to_file(self.optimizers[role], tmp / f"{role}_optimizer.safetensors")
+        if acc.is_main_process:
+            for role in ("student", "fake"):
                 (tmp / f"{role}_scheduler.json").write_text(json.dumps(_jsonable(self.schedulers[role].state_dict())))
         rng = {"generator": self.generator.get_state(), "torch": torch.get_rng_state()}
         if torch.cuda.is_available():
@@ -660,7 +695,8 @@ class TDMTrainer:
         if self.engines is not None:
             for role in ("student", "fake"):
                 self.grad_model[role].load_checkpoint(str(path / f"ds_{role}"), tag="state",
-                                                      load_optimizer_states=True, load_lr_scheduler_states=True)
+                                                      load_optimizer_states=True, load_lr_scheduler_states=False)
+                self.schedulers[role].load_state_dict(json.loads((path / f"{role}_scheduler.json").read_text()))
         else:
             for role in ("student", "fake"):
                 tensors, _ = _load_tensors(path / f"{role}_lora.safetensors")
