@@ -105,3 +105,113 @@ def sample(adapter, transformer, schedule: Schedule, prompt_embeds: torch.Tensor
     timesteps = stage_timesteps(steps, schedule.num_train_timesteps)
     x0, _ = rollout(guided(cond, uncond, guidance), schedule, latents, timesteps, eta, generator, progress=wrap)
     return x0
+
+
+# ---------------------------------------------------------------------------- UniPC (diffusers)
+RawPredictFn = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]  # (x [B,...], model timestep [B]) -> output
+
+
+def unipc_scheduler(schedule: Schedule, flow_shift: float | None = None, timestep_spacing: str | None = None):
+    """A diffusers ``UniPCMultistepScheduler`` on the same noise schedule as ``schedule``.
+
+    flow (Wan): flow sigmas with ``flow_shift`` (default: the schedule's own shift), as the Wan
+    pipelines configure it. v_prediction (CogVideoX): the schedule's alphas_cumprod passed as
+    ``trained_betas`` (so the SNR shift and the zero-terminal-SNR rescale of the teacher's
+    scheduler carry over; UniPC clamps the terminal alpha_bar to 2**-24 itself), trailing spacing.
+    """
+    from diffusers import UniPCMultistepScheduler
+
+    T = schedule.num_train_timesteps
+    if schedule.kind == "flow":
+        shift = float(flow_shift if flow_shift is not None else schedule.shift)
+        return UniPCMultistepScheduler(num_train_timesteps=T, prediction_type="flow_prediction",
+                                       use_flow_sigmas=True, flow_shift=shift,
+                                       timestep_spacing=timestep_spacing or "linspace")
+    if flow_shift is not None:
+        raise ValueError("flow_shift applies to flow-matching models (Wan) only")
+    abar = (schedule.alphas.double() ** 2)
+    prev = torch.cat([torch.ones(1, dtype=torch.float64), abar[:-1]])
+    betas = (1.0 - abar / prev).clamp(0.0, 1.0)
+    zero_terminal = bool(abar[-1] < 1e-12)
+    return UniPCMultistepScheduler(num_train_timesteps=T, prediction_type="v_prediction",
+                                   trained_betas=betas.numpy(), rescale_betas_zero_snr=zero_terminal,
+                                   timestep_spacing=timestep_spacing or "trailing")
+
+
+@torch.no_grad()
+def unipc_denoise(predict_raw: RawPredictFn, scheduler, latents: torch.Tensor, steps: int,
+                  progress: Callable | None = None) -> torch.Tensor:
+    """Run a diffusers multistep scheduler for ``steps`` steps from ``latents`` (pure noise).
+
+    ``predict_raw`` takes the model timestep exactly as the scheduler lists it (for flow models
+    sigma * T, for v-prediction the integer t) and returns the network output; the scheduler does
+    the update. Returns the final latents (float32).
+    """
+    scheduler.set_timesteps(steps, device=latents.device)
+    x = latents.float()
+    B = x.shape[0]
+    ts = list(scheduler.timesteps)
+    for t in (progress(ts) if progress is not None else ts):
+        t_vec = t.reshape(1).expand(B).to(x.device)
+        out = predict_raw(x, t_vec).float()
+        x = scheduler.step(out, t, x, return_dict=False)[0].float()
+    return x
+
+
+__all__ += ["unipc_scheduler", "unipc_denoise"]
+
+
+class _SchedulerTimesteps:
+    """Stands in for a Schedule in `adapter.predict(..., schedule=)`: the timestep the scheduler
+    lists is already the network's timestep input (sigma * T for flow, integer t for v-pred)."""
+
+    @staticmethod
+    def model_timestep(t):
+        t = torch.as_tensor(t)
+        return t.float() if t.is_floating_point() else t
+
+
+def sample_unipc(adapter, transformer, schedule: Schedule, prompt_embeds: torch.Tensor, geometry, steps: int = 8,
+                 guidance: float = 1.0, negative_embeds: torch.Tensor | None = None,
+                 latents: torch.Tensor | None = None, generator: torch.Generator | None = None,
+                 flow_shift: float | None = None, progress: bool = True, desc: str = "denoising (unipc)"
+                 ) -> torch.Tensor:
+    """Sample latents [B, C, F, H, W] (float32) with diffusers' UniPC on the model's schedule
+    (flow sigmas with `flow_shift` for Wan, as WanPipeline; v-prediction for CogVideoX)."""
+    B = prompt_embeds.shape[0]
+    device = prompt_embeds.device
+    if latents is None:
+        latents = randn((B, *geometry.latent_shape), generator, device)
+    raw = _SchedulerTimesteps()
+    if schedule.kind == "flow":
+        # WanPipeline feeds the scheduler's float timestep (sigma * T); UniPC lists it as int64
+        def to_input(t):
+            return t.float()
+    else:
+        def to_input(t):
+            return t.long()
+
+    def cond(x, t):
+        return adapter.predict(transformer, x, to_input(t), prompt_embeds, geometry, schedule=raw)
+
+    uncond = None
+    if guidance != 1.0:
+        if negative_embeds is None:
+            raise ValueError("guidance != 1 needs negative_embeds (the empty/negative prompt embedding)")
+        neg = negative_embeds.expand(B, *negative_embeds.shape[1:]) if negative_embeds.shape[0] == 1 else negative_embeds
+
+        def uncond(x, t):
+            return adapter.predict(transformer, x, to_input(t), neg, geometry, schedule=raw)
+
+    wrap = None
+    if progress:
+        from tqdm.auto import tqdm
+
+        def wrap(it):
+            return tqdm(it, desc=desc, leave=False)
+
+    scheduler = unipc_scheduler(schedule, flow_shift=flow_shift)
+    return unipc_denoise(guided(cond, uncond, guidance), scheduler, latents, steps, progress=wrap)
+
+
+__all__.append("sample_unipc")
