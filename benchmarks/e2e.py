@@ -37,6 +37,7 @@ from __future__ import annotations
 import argparse
 import copy
 import gc
+import json
 import math
 import sys
 import time
@@ -240,7 +241,7 @@ def run_family(name: str, family: str, spec: dict, args, device, deadline: float
 
     timer(student_run)  # warm-up
     dense_ms = [timer(student_run)[0] for _ in range(args.student_repeats)]
-    rows.append(dict(common, what="student denoising, dense (8 steps, guidance 1)", steps=args.student_steps,
+    rows.append(dict(common, what=f"student denoising, dense ({args.student_steps} steps, guidance 1)", steps=args.student_steps,
                      forwards_per_step=1, density=1.0, median_ms=median(dense_ms), times_ms=dense_ms,
                      extrapolated=False, peer="baseline denoising"))
     print(f"[{name}] student dense {median(dense_ms):.1f} ms", flush=True)
@@ -258,7 +259,7 @@ def run_family(name: str, family: str, spec: dict, args, device, deadline: float
     asa.reset_stats()
     sparse_ms = [timer(student_run)[0] for _ in range(args.student_repeats)]
     dens = asa.density_stats(reset=True)
-    rows.append(dict(common, what="student denoising, ASA (8 steps, guidance 1)", steps=args.student_steps,
+    rows.append(dict(common, what=f"student denoising, ASA ({args.student_steps} steps, guidance 1)", steps=args.student_steps,
                      forwards_per_step=1, density=dens["mean"], median_ms=median(sparse_ms), times_ms=sparse_ms,
                      warmup_s=warm_s, asa=dict(vars(asa_cfg)), extrapolated=False, peer="baseline denoising"))
     print(f"[{name}] student ASA {median(sparse_ms):.1f} ms, density {dens['mean']:.3f} (warm-up {warm_s:.1f} s)",
@@ -367,6 +368,19 @@ def _label(s: dict) -> str:
     return s["dtype"] + (" tiled" if s.get("tiling") else "") + (" compiled" if s.get("compile") else "")
 
 
+def _write(out: Path, rows: list[dict], summaries: dict) -> Path:
+    targets = {}
+    if "wan" in summaries:
+        targets["wan_e2e_speedup"] = target(summaries["wan"]["e2e_speedup"], 20.0, True)
+        targets["wan_transformer_speedup"] = target(summaries["wan"]["transformer_speedup"], 60.0, True)
+    if "cogvideox" in summaries:
+        targets["cog_e2e_speedup"] = target(summaries["cogvideox"]["e2e_speedup"], 12.0, True)
+    return write_results(out.stem, rows, targets, out_dir=out.parent, benchmark="e2e", method=(
+        "baseline denoising extrapolated from timed steps x 50 (identical dense steps); student timed whole; "
+        "text encoder excluded on both sides (random embeddings); random weights; bf16 transformers; both e2e "
+        "figures use the same decode setting"))
+
+
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--out", default=str(RESULTS))
@@ -394,6 +408,8 @@ def main(argv=None) -> int:
     specs = {"wan": ("Wan2.1-T2V-1.3B", WAN_1_3B), "cogvideox": ("CogVideoX-5B", COG_5B)}
     rows: list[dict] = []
     summaries = {}
+    out = Path(args.out)
+    path = None
     for fam in [m.strip() for m in args.models.split(",") if m.strip()]:
         name, spec = specs[fam]
         if args.tiny:
@@ -401,17 +417,8 @@ def main(argv=None) -> int:
         fam_rows = run_family(name, fam, spec, args, device, deadline)
         rows += fam_rows
         summaries[fam] = fam_rows[-1]
-    targets = {}
-    if "wan" in summaries:
-        targets["wan_e2e_speedup"] = target(summaries["wan"]["e2e_speedup"], 20.0, True)
-        targets["wan_transformer_speedup"] = target(summaries["wan"]["transformer_speedup"], 60.0, True)
-    if "cogvideox" in summaries:
-        targets["cog_e2e_speedup"] = target(summaries["cogvideox"]["e2e_speedup"], 12.0, True)
-    out = Path(args.out)
-    path = write_results(out.stem, rows, targets, out_dir=out.parent, name="e2e", method=(
-        "baseline denoising extrapolated from timed steps x 50 (identical dense steps); student timed whole; "
-        "text encoder excluded on both sides (random embeddings); random weights; bf16 transformers; both e2e "
-        "figures use the same decode setting"))
+        path = _write(out, rows, summaries)  # after every family, so a run cut short keeps what it measured
+    targets = json.loads(path.read_text())["targets"] if path else {}
     print_table([r for r in rows if "median_ms" in r], ["model", "what", "density", "median_ms", "psnr_db"])
     print(f"\n{'target':<28}{'value':>10}{'target':>10}")
     for k, v in targets.items():
