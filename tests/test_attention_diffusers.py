@@ -262,3 +262,16 @@ def test_a_block_called_outside_the_transformer_says_why():
     set_adaptive_sparse_attention(model, ASAConfig(**SPARSE))
     with pytest.raises(RuntimeError, match="set_adaptive_sparse_attention"):
         model.blocks[0].attn1(torch.randn(1, 8, 32), None, None, None)
+
+
+def test_wan_per_token_timesteps_are_reordered_with_the_tokens():
+    # Wan2.2 TI2V passes a timestep per token ([B, L]); its modulation must follow the permutation
+    model = tiny_wan()
+    inp = inputs("wan")
+    L = 5 * 5 * 7
+    inp["timestep"] = torch.linspace(100.0, 900.0, L)[None]
+    ref_out, ref_g = run(model, inp, grad=True)
+    set_adaptive_sparse_attention(model, ASAConfig(**FULL))
+    out, g = run(model, inp, grad=True)
+    torch.testing.assert_close(out, ref_out, atol=2e-5, rtol=1e-4)
+    torch.testing.assert_close(g["<input>"], ref_g["<input>"], atol=2e-5, rtol=1e-3)
