@@ -899,12 +899,19 @@ class TDMTrainer:
             if metrics_f is not None:
                 metrics_f.close()
         loras = self.export_loras() if self.global_step >= tr.max_train_steps else {}
+        # every rank's LoRA checksum: equal across ranks when the gradients were all-reduced
+        sums = torch.stack([torch.stack([p.detach().double().sum() for p in self.params[r]]).sum()
+                            for r in ("student", "fake")]).to(self.device)
+        if self.engines is not None:  # partitioned: checksum the gathered full tensors
+            sums = torch.tensor([sum(float(v.double().sum()) for v in self._gathered(r).values())
+                                 for r in ("student", "fake")], dtype=torch.float64, device=self.device)
+        per_rank = acc.gather(sums[None]).cpu().tolist()
         timed = step_times[1:] if len(step_times) > 1 else step_times
         summary = {"step": self.global_step, "max_train_steps": tr.max_train_steps, "finished":
                    self.global_step >= tr.max_train_steps, "skipped_fake_steps": self.skipped_fake,
                    "fake_steps": self.fake_steps, "s_per_it": (sum(timed) / len(timed)) if timed else None,
                    "peak_memory_gb": _peak_memory_gb(self.device), "last": last, "loras": loras,
-                   "videos": videos, "num_processes": acc.num_processes, "deepspeed": self.engines is not None,
+                   "videos": videos, "lora_checksums_per_rank": per_rank, "num_processes": acc.num_processes, "deepspeed": self.engines is not None,
                    "shared_base": self.shared, "resumed_from": str(resume) if resume else None,
                    "family": self.req.family, "geometry": {"latent_shape": list(self.req.geometry.latent_shape),
                                                            "token_grid": list(self.req.geometry.token_grid)}}

@@ -1,0 +1,270 @@
+"""TDM trainer through the real entry point on tiny Wan / CogVideoX models (CPU).
+
+Single process, DeepSpeed ZeRO-3 (single process), 2-process DDP on gloo; exact resume
+(6 straight == 3 + resume + 3, bit for bit) and resume after SIGKILL; request validation.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors import safe_open
+
+from videoblade.config import load_config
+from videoblade.data import encode_prompts_to_store
+from videoblade.models.tiny import tiny_model_folder
+
+ROOT = Path(__file__).resolve().parents[1]
+PROMPTS = [f"a {c} {a} {m} in the {p}" for c in ("red", "blue", "green") for a in ("cat", "robot")
+           for m in ("walking", "dancing") for p in ("city", "forest")]
+
+
+def _env():
+    env = dict(os.environ, HF_HUB_OFFLINE="1", OMP_NUM_THREADS="1", PYTHONUNBUFFERED="1",
+               TOKENIZERS_PARALLELISM="false")
+    env["PYTHONPATH"] = str(ROOT) + os.pathsep + env.get("PYTHONPATH", "")
+    for k in [k for k in env if k.startswith("ACCELERATE_")]:
+        env.pop(k)
+    return env
+
+
+def _port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture(scope="module")
+def tiny(tmp_path_factory):
+    root = tmp_path_factory.mktemp("stores")
+    out = {}
+    for fam in ("wan", "cogvideox"):
+        folder = tiny_model_folder(fam)
+        store = encode_prompts_to_store(folder, PROMPTS, root / f"store-{fam}", dtype="fp32", progress=False)
+        out[fam] = (folder, store)
+    return out
+
+
+def _args(tiny, fam, out_dir, **over):
+    folder, store = tiny[fam]
+    base = {"model.path": folder, "train.prompt_store": store, "train.output_dir": out_dir,
+            "model.dtype": "fp32", "train.mixed_precision": "'no'", "train.report_to": "none",
+            "train.train_batch_size": 1, "train.gradient_accumulation_steps": 2, "train.max_train_steps": 3,
+            "train.validation_steps": 0, "lora.rank": 4, "lora.lora_alpha": 4, "asa.block_size": 16,
+            "asa.pool": 8, "asa.samples_per_block": 8, "asa.min_retain": 0.25, "asa.max_retain": 0.5}
+    if fam == "cogvideox":
+        base.update({"tdm.cfg": 3.5, "tdm.lambda_reg": 0.5})
+    base.update(over)
+    return [f"{k}={v}" for k, v in base.items()]
+
+
+def _run(args, launcher=(), timeout=600, check=True):
+    cmd = [*launcher] if launcher else [sys.executable, "-m", "videoblade.train"]
+    r = subprocess.run([*cmd, *args], env=_env(), cwd=ROOT, capture_output=True, text=True, timeout=timeout)
+    if check:
+        assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-6000:]
+    return r
+
+
+def _metrics(out_dir):
+    return [json.loads(x) for x in (Path(out_dir) / "metrics.jsonl").read_text().splitlines()]
+
+
+def _tensors(path):
+    with safe_open(str(path), framework="pt") as f:
+        return {k: f.get_tensor(k) for k in f.keys()}
+
+
+def _check_trained(out_dir, fake_trained=True):
+    out_dir = Path(out_dir)
+    summary = json.loads((out_dir / "summary.json").read_text())
+    assert summary["finished"]
+    rows = _metrics(out_dir)
+    assert [r["step"] for r in rows] == list(range(1, summary["step"] + 1))
+    for r in rows:
+        for k in ("loss_fake", "loss_gen", "real_fake_gap", "lr_student", "lr_fake", "s_per_it", "peak_memory_gb"):
+            assert torch.isfinite(torch.tensor(r[k])), (k, r)
+    assert rows[-1]["lr_student"] > 0 and rows[-1]["lr_fake"] > rows[-1]["lr_student"]
+    student = _tensors(out_dir / "pytorch_lora_weights.safetensors")
+    fake = _tensors(out_dir / "fake" / "pytorch_lora_weights.safetensors")
+    # LoRA B starts at zero: any non-zero B means the optimizer moved the weights
+    assert max(v.abs().max().item() for k, v in student.items() if "lora_B" in k) > 0
+    moved = max(v.abs().max().item() for k, v in fake.items() if "lora_B" in k)
+    assert (moved > 0) == fake_trained
+    assert (out_dir / "config.yaml").is_file()
+    cfg = load_config(out_dir / "config.yaml")
+    assert cfg.train.output_dir == str(out_dir)
+    return summary, rows
+
+
+@pytest.mark.slow
+def test_single_process_wan_with_validation_video(tiny, tmp_path):
+    out = tmp_path / "wan"
+    _run(_args(tiny, "wan", out, **{"train.validation_steps": 3, "train.num_validation_videos": 1}))
+    summary, rows = _check_trained(out)
+    assert not summary["deepspeed"] and summary["shared_base"] and summary["num_processes"] == 1
+    assert 0 < rows[-1]["density_student"] < 1  # ASA ran sparse on the student
+    from videoblade.io.video import read_video
+
+    assert len(summary["videos"]) == 1
+    frames = read_video(summary["videos"][0])
+    assert frames.shape[0] == 17 and frames.shape[-1] == 3
+    assert (out / "lora_comfy.safetensors").is_file()
+    from videoblade.io.lora import read_lora
+
+    info = read_lora(out)
+    assert info.meta["family"] == "wan" and info.meta["k_step"] == 8 and info.meta["asa"]["block_size"] == 16
+    assert (out / "checkpoints" / "checkpoint-3" / "state.json").is_file()
+
+
+@pytest.mark.slow
+def test_single_process_cogvideox_and_skipped_fake_steps(tiny, tmp_path):
+    # a bound below any loss: every fake step is skipped and counted; the student still trains
+    out = tmp_path / "cog"
+    _run(_args(tiny, "cogvideox", out, **{"tdm.max_fake_loss": 1e-12}))
+    summary, rows = _check_trained(out, fake_trained=False)
+    assert summary["skipped_fake_steps"] == summary["fake_steps"] == 6
+    assert rows[-1]["skipped_fake_steps"] == 6 and rows[-1]["loss_fake_reg"] > 0
+    assert not (out / "lora_comfy.safetensors").exists()  # the ComfyUI layout is Wan's
+
+
+@pytest.fixture(scope="module")
+def straight(tiny, tmp_path_factory):
+    out = tmp_path_factory.mktemp("straight") / "run"
+    _run(_args(tiny, "wan", out, **{"train.max_train_steps": 6, "train.checkpointing_steps": 1}))
+    return out
+
+
+def _assert_same_run(a, b):
+    ra, rb = _metrics(a), _metrics(b)
+    keys = ("loss_fake", "loss_gen", "grad_norm_fake", "grad_norm_student", "lr_student", "density_student")
+    assert [[r[k] for k in keys] for r in ra] == [[r[k] for k in keys] for r in rb]
+    for f in ("pytorch_lora_weights.safetensors", "fake/pytorch_lora_weights.safetensors"):
+        ta, tb = _tensors(Path(a) / f), _tensors(Path(b) / f)
+        assert ta.keys() == tb.keys()
+        for k in ta:
+            assert torch.equal(ta[k], tb[k]), k
+
+
+@pytest.mark.slow
+def test_resume_is_bit_exact(tiny, straight, tmp_path):
+    out = tmp_path / "resumed"
+    args = _args(tiny, "wan", out, **{"train.max_train_steps": 6, "train.checkpointing_steps": 1})
+    _run(args + ["train.stop_at_step=3"])
+    assert not (out / "summary.json").exists() or not json.loads((out / "summary.json").read_text())["finished"]
+    assert [r["step"] for r in _metrics(out)] == [1, 2, 3]
+    _run(args)
+    _assert_same_run(straight, out)
+    # checkpoints_total_limit (3) keeps the newest ones only
+    assert sorted(p.name for p in (out / "checkpoints").iterdir()) == [f"checkpoint-{i}" for i in (4, 5, 6)]
+
+
+@pytest.mark.slow
+def test_sigkill_midrun_resumes_from_last_checkpoint(tiny, straight, tmp_path):
+    out = tmp_path / "killed"
+    args = _args(tiny, "wan", out, **{"train.max_train_steps": 6, "train.checkpointing_steps": 1})
+    p = subprocess.Popen([sys.executable, "-m", "videoblade.train", *args], env=_env(), cwd=ROOT,
+                         stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
+    try:
+        deadline = time.time() + 300
+        while not (out / "checkpoints" / "checkpoint-1" / "state.json").exists():
+            assert p.poll() is None, "the run ended before it could be killed"
+            assert time.time() < deadline
+            time.sleep(0.02)
+        os.kill(p.pid, signal.SIGKILL)
+        assert p.wait(60) == -signal.SIGKILL
+    finally:
+        if p.poll() is None:
+            os.kill(p.pid, signal.SIGKILL)
+    assert not (out / "summary.json").exists()
+    done = [r["step"] for r in _metrics(out)]
+    assert done and done[-1] < 6
+    r = _run(args)
+    assert "done: step 6/6" in r.stdout
+    # it resumed (did not restart) and ends exactly where the uninterrupted run ends
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["resumed_from"] is not None
+    ra = _metrics(out)
+    assert [x["step"] for x in ra][-6:] != [1, 2, 3, 4, 5, 6] or len(ra) == 6
+    for f in ("pytorch_lora_weights.safetensors", "fake/pytorch_lora_weights.safetensors"):
+        ta, tb = _tensors(straight / f), _tensors(out / f)
+        assert all(torch.equal(ta[k], tb[k]) for k in ta)
+
+
+@pytest.mark.slow
+def test_deepspeed_zero3_single_process(tiny, tmp_path):
+    ds = json.loads((ROOT / "ds_config.json").read_text())
+    assert ds["zero_optimization"]["stage"] == 3
+    assert ds["zero_optimization"]["offload_param"]["device"] == "cpu"
+    cfg = tmp_path / "ds.json"
+    cfg.write_text(json.dumps(ds))
+    out = tmp_path / "ds"
+    _run(_args(tiny, "wan", out, **{"train.deepspeed_config": cfg, "train.checkpointing_steps": 2}))
+    summary, rows = _check_trained(out)
+    assert summary["deepspeed"] and not summary["shared_base"]
+    assert (out / "checkpoints" / "checkpoint-3" / "ds_student").is_dir()
+
+
+@pytest.mark.slow
+def test_ddp_two_processes_gloo(tiny, tmp_path):
+    out = tmp_path / "ddp"
+    launcher = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
+                "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no",
+                "--main_process_port", str(_port()), "-m", "videoblade.train"]
+    _run(_args(tiny, "cogvideox", out), launcher=launcher)
+    summary, rows = _check_trained(out)
+    assert summary["num_processes"] == 2 and summary["shared_base"]
+    a, b = summary["lora_checksums_per_rank"]
+    assert a == b  # gradients were all-reduced: both ranks hold the same LoRAs
+
+
+def test_validate_request_fails_before_loading(tiny, tmp_path):
+    from videoblade.distill.trainer import TrainRequestError, validate_request
+
+    def cfg(**over):
+        return load_config(None, _args(tiny, "wan", tmp_path / "v", **over))
+
+    req = validate_request(cfg())
+    assert req.family == "wan" and req.geometry.latent_shape[0] == 4
+    with pytest.raises(TrainRequestError, match="encoded for a cogvideox model"):
+        validate_request(cfg(**{"train.prompt_store": tiny["cogvideox"][1]}))
+    with pytest.raises(TrainRequestError, match="height=72 is not divisible by 16"):
+        validate_request(cfg(**{"model.height": 72}))
+    with pytest.raises(TrainRequestError, match="not a prompt store|process_prompts"):
+        validate_request(cfg(**{"train.prompt_store": tmp_path}))
+    with pytest.raises(TrainRequestError, match="does not exist"):
+        validate_request(cfg(**{"model.path": tmp_path / "missing"}))
+    ro = tmp_path / "ro"
+    ro.mkdir()
+    ro.chmod(0o500)
+    try:
+        if not os.access(ro, os.W_OK):  # root ignores permissions
+            with pytest.raises(TrainRequestError, match="not writable"):
+                validate_request(cfg(**{"train.output_dir": ro / "x"}))
+    finally:
+        ro.chmod(0o700)
+    bad = tmp_path / "ds.json"
+    bad.write_text(json.dumps({"optimizer": {"type": "Adam"}, "zero_optimization": {"stage": 3}}))
+    with pytest.raises(TrainRequestError, match="optimizer"):
+        validate_request(cfg(**{"train.deepspeed_config": bad}))
+
+
+def test_latest_checkpoint_ignores_incomplete(tmp_path):
+    from videoblade.distill.trainer import latest_checkpoint
+
+    root = tmp_path / "checkpoints"
+    (root / "checkpoint-2").mkdir(parents=True)
+    (root / "checkpoint-2" / "state.json").write_text("{}")
+    (root / ".tmp-checkpoint-4").mkdir()  # a save killed half way
+    (root / "checkpoint-3").mkdir()  # no state.json: not complete
+    assert latest_checkpoint(tmp_path) == root / "checkpoint-2"
+    assert latest_checkpoint(tmp_path / "nothing") is None
