@@ -405,9 +405,10 @@ class TDMTrainer:
             if not cuda:
                 # DeepSpeed's CPU backend JIT-compiles a shared-memory allreduce (~100 s) that only
                 # inference uses; gloo does the training collectives.
-                import deepspeed.comm.torch as ds_torch
+                import importlib
 
-                ds_torch.build_shm_op = lambda: None
+                # (not `import deepspeed.comm.torch as m`: that name resolves to PyTorch itself)
+                importlib.import_module("deepspeed.comm.torch").build_shm_op = lambda: None
             _deepspeed_keep_tuple_attributes()
             kwargs["deepspeed_plugins"] = {"student": DeepSpeedPlugin(hf_ds_config=copy.deepcopy(req.ds_config)),
                                            "fake": DeepSpeedPlugin(hf_ds_config=copy.deepcopy(req.ds_config))}

@@ -1,0 +1,29 @@
+#!/usr/bin/env bash
+# TDM + ASA distillation of CogVideoX-5B (SPEC section 2) on NUM_GPUS GPUs of this node.
+#
+#   MODEL_PATH=/models/CogVideoX-5b PROMPT_STORE=runs/prompts-cogvideox NUM_GPUS=8 \
+#     bash cogvideox/train/train_tdm.sh [key=value overrides...]
+#
+# Build the prompt store once (the model's own text encoder; default prompt list):
+#   python utils/process_prompts.py --model $MODEL_PATH --out $PROMPT_STORE
+# ACCELERATE_CONFIG defaults to DeepSpeed ZeRO-3 + CPU offload (ds_config.json); for plain DDP
+# use ACCELERATE_CONFIG= (empty) and it launches with --multi_gpu. Multi-node: README "Multi-node".
+set -euo pipefail
+ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/../.." && pwd)"
+cd "$ROOT"
+: "${MODEL_PATH:?set MODEL_PATH to the local CogVideoX-5B diffusers folder}"
+: "${PROMPT_STORE:?set PROMPT_STORE to a folder written by utils/process_prompts.py}"
+NUM_GPUS="${NUM_GPUS:-8}"
+OUTPUT_DIR="${OUTPUT_DIR:-runs/cogvideox-5b-tdm-asa}"
+CONFIG="${CONFIG:-cogvideox/configs/tdm_asa.yaml}"
+ACCELERATE_CONFIG="${ACCELERATE_CONFIG-cogvideox/train/config.yaml}"
+MAIN_PORT="${MAIN_PORT:-29500}"
+
+LAUNCH=(accelerate launch --num_processes "$NUM_GPUS" --main_process_port "$MAIN_PORT")
+if [[ -n "$ACCELERATE_CONFIG" ]]; then
+  LAUNCH+=(--config_file "$ACCELERATE_CONFIG")
+elif [[ "$NUM_GPUS" -gt 1 ]]; then
+  LAUNCH+=(--multi_gpu --mixed_precision bf16)
+fi
+exec "${LAUNCH[@]}" -m videoblade.train --config "$CONFIG" \
+  model.path="$MODEL_PATH" train.prompt_store="$PROMPT_STORE" train.output_dir="$OUTPUT_DIR" "$@"
