@@ -1,0 +1,145 @@
+"""TDM training-iteration benchmark: full-size random-weight Wan2.1-T2V-1.3B, 81x480x832, batch 1.
+
+Complete TDM iterations (rollout, fake-score step, generator step; gradient checkpointing, bf16)
+through the real entry point (`python -m videoblade.train`), with ASA on (student and fake score
+sparse, teacher dense) and off (all dense), plus ASA on with separate student/fake bases (the
+DeepSpeed layout) for the memory comparison. Every variant runs the same seeds, so the sampled
+stages (and rollout depths) are the same step for step.
+
+    python benchmarks/train.py                # one GPU -> benchmarks/results/train_h200.json
+    python benchmarks/train.py --smoke        # the same path on the CPU at toy sizes (measures nothing)
+
+The model folder holds the published transformer config with random weights (no download), the
+flow scheduler (shift 3) and the VAE config (latent shape only); the prompt store holds random
+embeddings of the UMT5 shape [512, 4096].
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+from benchmarks.common import print_table, print_targets, target, write_results  # noqa: E402
+
+WAN_VAE = {"_class_name": "AutoencoderKLWan", "base_dim": 96, "z_dim": 16, "dim_mult": [1, 2, 4, 4],
+           "num_res_blocks": 2, "attn_scales": [], "temperal_downsample": [False, True, True], "dropout": 0.0}
+WAN_SCHED = {"_class_name": "UniPCMultistepScheduler", "num_train_timesteps": 1000,
+             "prediction_type": "flow_prediction", "use_flow_sigmas": True, "flow_shift": 3.0}
+
+
+def build_folder(root: Path, smoke: bool) -> Path:
+    from diffusers import WanTransformer3DModel
+
+    from benchmarks.transformer import WAN_1_3B, WAN_SMOKE
+
+    folder = root / ("wan-smoke" if smoke else "wan-1.3b-random")
+    cfg = WAN_SMOKE if smoke else WAN_1_3B
+    torch.manual_seed(0)
+    model = WanTransformer3DModel(**cfg).to(torch.float32 if smoke else torch.bfloat16)
+    model.save_pretrained(folder / "transformer")
+    del model
+    (folder / "vae").mkdir(parents=True, exist_ok=True)
+    (folder / "vae" / "config.json").write_text(json.dumps(WAN_VAE if not smoke else dict(WAN_VAE, z_dim=16)))
+    (folder / "scheduler").mkdir(parents=True, exist_ok=True)
+    (folder / "scheduler" / "scheduler_config.json").write_text(json.dumps(WAN_SCHED))
+    return folder
+
+
+def build_store(root: Path, text_dim: int, length: int) -> Path:
+    from videoblade.data import write_prompt_store
+
+    g = torch.Generator().manual_seed(0)
+    n = 8
+    emb = 0.1 * torch.randn(n, length, text_dim, generator=g)
+    neg = 0.1 * torch.randn(1, length, text_dim, generator=g)
+    return write_prompt_store(root / "store", [emb], [f"random prompt {i}" for i in range(n)], family="wan",
+                              text_max_length=length, negative_embeds=neg, dtype="bf16")
+
+
+def run_variant(name: str, folder: Path, store: Path, out: Path, steps: int, smoke: bool, overrides: list[str]):
+    args = [f"model.path={folder}", f"train.prompt_store={store}", f"train.output_dir={out}",
+            f"train.max_train_steps={steps}", "train.train_batch_size=1", "train.gradient_accumulation_steps=1",
+            "train.validation_steps=0", "train.report_to=none", f"train.checkpointing_steps={steps}",
+            "train.export_comfy=false", "train.resume_from_checkpoint=null", "tdm.cfg=5.0", "tdm.lambda_reg=0.0"]
+    if smoke:
+        args += ["model.height=64", "model.width=96", "model.frames=17", "model.dtype=fp32",
+                 "train.mixed_precision='no'", "asa.block_size=16", "asa.pool=8", "asa.samples_per_block=8",
+                 "lora.rank=4", "lora.lora_alpha=4"]
+    else:
+        args += ["model.height=480", "model.width=832", "model.frames=81", "model.dtype=bf16",
+                 "train.mixed_precision=bf16", "asa.pool=32"]
+    env = dict(os.environ, HF_HUB_OFFLINE="1", PYTHONUNBUFFERED="1")
+    if smoke:
+        env["OMP_NUM_THREADS"] = "1"
+    print(f"--- {name}: {' '.join(overrides)}", flush=True)
+    r = subprocess.run([sys.executable, "-m", "videoblade.train", *args, *overrides], cwd=ROOT, env=env,
+                       capture_output=True, text=True)
+    if r.returncode != 0:
+        print(r.stdout[-2000:], r.stderr[-8000:])
+        raise SystemExit(f"variant {name} failed")
+    rows = [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines()]
+    summary = json.loads((out / "summary.json").read_text())
+    timed = [x["s_per_it"] for x in rows[1:]] or [rows[0]["s_per_it"]]  # step 1: warm-up (autotune, allocator)
+    return {"s_per_it": statistics.median(timed), "s_per_it_all": [x["s_per_it"] for x in rows],
+            "rollout_depths": [x["rollout_depth"] for x in rows], "peak_memory_gb": summary["peak_memory_gb"],
+            "density": statistics.mean([x["density_student"] for x in rows if "density_student" in x] or [1.0]),
+            "loss_gen": [x["loss_gen"] for x in rows], "loss_fake": [x["loss_fake"] for x in rows]}
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--steps", type=int, default=4, help="TDM iterations per variant (the first is warm-up)")
+    ap.add_argument("--smoke", action="store_true", help="toy sizes on the CPU: checks the script only")
+    ap.add_argument("--work-dir", default=None)
+    ap.add_argument("--out-dir", default=None, help="results folder (default benchmarks/results)")
+    a = ap.parse_args(argv)
+    if not a.smoke and not torch.cuda.is_available():
+        raise SystemExit("needs a CUDA GPU (or --smoke)")
+    work = Path(a.work_dir or tempfile.mkdtemp(prefix="vb-train-bench-"))
+    folder = build_folder(work, a.smoke)
+    from benchmarks.transformer import WAN_1_3B, WAN_SMOKE
+
+    text_dim = (WAN_SMOKE if a.smoke else WAN_1_3B)["text_dim"]
+    store = build_store(work, text_dim, 32 if a.smoke else 512)
+    variants = [("dense", ["asa.enabled=false"]),
+                ("asa", ["asa.enabled=true"]),
+                ("asa_separate_bases", ["asa.enabled=true", "train.share_base=false"])]
+    res = {name: run_variant(name, folder, store, work / name, a.steps, a.smoke, ov) for name, ov in variants}
+    shape = [1, 16, 21, 60, 104] if not a.smoke else [1, 16, 5, 8, 12]
+    rows = []
+    for name, r in res.items():
+        rows.append({"what": f"TDM iteration ({name}), Wan2.1-1.3B random weights, grad ckpt, bf16",
+                     "shape": shape, "density": r["density"], "pass": "rollout+fake fwd/bwd+generator fwd/bwd",
+                     "median_ms": r["s_per_it"] * 1000, "peer": "dense" if name != "dense" else None,
+                     "s_per_it": r["s_per_it"], "peak_memory_gb": r["peak_memory_gb"],
+                     "rollout_depths": r["rollout_depths"], "s_per_it_all": r["s_per_it_all"],
+                     "loss_gen": r["loss_gen"], "loss_fake": r["loss_fake"],
+                     "shared_base": name != "asa_separate_bases"})
+    speed = res["dense"]["s_per_it"] / res["asa"]["s_per_it"]
+    targets = {"wan_iteration_speedup_asa_vs_dense": target(speed, 2.5, True)}
+    print_table(rows, ["what", "density", "median_ms", "peak_memory_gb", "rollout_depths"])
+    print_targets(targets)
+    if a.smoke:
+        print("smoke run: nothing written")
+        return 0
+    path = write_results("train_h200", rows, targets, out_dir=a.out_dir,
+                         notes={"memory_shared_vs_separate_gb": [res["asa"]["peak_memory_gb"],
+                                                                 res["asa_separate_bases"]["peak_memory_gb"]],
+                                "steps": a.steps, "timed": "median of iterations 2..steps"})
+    print(f"wrote {path}")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
