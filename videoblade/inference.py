@@ -139,8 +139,8 @@ _BAD = re.compile(r'[<>:"/\\|?*\x00-\x1f\x7f]')
 def sanitize_prompt(prompt: str, max_bytes: int = 180) -> str:
     """A prompt as a file-name stem: path separators and characters Windows or shells reject removed,
     whitespace collapsed, trimmed of leading/trailing dots/spaces, cut to `max_bytes` of UTF-8."""
-    s = _BAD.sub("", prompt)
-    s = re.sub(r"\s+", " ", s).strip().strip(".").strip()
+    s = _BAD.sub("", re.sub(r"\s+", " ", prompt))
+    s = re.sub(r" +", " ", s).strip().strip(".").strip()
     b = s.encode("utf-8")[:max_bytes]
     s = b.decode("utf-8", errors="ignore").rstrip()
     return s or "prompt"
@@ -699,6 +699,8 @@ def generate(plan: Plan, comps: Components | None = None) -> dict:
             entry["text_encoding_s"] = time.perf_counter() - t0
         except Exception as e:  # noqa: BLE001 - one prompt's failure must not stop the rest
             entry["error"] = _error_text(e)
+            entry["videos"] = [{"sample_index": j.sample_index, "seed": j.seed, "path": str(j.path),
+                                "error": "prompt encoding failed"} for j in jobs]
             n_failed += len(jobs)
             bar.update(len(jobs))
             print(f"[videoblade] prompt {pi} failed during text encoding: {entry['error']}", file=sys.stderr)

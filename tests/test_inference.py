@@ -1,0 +1,416 @@
+"""Inference (`videoblade generate` / utils/inference.py) on a tiny Wan folder with a LoRA from a real
+tiny TDM training run: mp4s that read back at the requested size, a complete JSON report, both
+LoRA layouts, sparse and dense, the eval-dir layout, per-prompt failure isolation, and every
+request error raised with its message before any weights load."""
+
+from __future__ import annotations
+
+import json
+import math
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from videoblade import cli
+from videoblade.inference import (
+    InferenceError,
+    build_parser,
+    choose_decode,
+    compare_decode,
+    inspect_lora,
+    main,
+    plan_from_args,
+    psnr,
+    sanitize_prompt,
+    video_filename,
+)
+from videoblade.io.lora import read_lora, save_lora
+from videoblade.io.video import read_video
+from videoblade.models.tiny import tiny_model_folder
+
+ROOT = Path(__file__).resolve().parents[1]
+H, W, FRAMES = 64, 96, 9  # tiny folder: latent 4x3x8x12, token grid 3x4x6 = 72 tokens
+ASA_YAML = "asa:\n  block_size: 16\n  samples_per_block: 4\n  pool: 4\n  min_retain: 0.2\n  max_retain: 0.4\n"
+
+
+@pytest.fixture(scope="module")
+def tiny_wan():
+    return tiny_model_folder("wan")
+
+
+@pytest.fixture(scope="module")
+def trained(tiny_wan, tmp_path_factory):
+    """A LoRA from a real (one-step) TDM + ASA training run on the tiny Wan model."""
+    from videoblade.data import encode_prompts_to_store
+    from videoblade.train import main as train_main
+
+    root = tmp_path_factory.mktemp("train")
+    encode_prompts_to_store(tiny_wan, ["a red fox in snow", "a boat at dawn"], root / "store", progress=False)
+    rc = train_main([f"model.path={tiny_wan}", f"train.prompt_store={root / 'store'}",
+                     f"train.output_dir={root / 'run'}", "train.max_train_steps=1", "train.train_batch_size=1",
+                     "train.gradient_accumulation_steps=1", "train.validation_steps=0", "train.report_to=none",
+                     "train.mixed_precision='no'", "train.gradient_checkpointing=false", "train.checkpointing_steps=1",
+                     "model.height=32", "model.width=48", "model.frames=5", "model.dtype=fp32", "lora.rank=4",
+                     "lora.lora_alpha=4", "tdm.k_step=2", "asa.block_size=16", "asa.samples_per_block=4",
+                     "asa.pool=4", "optim.lr_warmup_steps=0"])
+    assert rc == 0
+    run = root / "run"
+    assert (run / "pytorch_lora_weights.safetensors").is_file() and (run / "lora_comfy.safetensors").is_file()
+    # the student moved away from the base (B != 0 after one step): the LoRA changes the outputs
+    sd = read_lora(run / "pytorch_lora_weights.safetensors").state_dict
+    assert any(v.abs().max() > 0 for k, v in sd.items() if "lora_B" in k)
+    return run
+
+
+@pytest.fixture(scope="module")
+def asa_yaml(tmp_path_factory):
+    p = tmp_path_factory.mktemp("asa") / "asa.yaml"
+    p.write_text(ASA_YAML)
+    return p
+
+
+@pytest.fixture
+def no_weight_loads(monkeypatch):
+    """Every weight/tokenizer load raises, so an error test proves its check came first."""
+    import diffusers
+    import transformers
+
+    def forbid(name):
+        def f(*a, **k):
+            raise AssertionError(f"{name}.from_pretrained was called before the request was validated")
+        return classmethod(f) if name != "AutoTokenizer" else staticmethod(f)
+
+    monkeypatch.setattr(diffusers.ModelMixin, "from_pretrained", forbid("ModelMixin"))
+    monkeypatch.setattr(transformers.PreTrainedModel, "from_pretrained", forbid("PreTrainedModel"))
+    monkeypatch.setattr(transformers.AutoTokenizer, "from_pretrained", forbid("AutoTokenizer"))
+
+
+def _common(tiny_wan, *extra):
+    return ["--model", str(tiny_wan), "--height", str(H), "--width", str(W), "--frames", str(FRAMES),
+            "--steps", "2", "--no-progress", *extra]
+
+
+def _check_video(path: Path, frames=FRAMES, height=H, width=W):
+    assert path.is_file(), path
+    v = read_video(path)
+    assert v.shape == (frames, height, width, 3), v.shape
+    assert v.dtype.name == "uint8" and v.std() > 0  # decoded content, not a constant frame
+
+
+SETTINGS_KEYS = {"model", "family", "method", "lora", "height", "width", "frames", "latent_shape", "token_grid",
+                 "steps", "guidance", "sampler", "eta", "flow_shift", "negative_prompt", "attention", "asa", "seed",
+                 "num_videos_per_prompt", "dtype", "vae_dtype", "vae_tiling", "device", "fps", "text_max_length"}
+
+
+def _check_report(report: dict, n_videos: int):
+    assert SETTINGS_KEYS <= set(report["settings"])
+    assert report["environment"]["torch"] == torch.__version__
+    assert report["timings"]["load_s"] > 0
+    vids = [v for e in report["prompts"] for v in e["videos"]]
+    assert len(vids) == n_videos
+    for e in report["prompts"]:
+        if "error" not in e:
+            assert e["text_encoding_s"] > 0
+    for v in vids:
+        if "error" in v:
+            continue
+        assert v["denoising_s"] > 0 and v["decoding_s"] > 0
+        assert 0 < v["density"] <= 1
+        assert (v["frames"], v["height"], v["width"]) == (FRAMES, H, W)
+    s = report["summary"]
+    assert s["videos"] == n_videos and s["ok"] + s["failed"] == n_videos
+    assert s["mean_denoising_s"] > 0 and s["mean_decoding_s"] > 0 and s["mean_text_encoding_s"] > 0
+
+
+# ---------------------------------------------------------------------------- runs
+def test_blade_sparse_eval_dir(tiny_wan, trained, asa_yaml, tmp_path):
+    """Student LoRA (diffusers layout) + ASA, VBench layout <dir>/wan_videos/blade/<prompt>-<k>.mp4."""
+    prompts = ["A red fox walks through fresh snow.", "a boat / at dawn?"]
+    pf = tmp_path / "prompts.txt"
+    pf.write_text("# eval prompts\n" + "\n".join(prompts) + "\n\n")
+    rc = cli.main(["generate", *_common(tiny_wan, "--lora", str(trained), "--prompt-file", str(pf), "--asa-config",
+                                        str(asa_yaml), "--eval-dir", str(tmp_path / "eval"))])
+    assert rc == 0
+    method_dir = tmp_path / "eval" / "wan_videos" / "blade"
+    assert sorted(p.name for p in method_dir.iterdir()) == sorted(
+        ["A red fox walks through fresh snow-0.mp4", "a boat at dawn-0.mp4"])
+    for p in method_dir.iterdir():
+        _check_video(p)
+    report = json.loads((tmp_path / "eval" / "wan_videos" / "blade.json").read_text())
+    _check_report(report, 2)
+    st = report["settings"]
+    assert st["method"] == "blade" and st["attention"] == "sparse" and st["steps"] == 2 and st["guidance"] == 1.0
+    assert st["lora"]["layout"] == "diffusers" and st["lora"]["rank"] == 4 and st["lora"]["family"] == "wan"
+    assert st["asa"]["block_size"] == 16 and st["sampler"] == "tdm"
+    # 72 tokens in blocks of 16 with at most 40 % of key blocks kept (+ the diagonal): really sparse
+    for v in (v for e in report["prompts"] for v in e["videos"]):
+        assert v["density"] < 0.9 and set(v["density_per_layer"]) == {"0", "1"}
+
+
+def test_dense_original_layout_unipc_failure_isolated(tiny_wan, trained, tmp_path, monkeypatch):
+    """The original-Wan/ComfyUI export, dense, UniPC, two videos per prompt; one prompt failing does
+    not stop the others and the exit code says so."""
+    from videoblade.models.wan import WanAdapter
+
+    real = WanAdapter.encode_prompts
+
+    def flaky(self, te, tok, prompts, *a, **k):
+        if any("EXPLODE" in p for p in prompts):
+            raise RuntimeError("simulated text-encoder failure")
+        return real(self, te, tok, prompts, *a, **k)
+
+    monkeypatch.setattr(WanAdapter, "encode_prompts", flaky)
+    out = tmp_path / "out"
+    rc = main(_common(tiny_wan, "--lora", str(trained / "lora_comfy.safetensors"), "--dense", "--sampler", "unipc",
+                      "--prompt", "a lighthouse EXPLODE", "--prompt", "a lighthouse at night",
+                      "--num-videos-per-prompt", "2", "--seed", "7", "--out", str(out)))
+    assert rc == 1
+    report = json.loads((out / "inference.json").read_text())
+    _check_report(report, 4)
+    assert "simulated text-encoder failure" in report["prompts"][0]["error"]
+    assert report["summary"]["failed"] == 2 and report["summary"]["ok"] == 2
+    vids = report["prompts"][1]["videos"]
+    assert [v["seed"] for v in vids] == [7, 8]
+    for v in vids:
+        assert v["density"] == 1.0
+        _check_video(Path(v["path"]))
+    assert sorted(p.name for p in out.glob("*.mp4")) == ["0001-a lighthouse at night-0.mp4",
+                                                          "0001-a lighthouse at night-1.mp4"]
+    st = report["settings"]
+    assert st["method"] == "tdm" and st["attention"] == "dense" and st["sampler"] == "unipc"
+    assert st["lora"]["layout"] == "wan_original" and st["asa"] is None
+    # the two seeds give different videos
+    a, b = (read_video(Path(v["path"])) for v in vids)
+    assert (a.astype(int) - b.astype(int)).__abs__().mean() > 0.5
+
+
+def test_baseline_preset(tiny_wan, trained, tmp_path):
+    args = build_parser().parse_args(_common(tiny_wan, "--baseline", "--lora", str(trained), "--prompt", "x",
+                                             "--out", str(tmp_path)))
+    args.steps = None  # the preset's own step count
+    plan = plan_from_args(args)
+    assert (plan.steps, plan.guidance, plan.sampler, plan.asa, plan.lora, plan.method) == (
+        50, 5.0, "unipc", None, None, "baseline")
+    assert any("ignores --lora" in n for n in plan.notes)
+    with pytest.raises(InferenceError, match="dense by definition"):
+        plan_from_args(build_parser().parse_args(_common(tiny_wan, "--baseline", "--sparse", "--prompt", "x",
+                                                         "--out", str(tmp_path))))
+    # a short CFG run through the real path (two passes per step + the encoded negative prompt)
+    rc = main(_common(tiny_wan, "--baseline", "--steps", "2", "--prompt", "a lighthouse at night",
+                      "--eval-dir", str(tmp_path / "eval")))
+    assert rc == 0
+    report = json.loads((tmp_path / "eval" / "wan_videos" / "baseline.json").read_text())
+    _check_report(report, 1)
+    assert report["settings"]["guidance"] == 5.0 and report["settings"]["negative_prompt"] == ""
+    assert report["timings"]["negative_prompt_encoding_s"] > 0
+    _check_video(tmp_path / "eval" / "wan_videos" / "baseline" / "a lighthouse at night-0.mp4")
+
+
+def test_script_entry_point(tiny_wan, tmp_path):
+    """`python utils/inference.py` is the same program (errors exit 2 with one line)."""
+    r = subprocess.run([sys.executable, str(ROOT / "utils" / "inference.py"), "--model", str(tiny_wan), "--frames",
+                        "10", "--prompt", "x", "--out", str(tmp_path)], capture_output=True, text=True, timeout=120,
+                       env={"HF_HUB_OFFLINE": "1", "PATH": "/usr/bin:/bin"})
+    assert r.returncode == 2, r.stderr
+    assert "frames=10 is not of the form 4k+1" in r.stderr
+
+
+# ---------------------------------------------------------------------------- errors before weights
+def _foreign_loras(tmp_path: Path, trained: Path) -> dict[str, Path]:
+    """LoRA files that must be refused: another family (with and without metadata), rank mismatch
+    inside the file, a different model size."""
+    sd_cog = {}
+    for i in range(2):
+        for m, (i_f, o_f) in {"to_q": (32, 32), "to_v": (32, 32)}.items():
+            sd_cog[f"transformer_blocks.{i}.attn1.{m}.lora_A.weight"] = torch.zeros(4, i_f)
+            sd_cog[f"transformer_blocks.{i}.attn1.{m}.lora_B.weight"] = torch.zeros(o_f, 4)
+    cog = save_lora(tmp_path / "cog", sd_cog, family="cogvideox", rank=4, alpha=4)
+    from safetensors.torch import load_file, save_file
+
+    save_file(load_file(str(cog)), str(tmp_path / "cog_nometa.safetensors"))  # no metadata at all
+    wan_sd = load_file(str(trained / "pytorch_lora_weights.safetensors"))
+    meta = dict(read_lora(trained).meta)
+    meta["rank"] = 8
+    save_file(wan_sd, str(tmp_path / "bad_meta.safetensors"), metadata={"videoblade": json.dumps(meta)})
+    wide = {k: (torch.zeros(v.shape[0], 2 * v.shape[1]) if "lora_A" in k else torch.zeros(2 * v.shape[0], v.shape[1]))
+            for k, v in wan_sd.items()}
+    bigger = save_lora(tmp_path / "big", {k[len("transformer."):]: v for k, v in wide.items()}, family="wan", rank=4,
+                       alpha=4)
+    return {"cog": cog, "cog_nometa": tmp_path / "cog_nometa.safetensors", "bad_meta": tmp_path / "bad_meta.safetensors",
+            "bigger": bigger}
+
+
+@pytest.fixture(scope="module")
+def bad_loras(tmp_path_factory, trained):
+    return _foreign_loras(tmp_path_factory.mktemp("bad_loras"), trained)
+
+
+def _foreign_folder(root: Path) -> Path:
+    d = root / "unet_model"
+    (d / "transformer").mkdir(parents=True)
+    (d / "transformer" / "config.json").write_text(json.dumps({"_class_name": "UNet2DConditionModel"}))
+    return d
+
+
+@pytest.mark.parametrize("case", [
+    "missing_model", "foreign_model", "incomplete_model", "lora_other_family", "lora_other_family_no_metadata",
+    "lora_rank_expected", "lora_rank_inconsistent", "lora_other_size", "lora_missing", "bad_frames", "bad_height",
+    "empty_prompt_file", "out_is_file", "out_unwritable", "asa_unknown_key",
+])
+def test_errors_before_weights(case, tiny_wan, trained, bad_loras, tmp_path, no_weight_loads, capsys):
+    import shutil
+
+    pf = tmp_path / "p.txt"
+    pf.write_text("a cat\n")
+    args = ["--model", str(tiny_wan), "--prompt-file", str(pf), "--out", str(tmp_path / "out")]
+
+    def with_(**kw):
+        a = list(args)
+        for k, v in kw.items():
+            flag = "--" + k.replace("_", "-")
+            if flag in a:
+                a[a.index(flag) + 1] = str(v)
+            else:
+                a += [flag] + ([str(v)] if v is not None else [])
+        return a
+
+    incomplete = tmp_path / "incomplete"
+    if case == "incomplete_model":
+        shutil.copytree(tiny_wan, incomplete, ignore=shutil.ignore_patterns("vae"))
+    blocker = tmp_path / "a_file"
+    blocker.write_text("x")
+    bad_yaml = tmp_path / "asa.yaml"
+    bad_yaml.write_text("asa:\n  blocksize: 16\n")
+    cases = {
+        "missing_model": (with_(model=tmp_path / "nope"), "does not exist"),
+        "foreign_model": (with_(model=_foreign_folder(tmp_path)), "'UNet2DConditionModel' is not supported"),
+        "incomplete_model": (with_(model=incomplete), "has no usable vae/"),
+        "lora_other_family": (with_(lora=bad_loras["cog"]), "was trained for a cogvideox model"),
+        "lora_other_family_no_metadata": (with_(lora=bad_loras["cog_nometa"]), "it looks like a cogvideox LoRA"),
+        "lora_rank_expected": (with_(lora=trained, lora_rank=8), "has rank 4, but --lora-rank 8"),
+        "lora_rank_inconsistent": (with_(lora=bad_loras["bad_meta"]), "metadata says rank 8 but the tensors have rank 4"),
+        "lora_other_size": (with_(lora=bad_loras["bigger"]), "a LoRA for a different model size"),
+        "lora_missing": (with_(lora=tmp_path / "none.safetensors"), "does not exist"),
+        "bad_frames": (with_(frames=10), "frames=10 is not of the form 4k+1"),
+        "bad_height": (with_(height=50), "height=50 is not divisible by"),
+        "empty_prompt_file": (with_(prompt_file=_write(tmp_path / "empty.txt", "\n# only a comment\n\n")),
+                              "holds no prompts"),
+        "out_is_file": (with_(out=blocker), "exists and is not a folder"),
+        "out_unwritable": (with_(out=blocker / "sub"), "cannot be written"),
+        "asa_unknown_key": (with_(sparse=None, asa_config=bad_yaml), "unknown ASA keys ['blocksize']"),
+    }
+    argv, msg = cases[case]
+    rc = main(argv)
+    err = capsys.readouterr().err
+    assert rc == 2
+    assert msg in err, err
+    assert len([ln for ln in err.strip().splitlines() if ln.startswith("error:")]) == 1
+    assert not (tmp_path / "out" / "inference.json").exists()
+
+
+def _write(p: Path, text: str) -> Path:
+    p.write_text(text)
+    return p
+
+
+def test_inspect_lora_reads_header_only(trained):
+    for name, layout in (("pytorch_lora_weights.safetensors", "diffusers"), ("lora_comfy.safetensors", "wan_original")):
+        info = inspect_lora(trained / name)
+        assert (info.layout, info.rank, info.alpha, info.family) == (layout, 4, 4.0, "wan")
+        assert "blocks.0.attn1.to_q" in info.target_modules
+    assert inspect_lora(trained).path.name == "pytorch_lora_weights.safetensors"  # a folder resolves to the file
+
+
+# ---------------------------------------------------------------------------- names, sampler, decode
+def test_sanitized_names():
+    assert video_filename("A dog / cat: \"running\"?", 3) == "A dog cat running-3.mp4"
+    assert video_filename("a  b\tc.", 0) == "a b c-0.mp4"
+    assert sanitize_prompt("///") == "prompt"
+    long = sanitize_prompt("é" * 500)
+    assert len(long.encode()) <= 180 and long == "é" * len(long)
+
+
+@pytest.mark.parametrize("kind", ["flow", "v_prediction"])
+def test_unipc_recovers_x0_from_an_exact_model(kind):
+    """With a network that returns the exact output for a fixed x0, UniPC lands on x0: the
+    scheduler is wired to the same noise schedule (flow shift / zero-SNR v-pred) as the model."""
+    from videoblade.sampling import unipc_denoise, unipc_scheduler
+    from videoblade.schedules import Schedule
+
+    g = torch.Generator().manual_seed(0)
+    x0 = torch.randn(2, 4, 3, 4, 4, generator=g)
+    if kind == "flow":
+        sched_vb = Schedule.flow(1000, 3.0)
+        sch = unipc_scheduler(sched_vb)
+
+        def predict(x, t):  # v = (x - x0) / sigma at the scheduler's current sigma
+            s = sch.sigmas[sch.step_index if sch.step_index is not None else 0].item()
+            return (x - x0) / s
+    else:
+        cfg = {"_class_name": "CogVideoXDDIMScheduler", "num_train_timesteps": 1000, "beta_schedule": "scaled_linear",
+               "beta_start": 0.00085, "beta_end": 0.012, "prediction_type": "v_prediction",
+               "rescale_betas_zero_snr": True, "snr_shift_scale": 3.0, "timestep_spacing": "trailing",
+               "set_alpha_to_one": True, "clip_sample": False}
+        sched_vb = Schedule.from_scheduler_config(cfg)
+        sch = unipc_scheduler(sched_vb)
+        assert torch.allclose(sch.alphas_cumprod[:-1].float(), (sched_vb.alphas[:-1] ** 2), atol=1e-6)
+
+        def predict(x, t):
+            a = sched_vb.alpha(t).view(-1, 1, 1, 1, 1)
+            s = sched_vb.sigma(t).view(-1, 1, 1, 1, 1)
+            eps = (x - a * x0) / s
+            return a * eps - s * x0
+    out = unipc_denoise(predict, sch, torch.randn(x0.shape, generator=g), 8)
+    assert (out - x0).abs().max() < 1e-3
+
+
+def test_compare_decode_and_choice(tiny_wan):
+    from videoblade.models import get_adapter
+
+    ad = get_adapter(tiny_wan)
+    vae = ad.load(tiny_wan, dtype="fp32", components=("vae",)).vae
+    lat = torch.randn(1, 4, 2, 4, 6, generator=torch.Generator().manual_seed(0))
+    rows = compare_decode(ad, vae, lat, [{"dtype": "bf16", "tiling": False, "compile": False}], repeats=1)
+    assert [r["setting"]["dtype"] for r in rows] == ["fp32", "bf16"]
+    assert math.isinf(rows[0]["psnr_db"]) and 25 < rows[1]["psnr_db"] < 200
+    assert all(r["median_s"] > 0 for r in rows)
+    fake = [{"setting": "fp32", "median_s": 3.0, "psnr_db": float("inf")},
+            {"setting": "bf16", "median_s": 2.0, "psnr_db": 45.0},
+            {"setting": "fp8", "median_s": 1.0, "psnr_db": 35.0}]
+    assert choose_decode(fake)["setting"] == "bf16"
+    assert choose_decode(fake, min_psnr=50.0)["setting"] == "fp32"
+    a = torch.zeros(2, 3, dtype=torch.uint8)
+    assert psnr(a, a) == float("inf") and abs(psnr(a, a + 1) - 20 * math.log10(255)) < 1e-9
+
+
+def test_cli_dispatch(capsys):
+    assert cli.main(["nonsense"]) == 2
+    assert "unknown command" in capsys.readouterr().err
+    assert cli.main([]) == 2
+    with pytest.raises(SystemExit):
+        cli.main(["generate", "--help"])
+    assert "--eval-dir" in capsys.readouterr().out
+
+
+def test_lora_is_applied_with_its_scale(tiny_wan, trained, tmp_path):
+    """The loaded student differs from the base model, and --lora-scale 0 gives the base back."""
+    from videoblade.inference import load_components
+
+    def out_of(*extra):
+        plan = plan_from_args(build_parser().parse_args(_common(tiny_wan, "--dense", "--prompt", "x", "--out",
+                                                                str(tmp_path), *extra)))
+        comps = load_components(plan)
+        g = torch.Generator().manual_seed(0)
+        x = torch.randn(1, *plan.geometry.latent_shape, generator=g)
+        emb = torch.randn(1, plan.text_max_length, 32, generator=g)
+        with torch.no_grad():
+            return plan.adapter.predict(comps.transformer, x, torch.tensor([500]), emb, plan.geometry)
+
+    base = out_of()
+    student = out_of("--lora", str(trained))
+    off = out_of("--lora", str(trained), "--lora-scale", "0")
+    assert (student - base).abs().max() > 1e-6
+    assert torch.allclose(off, base, atol=1e-6)
