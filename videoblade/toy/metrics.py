@@ -30,7 +30,7 @@ def nearest(samples: torch.Tensor, data: torch.Tensor, exclude_self: bool = Fals
     """(distance, index) of each sample's nearest data clip; inputs are to_unit() vectors."""
     dists, idxs = [], []
     for i in range(0, samples.shape[0], chunk):
-        d = torch.cdist(samples[i:i + chunk], data)
+        d = torch.cdist(samples[i:i + chunk], data, compute_mode="donot_use_mm_for_euclid_dist")  # exact
         if exclude_self:
             rows = torch.arange(d.shape[0])
             d[rows, rows + i] = float("inf")

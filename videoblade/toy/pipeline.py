@@ -58,8 +58,9 @@ class DemoProfile:
     learning_rate_fake: float = 2e-3
     lora_rank: int = 32
     lr_warmup_steps: int = 5
-    asa: dict = field(default_factory=lambda: dict(block_size=16, pool=4, samples_per_block=16,
-                                                   energy_threshold=0.95, min_retain=0.05, max_retain=0.2))
+    asa: dict = field(default_factory=lambda: dict(block_size=16, pool=4, samples_per_block=4,
+                                                   energy_threshold=0.95, min_retain=0.05, max_retain=0.2,
+                                                   cpu_backend="gathered"))
     dense_students: bool = True  # also distil without ASA (TDM only), for the comparison
     # evaluation
     teacher_steps: tuple[int, ...] = (50, 8, 4)
@@ -346,7 +347,7 @@ def video_grid(samples: dict[str, torch.Tensor], rows: list[dict], prof: DemoPro
     H = len(names) * (h + pad) + pad
     W = label_w + n * (w + pad) + pad
     frames = np.full((F, H, W, 3), 255, np.uint8)
-    for ri, (name, t) in enumerate(zip(names, tiles)):
+    for ri, t in enumerate(tiles):
         y = pad + ri * (h + pad)
         for ci in range(n):
             x = label_w + pad + ci * (w + pad)

@@ -1,0 +1,133 @@
+"""Toy demo pieces: procedural data, the precision/coverage metrics, the toy model family."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+
+from videoblade.toy.data import (
+    COLOURS,
+    DIRECTIONS,
+    ToyDataConfig,
+    all_prompts,
+    draw_reference,
+    factor_grid,
+    make_dataset,
+    render,
+)
+from videoblade.toy.metrics import coverage_fraction, data_spacing, evaluate, nearest, precision, to_unit
+
+SMALL = ToyDataConfig(n_clips=96, seed=3)
+
+
+def test_dataset_is_deterministic_distinct_and_seeded():
+    a, clips_a = make_dataset(SMALL)
+    b, clips_b = make_dataset(SMALL)
+    c, clips_c = make_dataset(ToyDataConfig(n_clips=96, seed=4))
+    assert torch.equal(a, b) and clips_a == clips_b
+    assert clips_a != clips_c
+    assert a.shape == (96, 3, SMALL.frames, SMALL.height, SMALL.width)
+    assert float(a.min()) >= -1.0 and float(a.max()) <= 1.0
+    assert len(set(clips_a)) == 96  # no duplicates: the precision unit is never 0
+    assert len(factor_grid(SMALL)) == 3 * 4 * 4 * SMALL.n_along * SMALL.n_across
+
+
+@pytest.mark.parametrize("direction", list(DIRECTIONS))
+def test_clip_shows_its_prompt_colour_moving_in_its_direction(direction):
+    cfg = ToyDataConfig()
+    clip = next(c for c in factor_grid(cfg) if c.direction == direction and c.colour == "red" and c.shape == "square")
+    x = render(cfg, [clip])[0]  # [3, F, H, W]
+    rgb = (x + 1) / 2
+    fg = (rgb - torch.tensor([0.12, 0.12, 0.12]).view(3, 1, 1, 1)).abs().sum(0) > 0.1  # [F, H, W]
+    assert fg.flatten(1).sum(1).tolist() == [cfg.shape_size**2] * cfg.frames  # a whole square every frame
+    colours = rgb.permute(1, 2, 3, 0)[fg]
+    assert torch.allclose(colours, torch.tensor(COLOURS["red"]).expand_as(colours), atol=1e-6)
+    ys, xs = [], []
+    for f in range(cfg.frames):
+        idx = fg[f].nonzero().float()
+        ys.append(idx[:, 0].mean())
+        xs.append(idx[:, 1].mean())
+    dy, dx = DIRECTIONS[direction]
+    steps_y = [float(b - a) for a, b in zip(ys, ys[1:])]
+    steps_x = [float(b - a) for a, b in zip(xs, xs[1:])]
+    assert steps_y == [dy * cfg.speed] * (cfg.frames - 1) and steps_x == [dx * cfg.speed] * (cfg.frames - 1)
+    assert clip.prompt == f"a red square moving {direction}"
+
+
+def test_bad_data_config_is_rejected():
+    with pytest.raises(ValueError, match="does not fit"):
+        ToyDataConfig(speed=4)
+    with pytest.raises(ValueError, match="n_clips"):
+        ToyDataConfig(n_clips=10_000)
+
+
+def test_reference_draws_follow_the_prompts():
+    prompts = all_prompts()[:5] * 2
+    x, clips = draw_reference(SMALL, prompts, seed=0)
+    assert [c.prompt for c in clips] == prompts and x.shape[0] == 10
+    with pytest.raises(ValueError, match="not a toy-data prompt"):
+        draw_reference(SMALL, ["a purple cat"], seed=0)
+
+
+def test_metrics_on_known_cases():
+    data, clips = make_dataset(SMALL)
+    d = to_unit(data)
+    spacing = data_spacing(d)
+    assert spacing > 0
+    # training clips themselves: distance 0, and each is its own nearest neighbour
+    assert precision(d[:10], d) == 0.0
+    assert coverage_fraction(d[:10], d) == pytest.approx(10 / 96)
+    # a blur of two training clips of one prompt (what few-step sampling does) is far from the data
+    same = [i for i, c in enumerate(clips) if c.prompt == clips[0].prompt]
+    assert len(same) >= 2
+    blur = (data[same[0]] + data[same[1]]) / 2
+    assert precision(to_unit(blur[None]), d, spacing) > 0.5
+    # collapse onto one clip: coverage drops to one clip's worth
+    ref, _ = draw_reference(SMALL, [c.prompt for c in clips[:20]], seed=1)
+    collapsed = data[:1].expand(20, -1, -1, -1, -1)
+    m = evaluate(collapsed, data, ref)
+    assert m["covered_fraction"] == pytest.approx(1 / 96)
+    assert m["coverage"] < 0.2 and m["precision"] == 0.0
+    assert evaluate(ref, data, ref)["coverage"] == 1.0
+    with pytest.raises(ValueError, match="as many reference clips"):
+        evaluate(collapsed, data, ref[:5])
+    dist, idx = nearest(d[:3], d)
+    assert dist.tolist() == [0.0, 0.0, 0.0] and idx.tolist() == [0, 1, 2]
+
+
+def test_duplicate_data_is_refused():
+    data, _ = make_dataset(SMALL)
+    d = to_unit(torch.cat([data[:3], data[:1]]))
+    with pytest.raises(ValueError, match="duplicate"):
+        data_spacing(d)
+
+
+def test_toy_family_folder_loads_through_the_adapter_registry(tmp_path):
+    from videoblade.models import get_adapter
+    from videoblade.models.toy import ToyAdapter, build_toy_model
+
+    words = sorted({w for p in all_prompts() for w in p.split()})
+    folder = build_toy_model(tmp_path / "toy", words, transformer=dict(num_layers=1, attention_head_dim=16,
+                                                                      ffn_dim=32))
+    adapter = get_adapter(folder)
+    assert isinstance(adapter, ToyAdapter) and adapter.family == "toy"
+    assert json.loads((folder / "transformer" / "config.json").read_text())["_class_name"] == "WanTransformer3DModel"
+    g = adapter.geometry(folder)
+    assert g.latent_shape == (3, 5, 16, 16) and g.token_grid == (5, 8, 8) and g.text_tokens == 0
+    loaded = adapter.load(folder, dtype="fp32", components=("transformer", "vae", "text_encoder", "tokenizer"))
+    assert loaded.tokenizer.tokenize("a red square moving left") == ["\u2581a", "\u2581red", "\u2581square",
+                                                                      "\u2581moving", "\u2581left"]
+    emb = adapter.encode_prompts(loaded.text_encoder, loaded.tokenizer, ["a red square moving left", ""],
+                                 max_length=adapter.text_max_length(folder))
+    assert emb.shape == (2, 8, 32)
+    assert emb[0, :6].abs().sum(-1).gt(0).all() and emb[0, 6:].abs().sum() == 0 and emb[1, 1:].abs().sum() == 0
+    x = torch.rand(2, *g.latent_shape) * 2 - 1
+    out = adapter.predict(loaded.transformer, x, torch.tensor([999, 10]), emb, g)
+    assert out.shape == x.shape and torch.isfinite(out).all()
+    frames = adapter.decode(loaded.vae, x)
+    assert frames.dtype == torch.uint8 and frames.shape == (2, 5, 16, 16, 3)
+    assert torch.equal(frames[0, 2, 3, 4], ((x[0, :, 2, 3, 4] / 2 + 0.5) * 255).round().to(torch.uint8))
+    with pytest.raises(Exception, match="no diffusers pipeline"):
+        adapter.pipeline(folder)
