@@ -70,6 +70,9 @@ class ASAConfig:
     dense_layers: list[int] = field(default_factory=list)  # layer indices that stay dense
     dense_timestep_above: int | None = None  # steps with t above this stay dense
     apply_to_fake: bool = True  # the fake score model uses ASA too
+    # CPU path (no Triton): "reference" = masked dense float32 (the kernels' spec); "gathered" = scores
+    # only the kept blocks + summaries (same results to float rounding, several times less work)
+    cpu_backend: str = "reference"
 
 
 @dataclass
@@ -184,6 +187,8 @@ def _validate(cfg: RunConfig) -> None:
     _check(1 <= a.samples_per_block <= bs, "asa.samples_per_block", f"must be in [1, {bs}], got {a.samples_per_block}")
     _check(a.estimate in ("sample", "mean"), "asa.estimate", f"must be sample or mean, got {a.estimate!r}")
     _check(a.mode in ("energy", "topk"), "asa.mode", f"must be energy or topk, got {a.mode!r}")
+    _check(a.cpu_backend in ("reference", "gathered"), "asa.cpu_backend",
+           f"must be reference or gathered, got {a.cpu_backend!r}")
     _check(0.0 < a.energy_threshold <= 1.0, "asa.energy_threshold", f"must be in (0, 1], got {a.energy_threshold}")
     _check(0.0 <= a.min_retain <= a.max_retain <= 1.0, "asa.min_retain/max_retain",
            f"need 0 <= min_retain <= max_retain <= 1, got {a.min_retain}, {a.max_retain}")

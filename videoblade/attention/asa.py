@@ -137,6 +137,10 @@ class AdaptiveSparseAttention:
         summary = pool_summaries(k, v, c.block_size, c.pool) if c.compensation else None
         if self._use_triton(q):
             from ..kernels import block_sparse_attention as attn_fn
+        elif self.backend == "auto" and c.cpu_backend == "gathered":  # CPU, kept blocks only (same semantics)
+            from ..kernels.gathered import block_sparse_attention_gathered
+
+            return block_sparse_attention_gathered(q, k, v, mask, c.block_size, summary=summary)
         else:
             from ..kernels.reference import block_sparse_attention_ref as attn_fn
         out, _ = attn_fn(q, k, v, kv_indices, kv_counts, block_size=c.block_size, summary=summary)
