@@ -63,17 +63,15 @@ def _interpret() -> bool:
 def _use_tma(*tensors) -> bool:
     """Tensor-memory-accelerator loads for the streamed K/V (fwd, dq) and Q/dO (dk/dv) tiles.
 
-    On by default on Hopper+ GPUs (``VIDEOBLADE_KERNEL_TMA=0`` turns it off); under the
-    interpreter only when ``VIDEOBLADE_KERNEL_TMA=1`` (so the CPU tests cover both paths).
+    Opt-in: ``VIDEOBLADE_KERNEL_TMA=1`` (Hopper+ GPUs, or the interpreter so the CPU tests
+    cover that path). Measured on H200 (benchmarks/NOTES_attention.md) it was within run-to-run
+    noise of the plain pointer loads in the forward, so the simpler path is the default.
     Needs 16-byte aligned base and strides (4-D descriptor [B, H, L, D], any layout).
     """
-    flag = os.environ.get("VIDEOBLADE_KERNEL_TMA")
-    if TensorDescriptor is None or flag == "0":
+    flag = os.environ.get("VIDEOBLADE_KERNEL_TMA", "0")
+    if TensorDescriptor is None or flag != "1":
         return False
-    if _interpret():
-        if flag != "1":
-            return False
-    elif not (tensors[0].is_cuda and torch.cuda.get_device_capability(tensors[0].device)[0] >= 9):
+    if not _interpret() and not (tensors[0].is_cuda and torch.cuda.get_device_capability(tensors[0].device)[0] >= 9):
         return False
     for t in tensors:
         es = t.element_size()
@@ -519,25 +517,37 @@ def _prune_s(configs, named_args, **kwargs):
 _KEY = ["HEAD_DIM", "BLOCK", "HAS_SUMMARY", "EVEN_L", "USE_TMA"]
 
 
-def _tuned(kernel, configs, key, prune):
-    return {
-        True: triton.autotune(configs, key=key, prune_configs_by={"early_config_prune": prune})(kernel),
-        False: triton.autotune(configs[:1], key=key, prune_configs_by={"early_config_prune": prune})(kernel),
-    }
+class _Kernel:
+    """A kernel with its tile configs: autotuned, or (VIDEOBLADE_KERNEL_AUTOTUNE=0) the first
+    config that fits the block size. (Triton's autotuner skips pruning when it has a single
+    config, so the no-tuning path picks the config itself.)"""
+
+    def __init__(self, kernel, configs, key, prune):
+        self.kernel, self.configs, self.prune = kernel, configs, prune
+        self.tuned = triton.autotune(configs, key=key, prune_configs_by={"early_config_prune": prune})(kernel)
+
+    def launch(self, grid, args, const, named):
+        if _autotune():
+            self.tuned[grid](*args, **const)
+            return
+        cfg = self.prune(self.configs, {}, **const)[0]
+        if cfg.pre_hook is not None:
+            cfg.pre_hook({**named, **const, **cfg.kwargs})
+        self.kernel[grid(cfg.kwargs)](*args, **const, **cfg.kwargs, num_warps=cfg.num_warps,
+                                      num_stages=cfg.num_stages)
 
 
-_fwd_tuned = _tuned(_fwd_kernel, _FWD_CONFIGS, _KEY, _prune)
-_dq_tuned = _tuned(_bwd_dq_kernel, _DQ_CONFIGS, _KEY, _prune)
-_dkv_tuned = _tuned(_bwd_dkv_kernel, _DKV_CONFIGS, ["HEAD_DIM", "BLOCK", "EVEN_L", "USE_TMA"], _prune)
-_dsum_tuned = _tuned(_bwd_dsummary_kernel, _DSUM_CONFIGS, ["HEAD_DIM", "BLOCK"], _prune_s)
+_fwd_k = _Kernel(_fwd_kernel, _FWD_CONFIGS, _KEY, _prune)
+_dq_k = _Kernel(_bwd_dq_kernel, _DQ_CONFIGS, _KEY, _prune)
+_dkv_k = _Kernel(_bwd_dkv_kernel, _DKV_CONFIGS, ["HEAD_DIM", "BLOCK", "EVEN_L", "USE_TMA"], _prune)
+_dsum_k = _Kernel(_bwd_dsummary_kernel, _DSUM_CONFIGS, ["HEAD_DIM", "BLOCK"], _prune_s)
 
 
 def tuned_configs() -> dict:
     """The tile configs the autotuner picked so far, per kernel and key (for benchmark reports)."""
     out = {}
-    for name, t in (("fwd", _fwd_tuned[True]), ("dq", _dq_tuned[True]), ("dkv", _dkv_tuned[True]),
-                    ("dsummary", _dsum_tuned[True])):
-        out[name] = {str(k): str(c) for k, c in getattr(t, "cache", {}).items()}
+    for name, t in (("fwd", _fwd_k), ("dq", _dq_k), ("dkv", _dkv_k), ("dsummary", _dsum_k)):
+        out[name] = {str(k): str(c) for k, c in getattr(t.tuned, "cache", {}).items()}
     return out
 
 
@@ -619,7 +629,7 @@ def block_sparse_attention_fwd(q, k, v, kv_indices, kv_counts, block_size, sm_sc
         _fwd_kernel[(triton.cdiv(L, meta["BLOCK_M"]), B * H)](*args, **const, **meta)
     else:
         grid = lambda META: (triton.cdiv(L, META["BLOCK_M"]), B * H)
-        _fwd_tuned[_autotune()][grid](*args, **const)
+        _fwd_k.launch(grid, args, const, {"K": kx, "V": vx})
     return out, lse
 
 
@@ -696,8 +706,8 @@ def block_sparse_attention_bwd(do, q, k, v, out, lse, kv_indices, kv_counts, blo
         _bwd_dkv_kernel[(triton.cdiv(L, meta["BLOCK_N"]), B * H)](
             *dkv_args, **dkv_const, BLOCK_M=meta["BLOCK_M"], BLOCK_N=meta["BLOCK_N"])
     else:
-        _dq_tuned[_autotune()][lambda M: (triton.cdiv(L, M["BLOCK_M"]), B * H)](*dq_args, **dq_const)
-        _dkv_tuned[_autotune()][lambda M: (triton.cdiv(L, M["BLOCK_N"]), B * H)](*dkv_args, **dkv_const)
+        _dq_k.launch(lambda M: (triton.cdiv(L, M["BLOCK_M"]), B * H), dq_args, dq_const, {"K": kx, "V": vx})
+        _dkv_k.launch(lambda M: (triton.cdiv(L, M["BLOCK_N"]), B * H), dkv_args, dkv_const, {"Q": qx, "DO": dox})
     if not has_s:
         return dq, dk, dv, None, None
     dsk = torch.empty_like(sk) if dsk is None else dsk
@@ -716,7 +726,7 @@ def block_sparse_attention_bwd(do, q, k, v, out, lse, kv_indices, kv_counts, blo
         _bwd_dsummary_kernel[(triton.cdiv(ns, meta["BLOCK_S"]), B * H)](
             *s_args, **s_const, BLOCK_M=meta["BLOCK_M"], BLOCK_S=meta["BLOCK_S"])
     else:
-        _dsum_tuned[_autotune()][lambda M: (triton.cdiv(ns, M["BLOCK_S"]), B * H)](*s_args, **s_const)
+        _dsum_k.launch(lambda M: (triton.cdiv(ns, M["BLOCK_S"]), B * H), s_args, s_const, {})
     return dq, dk, dv, dsk, dsv
 
 

@@ -18,6 +18,7 @@ attention mass query block i puts on key block j.
 
 from __future__ import annotations
 
+import functools
 import math
 import os
 
@@ -28,11 +29,20 @@ import triton.language as tl
 from .blocks import num_blocks
 
 
+@functools.lru_cache(maxsize=64)
 def _block_sizes(L: int, block_size: int, device) -> torch.Tensor:
+    # cached: a pure function of the geometry (saves tiny launches on every call)
     nb = num_blocks(L, block_size)
     n = torch.full((nb,), block_size, dtype=torch.int64, device=device)
     n[-1] = L - (nb - 1) * block_size
     return n
+
+
+@functools.lru_cache(maxsize=64)
+def _sample_plan(L: int, block_size: int, samples: int, device) -> tuple[torch.Tensor, torch.Tensor]:
+    pos = sample_positions(L, block_size, samples, device)
+    kbias = (_block_sizes(L, block_size, device).to(torch.float32) / samples).log2().repeat_interleave(samples)
+    return pos, kbias
 
 
 def sample_positions(L: int, block_size: int, samples: int, device) -> torch.Tensor:
@@ -143,10 +153,9 @@ def estimate_block_importance(
     if not _pow2(S) or S > block_size:
         raise ValueError(f"samples_per_block must be a power of two <= block_size, got {S}")
     nb = num_blocks(L, block_size)
-    pos = sample_positions(L, block_size, S, q.device)
+    pos, kbias = _sample_plan(L, block_size, S, q.device)
     qs = q.index_select(2, pos).contiguous()
     ks = k.index_select(2, pos).contiguous()
-    kbias = (_block_sizes(L, block_size, q.device).to(torch.float32) / S).log2().repeat_interleave(S)
     if q.device.type == "cpu" and os.environ.get("TRITON_INTERPRET", "0") != "1":
         return _estimate_sample_torch(qs, ks, kbias, nb, S, scale)
     P = torch.empty((B, H, nb, nb), dtype=torch.float32, device=q.device)
