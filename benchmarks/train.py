@@ -46,7 +46,8 @@ def build_folder(root: Path, smoke: bool) -> Path:
     folder = root / ("wan-smoke" if smoke else "wan-1.3b-random")
     cfg = WAN_SMOKE if smoke else WAN_1_3B
     torch.manual_seed(0)
-    model = WanTransformer3DModel(**cfg).to(torch.float32 if smoke else torch.bfloat16)
+    with torch.device("cuda" if torch.cuda.is_available() else "cpu"):  # random init on the GPU: seconds
+        model = WanTransformer3DModel(**cfg).to(torch.float32 if smoke else torch.bfloat16)
     model.save_pretrained(folder / "transformer")
     del model
     (folder / "vae").mkdir(parents=True, exist_ok=True)
