@@ -815,10 +815,16 @@ def block_sparse_attention(
     blocks per query block, kv_counts int32 [B, H, NQ] (NQ = ceil(L / block_size)).
     summary: :func:`videoblade.kernels.pool_summaries` output, or None (exact masked
     attention). Returns (out [B, H, L, D] in q.dtype, lse float32 [B, H, L]); lse is not
-    differentiable. Rows with nothing to attend to give out 0 and lse -inf.
+    differentiable. Rows with nothing to attend to give out 0 and lse -inf. On CPU without
+    ``TRITON_INTERPRET=1`` it runs :func:`block_sparse_attention_ref` instead.
     """
     _check(q, k, v, kv_indices, kv_counts, block_size)
     scale = float(sm_scale) if sm_scale is not None else 1.0 / math.sqrt(q.shape[-1])
+    if not q.is_cuda and not _interpret():
+        # no GPU and no Triton interpreter: the float32 torch reference (same semantics)
+        from .reference import block_sparse_attention_ref
+
+        return block_sparse_attention_ref(q, k, v, kv_indices, kv_counts, block_size, scale, summary)
     if summary is None:
         return _bsa_fwd_op(q, k, v, kv_indices, kv_counts, block_size, scale, None, None, None)
     if block_size % summary.pool:
