@@ -87,8 +87,8 @@ def run_variant(name: str, folder: Path, store: Path, out: Path, steps: int, smo
     r = subprocess.run([sys.executable, "-m", "videoblade.train", *args, *overrides], cwd=ROOT, env=env,
                        capture_output=True, text=True)
     if r.returncode != 0:
-        print(r.stdout[-2000:], r.stderr[-8000:])
-        raise SystemExit(f"variant {name} failed")
+        print(r.stdout[-2000:], r.stderr[-6000:], flush=True)
+        return None
     rows = [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines()]
     summary = json.loads((out / "summary.json").read_text())
     timed = [x["s_per_it"] for x in rows[1:]] or [rows[0]["s_per_it"]]  # step 1: warm-up (autotune, allocator)
@@ -117,6 +117,10 @@ def main(argv=None) -> int:
                 ("asa", ["asa.enabled=true"]),
                 ("asa_separate_bases", ["asa.enabled=true", "train.share_base=false"])]
     res = {name: run_variant(name, folder, store, work / name, a.steps, a.smoke, ov) for name, ov in variants}
+    failed = [k for k, v in res.items() if v is None]
+    res = {k: v for k, v in res.items() if v is not None}
+    if "dense" not in res or "asa" not in res:
+        raise SystemExit(f"variants failed: {failed}")
     shape = [1, 16, 21, 60, 104] if not a.smoke else [1, 16, 5, 8, 12]
     rows = []
     for name, r in res.items():
@@ -136,7 +140,8 @@ def main(argv=None) -> int:
         return 0
     path = write_results("train_h200", rows, targets, out_dir=a.out_dir,
                          notes={"memory_shared_vs_separate_gb": [res["asa"]["peak_memory_gb"],
-                                                                 res["asa_separate_bases"]["peak_memory_gb"]],
+                                                                 res.get("asa_separate_bases", {}).get("peak_memory_gb")],
+                                "failed_variants": failed,
                                 "steps": a.steps, "timed": "median of iterations 2..steps"})
     print(f"wrote {path}")
     return 0
