@@ -132,14 +132,14 @@ def _fwd_tile(acc, l_i, m_i, q, K, V, b, h, start_n, offs_nb, offs_d, stride_kl,
 
 @triton.jit
 def _fwd_kernel(
-    Q, K, V, O, LSE, KVI, KVC, SK, SV, SB, KEPT,  # noqa: E741
+    Q, K, V, O, LSE, KVI, KVC, SK, SV, SBIAS,  # noqa: E741
     qk_scale,
     stride_qb, stride_qh, stride_ql,
     stride_kb, stride_kh, stride_kl,
     stride_vb, stride_vh, stride_vl,
     stride_ob, stride_oh, stride_ol,
     stride_sb, stride_sh, stride_sl,
-    H, L, NQ, NK, MAXK, NS, SPB,
+    H, L, NQ, NK, MAXK, NSP,
     BLOCK: tl.constexpr, HEAD_DIM: tl.constexpr,
     HAS_SUMMARY: tl.constexpr, EVEN_L: tl.constexpr, USE_TMA: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_S: tl.constexpr,
@@ -191,17 +191,17 @@ def _fwd_kernel(
                                           stride_vl, L, qk_scale, True, USE_TMA, BLOCK_N, HEAD_DIM)
 
     if HAS_SUMMARY:
+        # summaries padded to a multiple of BLOCK_S (unmasked loads); the per-(query block,
+        # summary) bias row already holds -inf for kept blocks' summaries and the padding
         SKp = SK + b.to(tl.int64) * stride_sb + h.to(tl.int64) * stride_sh
         SVp = SV + b.to(tl.int64) * stride_sb + h.to(tl.int64) * stride_sh
-        kept_row = KEPT + row.to(tl.int64) * NK
-        for s0 in range(0, NS, BLOCK_S):
-            offs_s = s0 + tl.arange(0, BLOCK_S)
-            smask = offs_s < NS
-            kept = tl.load(kept_row + offs_s // SPB, mask=smask, other=1)
-            bias = tl.load(SB + offs_s, mask=smask, other=float("-inf")) * 1.4426950408889634
-            bias = tl.where(kept != 0, float("-inf"), bias)
-            sk = tl.load(SKp + offs_s[:, None] * stride_sl + offs_d[None, :], mask=smask[:, None], other=0.0)
-            sv = tl.load(SVp + offs_s[:, None] * stride_sl + offs_d[None, :], mask=smask[:, None], other=0.0)
+        brow = SBIAS + row.to(tl.int64) * NSP
+        offs_sb = tl.arange(0, BLOCK_S)
+        for s0 in range(0, NSP, BLOCK_S):
+            offs_s = s0 + offs_sb
+            bias = tl.load(brow + offs_s)
+            sk = tl.load(SKp + offs_s[:, None] * stride_sl + offs_d[None, :])
+            sv = tl.load(SVp + offs_s[:, None] * stride_sl + offs_d[None, :])
             qk = tl.dot(q, tl.trans(sk)) * qk_scale + bias[None, :]
             m_new = tl.maximum(m_i, tl.max(qk, 1))
             m_new = tl.where(m_new == float("-inf"), 0.0, m_new)
@@ -247,7 +247,7 @@ def _bwd_preprocess(O, DO, DELTA,  # noqa: E741
 
 @triton.jit
 def _bwd_dq_kernel(
-    Q, K, V, DO, DQ, LSE, DELTA, KVI, KVC, SK, SV, SB, KEPT,
+    Q, K, V, DO, DQ, LSE, DELTA, KVI, KVC, SK, SV, SBIAS,
     qk_scale, sm_scale,
     stride_qb, stride_qh, stride_ql,
     stride_kb, stride_kh, stride_kl,
@@ -255,7 +255,7 @@ def _bwd_dq_kernel(
     stride_db, stride_dh, stride_dl,
     stride_sb, stride_sh, stride_sl,
     stride_gb, stride_gh, stride_gl,
-    H, L, NQ, NK, MAXK, NS, SPB,
+    H, L, NQ, NK, MAXK, NSP,
     BLOCK: tl.constexpr, HEAD_DIM: tl.constexpr,
     HAS_SUMMARY: tl.constexpr, EVEN_L: tl.constexpr, USE_TMA: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_S: tl.constexpr,
@@ -303,15 +303,13 @@ def _bwd_dq_kernel(
     if HAS_SUMMARY:
         SKp = SK + b.to(tl.int64) * stride_sb + h.to(tl.int64) * stride_sh
         SVp = SV + b.to(tl.int64) * stride_sb + h.to(tl.int64) * stride_sh
-        kept_row = KEPT + row.to(tl.int64) * NK
-        for s0 in range(0, NS, BLOCK_S):
-            offs_s = s0 + tl.arange(0, BLOCK_S)
-            smask = offs_s < NS
-            kept = tl.load(kept_row + offs_s // SPB, mask=smask, other=1)
-            bias = tl.load(SB + offs_s, mask=smask, other=float("-inf")) * 1.4426950408889634
-            bias = tl.where(kept != 0, float("-inf"), bias)
-            sk = tl.load(SKp + offs_s[:, None] * stride_sl + offs_d[None, :], mask=smask[:, None], other=0.0)
-            sv = tl.load(SVp + offs_s[:, None] * stride_sl + offs_d[None, :], mask=smask[:, None], other=0.0)
+        brow = SBIAS + row.to(tl.int64) * NSP
+        offs_sb = tl.arange(0, BLOCK_S)
+        for s0 in range(0, NSP, BLOCK_S):
+            offs_s = s0 + offs_sb
+            bias = tl.load(brow + offs_s)
+            sk = tl.load(SKp + offs_s[:, None] * stride_sl + offs_d[None, :])
+            sv = tl.load(SVp + offs_s[:, None] * stride_sl + offs_d[None, :])
             qk = tl.dot(q, tl.trans(sk)) * qk_scale + bias[None, :]
             p = tl.math.exp2(qk - lse2[:, None])
             dp = tl.dot(do, tl.trans(sv))
@@ -396,40 +394,41 @@ def _bwd_dkv_kernel(
 
 @triton.jit
 def _bwd_dsummary_kernel(
-    Q, DO, SK, SV, SB, DSK, DSV, LSE, DELTA, KEPT,
+    Q, DO, SK, SV, SBIAS, PDSK, PDSV, LSE, DELTA,
     qk_scale, sm_scale,
     stride_qb, stride_qh, stride_ql,
     stride_db, stride_dh, stride_dl,
     stride_sb, stride_sh, stride_sl,
-    H, L, NQ, NK, NS, SPB,
+    H, L, NQ, NSP, QB_PER_CHUNK,
     BLOCK: tl.constexpr, HEAD_DIM: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_S: tl.constexpr,
 ):
-    # key-major over summary tiles; walks every query tile, masking query blocks that keep
-    # the summary's block (they saw its exact tokens instead)
+    # key-major over summary tiles, split over query chunks (axis 2) so the grid fills the
+    # GPU; each program writes a float32 partial [chunk, bh, NSP, D] that the host sums in a
+    # fixed order (deterministic, no atomics). Query blocks that keep a summary's key block
+    # see -inf in the bias row (they saw the exact tokens instead).
     pid_s = tl.program_id(0)
     bh = tl.program_id(1)
+    chunk = tl.program_id(2)
     b = bh // H
     h = bh % H
     offs_s = pid_s * BLOCK_S + tl.arange(0, BLOCK_S)
     offs_d = tl.arange(0, HEAD_DIM)
     offs_mb = tl.arange(0, BLOCK_M)
-    smask = offs_s < NS
-    sblk = offs_s // SPB
     soff = b.to(tl.int64) * stride_sb + h.to(tl.int64) * stride_sh + offs_s[:, None] * stride_sl + offs_d[None, :]
-    sk = tl.load(SK + soff, mask=smask[:, None], other=0.0)
-    sv = tl.load(SV + soff, mask=smask[:, None], other=0.0)
-    bias = tl.load(SB + offs_s, mask=smask, other=float("-inf")) * 1.4426950408889634
+    sk = tl.load(SK + soff)
+    sv = tl.load(SV + soff)
     Qp = Q + b.to(tl.int64) * stride_qb + h.to(tl.int64) * stride_qh
     DOp = DO + b.to(tl.int64) * stride_db + h.to(tl.int64) * stride_dh
     LSEp = LSE + bh.to(tl.int64) * L
     DELp = DELTA + bh.to(tl.int64) * L
     dsk = tl.zeros([BLOCK_S, HEAD_DIM], tl.float32)
     dsv = tl.zeros([BLOCK_S, HEAD_DIM], tl.float32)
-    for m0 in range(0, L, BLOCK_M):
+    m_lo = chunk * QB_PER_CHUNK * BLOCK
+    m_hi = tl.minimum(m_lo + QB_PER_CHUNK * BLOCK, L)
+    for m0 in range(m_lo, m_hi, BLOCK_M):
         qblk = m0 // BLOCK
-        kept = tl.load(KEPT + (bh * NQ + qblk).to(tl.int64) * NK + sblk, mask=smask, other=1)
-        b2 = tl.where(kept != 0, float("-inf"), bias)
+        b2 = tl.load(SBIAS + (bh * NQ + qblk).to(tl.int64) * NSP + offs_s)
         offs_m = m0 + offs_mb
         rm = offs_m < L
         q = tl.load(Qp + offs_m[:, None] * stride_ql + offs_d[None, :], mask=rm[:, None], other=0.0)
@@ -443,8 +442,9 @@ def _bwd_dsummary_kernel(
         dsT = pT * (dpT - Di[None, :])
         dsk = tl.dot(dsT.to(q.dtype), q, dsk)
     dsk = dsk * sm_scale
-    tl.store(DSK + soff, dsk.to(DSK.dtype.element_ty), mask=smask[:, None])
-    tl.store(DSV + soff, dsv.to(DSV.dtype.element_ty), mask=smask[:, None])
+    poff = ((chunk * tl.num_programs(1) + bh).to(tl.int64) * NSP + offs_s[:, None]) * HEAD_DIM + offs_d[None, :]
+    tl.store(PDSK + poff, dsk)
+    tl.store(PDSV + poff, dsv)
 
 
 # ----------------------------------------------------------------------------------------
@@ -478,21 +478,23 @@ def _prune(configs, named_args, **kwargs):
 
 # Forward: 128-row query tiles with 8 warps (two warpgroups of wgmma on Hopper), key tiles
 # 64/128, 2-4 pipeline stages. D=64 tiles are cheap in smem so deeper pipelines fit.
+# The summary tile (BLOCK_S) follows the key tile: the summary loop is the same code shape
+# as the main loop (unmasked loads, one bias row), so it runs at the main loop's rate.
 _FWD_CONFIGS = [
     _cfg(128, 64, 8, 3, BLOCK_S=64),
-    _cfg(128, 128, 8, 3, BLOCK_S=64),
+    _cfg(128, 128, 8, 3, BLOCK_S=128),
     _cfg(128, 64, 4, 3, BLOCK_S=64),
-    _cfg(128, 128, 8, 2, BLOCK_S=64),
+    _cfg(128, 128, 8, 2, BLOCK_S=128),
     _cfg(128, 64, 8, 4, BLOCK_S=64),
     _cfg(128, 64, 8, 2, BLOCK_S=64),
-    _cfg(128, 128, 4, 2, BLOCK_S=64),
+    _cfg(128, 128, 4, 2, BLOCK_S=128),
     _cfg(64, 64, 4, 4, BLOCK_S=64),
 ]
 _DQ_CONFIGS = [
     _cfg(128, 64, 8, 3, BLOCK_S=64),
     _cfg(128, 32, 4, 3, BLOCK_S=32),
     _cfg(64, 64, 4, 3, BLOCK_S=64),
-    _cfg(128, 128, 8, 2, BLOCK_S=64),
+    _cfg(128, 128, 8, 2, BLOCK_S=128),
     _cfg(128, 64, 8, 2, BLOCK_S=64),
 ]
 _DKV_CONFIGS = [
@@ -503,8 +505,12 @@ _DKV_CONFIGS = [
     _cfg(64, 128, 8, 2),
     _cfg(32, 128, 8, 4),
 ]
+# summary dk/dv: same shape of work as dk/dv (a 128-row key-side tile walking 64-row query tiles)
 _DSUM_CONFIGS = [
+    triton.Config({"BLOCK_M": 64, "BLOCK_S": 128}, num_warps=8, num_stages=3),
+    triton.Config({"BLOCK_M": 32, "BLOCK_S": 128}, num_warps=4, num_stages=3),
     triton.Config({"BLOCK_M": 64, "BLOCK_S": 64}, num_warps=4, num_stages=3),
+    triton.Config({"BLOCK_M": 64, "BLOCK_S": 128}, num_warps=8, num_stages=2),
     triton.Config({"BLOCK_M": 128, "BLOCK_S": 64}, num_warps=8, num_stages=2),
 ]
 
@@ -582,8 +588,40 @@ def _last_unit(x: torch.Tensor) -> torch.Tensor:
     return x if x.stride(-1) == 1 else x.contiguous()
 
 
-def _kept_int8(kv_indices, kv_counts, nk):
-    return block_lists_to_mask(kv_indices, kv_counts, nk).to(torch.int8)
+# summaries are padded to a multiple of the largest summary tile, so the kernels' summary
+# loops load whole tiles without masks
+_S_PAD = 128
+
+
+def _summary_operands(sk, sv, sbias, kept, spb):
+    """(sk, sv) padded to NSP = ceil(NS / 128) * 128 rows and the float32 bias table
+    [B, H, NQ, NSP] in log2 units: log(count) * log2(e), -inf where the query block keeps
+    the summary's key block (it sees the exact tokens) and on the padding. Built with a few
+    torch ops on [B, H, NQ, NK] (no per-element masking left in the kernels)."""
+    B, H, ns, D = sk.shape
+    nsp = -(-ns // _S_PAD) * _S_PAD
+    sk, sv = sk.contiguous(), sv.contiguous()
+    if nsp != ns:
+        sk = torch.nn.functional.pad(sk, (0, 0, 0, nsp - ns))
+        sv = torch.nn.functional.pad(sv, (0, 0, 0, nsp - ns))
+    b2 = sbias.to(device=sk.device, dtype=torch.float32) * LOG2E
+    kept_s = kept[..., None].expand(*kept.shape, spb).reshape(*kept.shape[:-1], kept.shape[-1] * spb)
+    table = torch.where(kept_s, float("-inf"), b2)
+    if nsp != ns:
+        table = torch.nn.functional.pad(table, (0, nsp - ns), value=float("-inf"))
+    return sk, sv, table.contiguous(), nsp
+
+
+_SM_COUNT: dict = {}
+
+
+def _sm_count(device) -> int:
+    if _interpret() or device.type != "cuda":
+        return 4
+    key = device.index if device.index is not None else torch.cuda.current_device()
+    if key not in _SM_COUNT:
+        _SM_COUNT[key] = torch.cuda.get_device_properties(key).multi_processor_count
+    return _SM_COUNT[key]
 
 
 def block_sparse_attention_fwd(q, k, v, kv_indices, kv_counts, block_size, sm_scale, sk=None, sv=None, sbias=None,
@@ -603,26 +641,24 @@ def block_sparse_attention_fwd(q, k, v, kv_indices, kv_counts, block_size, sm_sc
         lse = torch.empty((B, H, L), dtype=torch.float32, device=q.device)
     has_s = sk is not None
     if has_s:
-        sk, sv = sk.contiguous(), sv.contiguous()
-        sbias = sbias.to(device=q.device, dtype=torch.float32).contiguous()
-        kept = _kept_int8(kvi, kvc, nk)
-        ns, spb = sk.shape[2], sk.shape[2] // nk
+        kept = block_lists_to_mask(kvi, kvc, nk)
+        sk, sv, stab, nsp = _summary_operands(sk, sv, sbias, kept, sk.shape[2] // nk)
     else:
-        sk = sv = sbias = kept = kvc  # unused placeholders
-        ns, spb = 0, 1
+        sk = sv = stab = kvc  # unused placeholders
+        nsp = 0
     sstr = (sk.stride(0), sk.stride(1), sk.stride(2)) if has_s else (0, 0, 0)
     tma = _use_tma(k, v)
     meta = _interp_meta(block_size) if _interpret() else None
     kx, vx = (_desc(k, meta["BLOCK_N"] if meta else 64), _desc(v, meta["BLOCK_N"] if meta else 64)) if tma else (k, v)
     args = (
-        q, kx, vx, out, lse, kvi, kvc, sk, sv, sbias, kept,
+        q, kx, vx, out, lse, kvi, kvc, sk, sv, stab,
         float(sm_scale) * LOG2E,
         q.stride(0), q.stride(1), q.stride(2),
         k.stride(0), k.stride(1), k.stride(2),
         v.stride(0), v.stride(1), v.stride(2),
         out.stride(0), out.stride(1), out.stride(2),
         *sstr,
-        H, L, nq, nk, kvi.shape[-1], ns, spb,
+        H, L, nq, nk, kvi.shape[-1], nsp,
     )
     const = {"BLOCK": block_size, "HEAD_DIM": D, "HAS_SUMMARY": has_s, "EVEN_L": L % block_size == 0, "USE_TMA": tma}
     if meta is not None:
@@ -659,15 +695,12 @@ def block_sparse_attention_bwd(do, q, k, v, out, lse, kv_indices, kv_counts, blo
     qi, qc, kept = transpose_block_lists(kvi, kvc, nk)
     has_s = sk is not None
     if has_s:
-        sk, sv = sk.contiguous(), sv.contiguous()
-        sbias = sbias.to(device=q.device, dtype=torch.float32).contiguous()
-        kept8 = kept.to(torch.int8)
-        ns, spb = sk.shape[2], sk.shape[2] // nk
-        sstr = (sk.stride(0), sk.stride(1), sk.stride(2))
+        ns = sk.shape[2]
+        skp, svp, stab, nsp = _summary_operands(sk, sv, sbias, kept, ns // nk)
+        sstr = (skp.stride(0), skp.stride(1), skp.stride(2))
     else:
-        sk_, sv_, sb_ = kvc, kvc, kvc
-        kept8 = kvc
-        ns, spb, sstr = 0, 1, (0, 0, 0)
+        skp = svp = stab = kvc  # unused placeholders
+        nsp, sstr = 0, (0, 0, 0)
     even = L % block_size == 0
     qk_scale = float(sm_scale) * LOG2E
     tma = _use_tma(q, k, v, do)
@@ -679,7 +712,7 @@ def block_sparse_attention_bwd(do, q, k, v, out, lse, kv_indices, kv_counts, blo
         kx, vx, qx, dox = k, v, q, do
     dq_args = (
         q, kx, vx, do, dq, lse, delta, kvi, kvc,
-        sk if has_s else sk_, sv if has_s else sv_, sbias if has_s else sb_, kept8,
+        skp, svp, stab,
         qk_scale, float(sm_scale),
         q.stride(0), q.stride(1), q.stride(2),
         k.stride(0), k.stride(1), k.stride(2),
@@ -687,7 +720,7 @@ def block_sparse_attention_bwd(do, q, k, v, out, lse, kv_indices, kv_counts, blo
         do.stride(0), do.stride(1), do.stride(2),
         *sstr,
         dq.stride(0), dq.stride(1), dq.stride(2),
-        H, L, nq, nk, kvi.shape[-1], ns, spb,
+        H, L, nq, nk, kvi.shape[-1], nsp,
     )
     dkv_args = (
         qx, k, v, dox, dk, dv, lse, delta, qi, qc,
@@ -712,21 +745,32 @@ def block_sparse_attention_bwd(do, q, k, v, out, lse, kv_indices, kv_counts, blo
         return dq, dk, dv, None, None
     dsk = torch.empty_like(sk) if dsk is None else dsk
     dsv = torch.empty_like(sv) if dsv is None else dsv
+    # split the query axis into chunks so that (summary tiles x B*H x chunks) gives ~4 waves
+    bhn = B * H
+    n_chunks = max(1, min(nq, -(-4 * _sm_count(q.device) // ((nsp // _S_PAD) * bhn))))
+    qpc = -(-nq // n_chunks)
+    n_chunks = -(-nq // qpc)
+    part = torch.empty((2, n_chunks, bhn, nsp, D), dtype=torch.float32, device=q.device)
     s_args = (
-        q, do, sk, sv, sbias, dsk, dsv, lse, delta, kept8,
+        q, do, skp, svp, stab, part[0], part[1], lse, delta,
         qk_scale, float(sm_scale),
         q.stride(0), q.stride(1), q.stride(2),
         do.stride(0), do.stride(1), do.stride(2),
         *sstr,
-        H, L, nq, nk, ns, spb,
+        H, L, nq, nsp, qpc,
     )
     s_const = {"BLOCK": block_size, "HEAD_DIM": D}
     if _interpret():
         meta = _interp_meta(block_size)
-        _bwd_dsummary_kernel[(triton.cdiv(ns, meta["BLOCK_S"]), B * H)](
+        _bwd_dsummary_kernel[(nsp // meta["BLOCK_S"], bhn, n_chunks)](
             *s_args, **s_const, BLOCK_M=meta["BLOCK_M"], BLOCK_S=meta["BLOCK_S"])
     else:
-        _dsum_k.launch(lambda M: (triton.cdiv(ns, M["BLOCK_S"]), B * H), s_args, s_const, {})
+        _dsum_k.launch(lambda M: (nsp // M["BLOCK_S"], bhn, n_chunks), s_args, s_const, {})
+    # fixed-order sum over the chunks (deterministic)
+    red = part.sum(1) if n_chunks > 1 else part[:, 0]
+    red = red.view(2, B, H, nsp, D)[:, :, :, :ns]
+    dsk.copy_(red[0])
+    dsv.copy_(red[1])
     return dq, dk, dv, dsk, dsv
 
 

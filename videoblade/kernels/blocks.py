@@ -81,38 +81,75 @@ def transpose_block_lists(
     return q_indices, q_counts, mask
 
 
-def pool_summaries(k: torch.Tensor, v: torch.Tensor, block_size: int, pool: int) -> Summary:
-    """Mean of every ``pool`` consecutive keys/values (per key block), with log(count) bias.
-
-    Differentiable (plain torch) so gradients reaching the summaries flow back to k and v.
-    The sums are taken in float32; the result has the dtype of ``k``.
-    """
-    if block_size % pool != 0:
-        raise ValueError(f"pool ({pool}) must divide block_size ({block_size})")
-    B, H, L, D = k.shape
+def _pool_geometry(L: int, block_size: int, pool: int, device) -> tuple[int, int, int, torch.Tensor]:
     nk = num_blocks(L, block_size)
     ns = nk * (block_size // pool)
     n_full = L // pool
     rem = L - n_full * pool
-
-    def pooled(x: torch.Tensor) -> torch.Tensor:
-        parts = []
-        if n_full:
-            parts.append(x[:, :, : n_full * pool].reshape(B, H, n_full, pool, D).sum(3, dtype=torch.float32))
-        if rem:
-            parts.append(x[:, :, n_full * pool :].sum(2, keepdim=True, dtype=torch.float32))
-        s = torch.cat(parts, 2) if len(parts) > 1 else parts[0]
-        n_have = s.shape[2]
-        if n_have < ns:  # groups past the end of a partial last block: no token
-            s = torch.nn.functional.pad(s, (0, 0, 0, ns - n_have))
-        return s
-
-    counts = torch.full((ns,), float(pool), dtype=torch.float32, device=k.device)
+    counts = torch.full((ns,), float(pool), dtype=torch.float32, device=device)
     if rem:
         counts[n_full] = float(rem)
     counts[n_full + (1 if rem else 0) :] = 0.0
-    denom = counts.clamp(min=1.0)[:, None]
-    sk = (pooled(k) / denom).to(k.dtype)
-    sv = (pooled(v) / denom).to(v.dtype)
-    bias = torch.where(counts > 0, counts.log(), torch.full_like(counts, float("-inf")))
+    return ns, n_full, rem, counts
+
+
+def _pool_fwd(x: torch.Tensor, ns: int, n_full: int, rem: int, pool: int, denom: torch.Tensor) -> torch.Tensor:
+    B, H, L, D = x.shape
+    parts = []
+    if n_full:
+        parts.append(x[:, :, : n_full * pool].reshape(B, H, n_full, pool, D).sum(3, dtype=torch.float32))
+    if rem:
+        parts.append(x[:, :, n_full * pool :].sum(2, keepdim=True, dtype=torch.float32))
+    s = torch.cat(parts, 2) if len(parts) > 1 else parts[0]
+    if s.shape[2] < ns:  # groups past the end of a partial last block: no token
+        s = torch.nn.functional.pad(s, (0, 0, 0, ns - s.shape[2]))
+    return (s / denom).to(x.dtype)
+
+
+def _pool_bwd(g: torch.Tensor, L: int, pool: int, denom: torch.Tensor, dtype) -> torch.Tensor:
+    # token t belongs to group t // pool: grad_x[t] = g[t // pool] / count; one expand + copy
+    B, H, _, D = g.shape
+    ng = -(-L // pool)
+    gs = (g[:, :, :ng].float() / denom[:ng]).to(dtype)
+    return gs[:, :, :, None, :].expand(B, H, ng, pool, D).reshape(B, H, ng * pool, D)[:, :, :L]
+
+
+class _PoolFn(torch.autograd.Function):
+    """Mean pooling of k and v with a hand-written backward.
+
+    Autograd of the plain torch version (slice, reshape, float32 sum, cat, pad, divide,
+    cast) materialises several full-size [B, H, L, D] intermediates in the backward
+    (zero-filled slice gradient, float32 expand, cast); this writes the gradient once.
+    """
+
+    @staticmethod
+    def forward(ctx, k, v, block_size, pool):
+        L = k.shape[2]
+        ns, n_full, rem, counts = _pool_geometry(L, block_size, pool, k.device)
+        denom = counts.clamp(min=1.0)[:, None]
+        sk = _pool_fwd(k, ns, n_full, rem, pool, denom)
+        sv = _pool_fwd(v, ns, n_full, rem, pool, denom)
+        bias = torch.where(counts > 0, counts.log(), torch.full_like(counts, float("-inf")))
+        ctx.save_for_backward(denom)
+        ctx.L, ctx.pool, ctx.kdt, ctx.vdt = L, pool, k.dtype, v.dtype
+        ctx.mark_non_differentiable(bias)
+        return sk, sv, bias
+
+    @staticmethod
+    def backward(ctx, gsk, gsv, gbias):
+        (denom,) = ctx.saved_tensors
+        gk = _pool_bwd(gsk, ctx.L, ctx.pool, denom, ctx.kdt) if gsk is not None and ctx.needs_input_grad[0] else None
+        gv = _pool_bwd(gsv, ctx.L, ctx.pool, denom, ctx.vdt) if gsv is not None and ctx.needs_input_grad[1] else None
+        return gk, gv, None, None
+
+
+def pool_summaries(k: torch.Tensor, v: torch.Tensor, block_size: int, pool: int) -> Summary:
+    """Mean of every ``pool`` consecutive keys/values (per key block), with log(count) bias.
+
+    Differentiable (custom autograd function) so gradients reaching the summaries flow back
+    to k and v. The sums are taken in float32; the result has the dtype of ``k``.
+    """
+    if block_size % pool != 0:
+        raise ValueError(f"pool ({pool}) must divide block_size ({block_size})")
+    sk, sv, bias = _PoolFn.apply(k, v, block_size, pool)
     return Summary(sk, sv, bias, pool)
