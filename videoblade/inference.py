@@ -59,9 +59,14 @@ __all__ = [
 
 METHODS = ("baseline", "tdm", "asa", "blade")
 BASELINE_STEPS = 50
-# The VAE decode setting used when --vae-dtype is not given, chosen by benchmarks/e2e.py's decode
-# comparison (fastest setting whose PSNR against the fp32 decode stays above 40 dB on both
-# families; see benchmarks/results/e2e_h200.json). On CPU the decode always defaults to fp32.
+# The VAE decode dtype used when --vae-dtype is not given, chosen by benchmarks/e2e.py's decode comparison
+# (benchmarks/results/e2e_h200.json, one H200, same latents): the fastest eager setting whose PSNR against
+# the fp32 decode stays above 40 dB on both families. Wan 81x480x832: fp32 2.85 s, bf16 1.89 s (48.0 dB),
+# fp16 1.90 s (58.5 dB), bf16 tiled 4.10 s (38.2 dB); CogVideoX 49x480x720: fp32 2.81 s, bf16 2.15 s
+# (51.2 dB), fp16 2.17 s, bf16 tiled 3.20 s. fp16 ties bf16 on speed but risks overflow on trained
+# activations, so bf16. torch.compile of the decoder (--vae-compile, off by default) takes CogVideoX to
+# 1.09 s after a one-time ~94 s compile and Wan to 1.80 s after ~88 s of compiles: worth it only for large
+# batches. On CPU the decode defaults to fp32.
 VAE_DTYPE_DEFAULT = "bf16"
 REPORT_VERSION = 1
 
