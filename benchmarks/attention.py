@@ -203,6 +203,7 @@ def main():
     ap.add_argument("--quick", action="store_true")
     ap.add_argument("--shapes", default="wan,cog")
     ap.add_argument("--reps", type=int, default=30)
+    ap.add_argument("--densities", default=None, help="comma list overriding the density sweep (partial run)")
     args = ap.parse_args()
     dev = "cuda"
     torch.backends.cuda.matmul.allow_tf32 = False
@@ -211,6 +212,8 @@ def main():
     flex = torch.compile(flex_attention, dynamic=False)
     reps = 10 if args.quick else args.reps
     dens_list = [0.10, 1.0] if args.quick else DENSITIES
+    if args.densities:
+        dens_list = [float(x) for x in args.densities.split(",")]
     rows = []
     t0 = time.time()
     peak = matmul_tflops(dev)
