@@ -146,7 +146,7 @@ def test_loader_detects_layouts_and_checks_family_and_rank(tmp_path):
     with pytest.raises(LoRAError, match="not found"):
         read_lora(tmp_path / "nope.safetensors")
     (tmp_path / "bad.safetensors").write_bytes(b"")
-    with pytest.raises(Exception):
+    with pytest.raises(LoRAError, match="not a readable safetensors"):
         read_lora(tmp_path / "bad.safetensors")
     with pytest.raises(LoRAError, match="rank 5 but rank=4"):
         save_lora(tmp_path / "x", {"blocks.0.attn1.to_q.lora_A.weight": torch.zeros(5, 8)}, family="wan", rank=4,

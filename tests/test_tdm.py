@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from videoblade.distill import tdm
-from videoblade.sampling import eta_step, randn
+from videoblade.sampling import randn
 from videoblade.schedules import Schedule, stage_timesteps
 
 

@@ -42,7 +42,6 @@ from __future__ import annotations
 import contextlib
 import copy
 import json
-import math
 import os
 import re
 import shutil
@@ -113,6 +112,9 @@ def _fill_ds_config(path: str, cfg: RunConfig) -> dict:
                      ("gradient_clipping", cfg.optim.max_grad_norm)):
         if d.get(key, "auto") == "auto":
             d[key] = val
+    if d.get("train_batch_size", "auto") == "auto":  # the launcher's world size (WORLD_SIZE) is known here
+        d["train_batch_size"] = (int(d["train_micro_batch_size_per_gpu"]) * int(d["gradient_accumulation_steps"])
+                                 * int(os.environ.get("WORLD_SIZE", "1")))
     if d.get("optimizer") or d.get("scheduler"):
         raise TrainRequestError(
             f"{p}: remove the 'optimizer'/'scheduler' sections: the trainer builds its two AdamW optimizers "
@@ -425,6 +427,11 @@ class TDMTrainer:
             **kwargs)
         self.device = self.accelerator.device
         self.log_with = log_with
+        world = int(os.environ.get("WORLD_SIZE", "1"))
+        if world != self.accelerator.num_processes:
+            raise TrainRequestError(
+                f"the launcher started {world} processes but accelerate sees {self.accelerator.num_processes} "
+                "(multi-process DeepSpeed needs GPUs; on CPUs use DDP: accelerate launch --multi_gpu)")
         set_seed(tr.seed)  # LoRA init (peft uses the global RNG) is the same on every rank
 
     def _build_models(self) -> None:

@@ -193,9 +193,12 @@ def read_lora(path: str | Path) -> LoRAInfo:
         raise LoRAError(f"LoRA file {p} not found")
     if p.suffix != ".safetensors":
         raise LoRAError(f"{p}: only .safetensors LoRA files are read (never pickles)")
-    with safe_open(str(p), framework="pt") as f:
-        meta_raw = f.metadata() or {}
-        sd = {k: f.get_tensor(k) for k in f.keys()}
+    try:
+        with safe_open(str(p), framework="pt") as f:
+            meta_raw = f.metadata() or {}
+            sd = {k: f.get_tensor(k) for k in f.keys()}
+    except Exception as e:  # safetensors raises its own error types for truncated/corrupt files
+        raise LoRAError(f"{p} is not a readable safetensors file ({e}): re-export or re-download it") from None
     meta = json.loads(meta_raw[_META_KEY]) if _META_KEY in meta_raw else {}
     adapter_meta = None
     if _DIFFUSERS_META_KEY in meta_raw:
