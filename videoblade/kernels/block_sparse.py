@@ -9,9 +9,10 @@ Algorithm
 ---------
 Forward: one program per (query tile, batch*head). It walks the kept key blocks of its
 query block (``kv_indices``), flash-attention style (online softmax in base 2 with the
-scale folded into one FMA), then - with compensation - walks all summary tokens, masking
-those of kept blocks, in the *same* online softmax, so kept tokens and summaries form one
-softmax partition (SPEC 1.5). It writes out and the row log-sum-exp (natural log).
+scale folded into one FMA), then - with compensation - walks all summary tokens (padded to
+a multiple of 128, whole unmasked tiles the size of the key tile) with one precomputed float32
+bias row per query block (-inf for the summaries of kept blocks and the padding), in the *same*
+online softmax, so kept tokens and summaries form one softmax partition (SPEC 1.5). It writes out and the row log-sum-exp (natural log).
 
 Backward: probabilities are recomputed from the LSE (no P matrix is stored).
 
@@ -26,9 +27,10 @@ Backward: probabilities are recomputed from the LSE (no P matrix is stored).
   (3) the transposed index costs a few tiny torch ops on [B,H,NQ,NK] ints.
   The price is recomputing QK^T and dO V^T in both passes (7 matmuls instead of 5),
   the same trade FlexAttention's backward makes.
-* summary dk/dv: key-major over summary tiles; each walks every query tile and masks
-  the query blocks that keep the summary's block. Its cost is ~1/pool of a dense
-  backward.
+* summary dk/dv: key-major over summary tiles, the query axis split into chunks so the grid
+  fills the GPU (~4 waves; one program per summary tile walking all of L gave 192 programs at
+  Wan); each program writes float32 partial sums per chunk, added on the host in a fixed
+  order (deterministic). Query blocks that keep a summary's block read -inf in the bias table.
 
 The last block may be partial: loads are masked (zeros) and the forward masks logits of
 the padded keys (only in the last key block: the kept list is ascending so that block
