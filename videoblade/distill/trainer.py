@@ -166,6 +166,12 @@ def validate_request(cfg: RunConfig) -> TrainRequest:
         raise TrainRequestError(
             f"prompt store has {store.text_max_length} text tokens but the CogVideoX transformer concatenates "
             f"{geometry.text_tokens} (max_text_seq_length): re-encode with --max_length {geometry.text_tokens}")
+    if tr.validation_steps and tr.num_validation_videos > 0:
+        try:
+            import imageio_ffmpeg  # noqa: F401  (write_video's encoder; checked before hours of training)
+        except ImportError:
+            raise TrainRequestError("validation videos need imageio-ffmpeg (pip install imageio-ffmpeg), "
+                                    "or set train.validation_steps=0") from None
     val_prompts = None
     if tr.validation_prompts:
         try:
