@@ -58,3 +58,10 @@ def test_required_keys_and_missing_file(tmp_path):
         load_config(None, [], require=("model.path",))
     with pytest.raises(ConfigError, match="not found"):
         load_config(tmp_path / "nope.yaml")
+
+
+def test_mixed_precision_no_survives_yaml_booleans(tmp_path):
+    assert load_config(None, ["train.mixed_precision=no"]).train.mixed_precision == "no"
+    y = tmp_path / "c.yaml"
+    y.write_text("train:\n  mixed_precision: no\n")
+    assert load_config(y).train.mixed_precision == "no"

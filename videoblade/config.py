@@ -253,6 +253,9 @@ def load_config(path: str | Path | None = None, overrides: list[str] | None = No
     except OmegaConfBaseException as e:  # unknown key, wrong type: re-raise with one clear line
         raise ConfigError(str(e).splitlines()[0] + f" (full key: {getattr(e, 'full_key', '?')})") from None
     if isinstance(obj, RunConfig):
+        # YAML 1.1 reads a bare `no` as a boolean, which OmegaConf then stores as "False"
+        if obj.train.mixed_precision in ("False", "false"):
+            obj.train.mixed_precision = "no"
         _validate(obj)
     return obj
 
