@@ -329,3 +329,13 @@ def test_estimate_mean_partial_block_bias():
     for mode in ("mean", "sample"):
         P = estimate_block_importance(q.to(DEV), k.to(DEV), bs, 8, mode=mode)
         torch.testing.assert_close(P[0, 0].cpu(), torch.tensor([0.4, 0.4, 0.2]).expand(3, 3), rtol=1e-4, atol=1e-4)
+
+
+def test_estimate_runs_inside_torch_compile():
+    # the estimate is a graph break for torch.compile (inductor mis-types its scale argument);
+    # a compiled caller must still get the eager result
+    g = torch.Generator().manual_seed(3)
+    q, k = torch.randn(1, 2, 200, 32, generator=g), torch.randn(1, 2, 200, 32, generator=g)
+    eager = estimate_block_importance(q, k, block_size=32, samples_per_block=8)
+    compiled = torch.compile(lambda a, b: estimate_block_importance(a, b, block_size=32, samples_per_block=8) * 2.0)
+    torch.testing.assert_close(compiled(q, k), eager * 2.0)

@@ -133,7 +133,8 @@ def _pow2(n: int) -> bool:
     return n > 0 and n & (n - 1) == 0
 
 
-@torch.no_grad()
+@torch.compiler.disable  # inductor re-types the float scale of this user kernel as fp64 and fails on
+@torch.no_grad()        # the loop-carried fp32 state (seen in benchmarks/e2e.py); run it eagerly instead
 def estimate_block_importance(
     q: torch.Tensor,
     k: torch.Tensor,
