@@ -215,16 +215,24 @@ def test_deepspeed_zero3_single_process(tiny, tmp_path):
 
 
 @pytest.mark.slow
-def test_ddp_two_processes_gloo(tiny, tmp_path):
+def test_ddp_two_processes_gloo_through_the_launch_script(tiny, tmp_path):
+    # the shipped launch script (plain DDP: ACCELERATE_CONFIG empty), 2 processes on gloo
     out = tmp_path / "ddp"
-    launcher = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
-                "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no",
-                "--main_process_port", str(_port()), "-m", "videoblade.train"]
-    _run(_args(tiny, "cogvideox", out), launcher=launcher)
+    folder, store = tiny["cogvideox"]
+    env = dict(_env(), MODEL_PATH=str(folder), PROMPT_STORE=str(store), OUTPUT_DIR=str(out), NUM_GPUS="2",
+               ACCELERATE_CONFIG="", MIXED_PRECISION="no", MAIN_PORT=str(_port()), PYTHON=sys.executable)
+    args = [a for a in _args(tiny, "cogvideox", out) if not a.startswith(("model.path=", "train.prompt_store=",
+                                                                           "train.output_dir="))]
+    args += ["model.height=64", "model.width=96", "model.frames=17", "train.validation_prompts=null"]
+    r = subprocess.run(["bash", "cogvideox/train/train_tdm.sh", *args], env=env, cwd=ROOT, capture_output=True,
+                       text=True, timeout=600)
+    assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-6000:]
     summary, rows = _check_trained(out)
     assert summary["num_processes"] == 2 and summary["shared_base"]
     a, b = summary["lora_checksums_per_rank"]
     assert a == b  # gradients were all-reduced: both ranks hold the same LoRAs
+    cfg = load_config(out / "config.yaml")
+    assert (cfg.tdm.cfg, cfg.tdm.lambda_reg, cfg.asa.pool) == (3.5, 0.5, 8)  # the YAML recipe + overrides
 
 
 def test_validate_request_fails_before_loading(tiny, tmp_path):
