@@ -48,11 +48,11 @@ class DemoProfile:
     data: ToyDataConfig = field(default_factory=ToyDataConfig)
     transformer: dict = field(default_factory=dict)  # overrides of videoblade.models.toy.TOY_TRANSFORMER
     teacher: TeacherConfig = field(default_factory=TeacherConfig)
-    cfg: float = 3.0  # the teacher's guidance scale, in distillation and in its own sampling
+    cfg: float = 2.0  # the teacher's guidance scale, in distillation and in its own sampling
     eta: float = 0.9
     # distillation (the project's trainer); one run per (K, asa)
     k_steps: tuple[int, ...] = (8, 4)
-    distill_steps: dict = field(default_factory=lambda: {8: 120, 4: 120})
+    distill_steps: dict = field(default_factory=lambda: {8: 200, 4: 200})
     distill_batch: int = 8
     learning_rate: float = 1e-3
     learning_rate_fake: float = 2e-3
@@ -75,15 +75,20 @@ class DemoProfile:
 
 
 def _profiles() -> dict[str, DemoProfile]:
-    full = DemoProfile()
+    # 12x12 pixels x 5 frames, 4px shapes moving 1px/frame: 5 x 6 x 6 = 180 tokens (12 ASA blocks of 16)
+    data = ToyDataConfig(height=12, width=12, frames=5, shape_size=4, speed=1, n_along=2, n_across=3, n_clips=192)
+    model = dict(num_attention_heads=2, attention_head_dim=16, ffn_dim=128, num_layers=4)
+    full = DemoProfile(data=data, transformer=model,
+                       teacher=TeacherConfig(steps=4000, batch_size=16, learning_rate=5e-3, warmup_steps=50))
     quick = DemoProfile(
         name="quick",
-        data=ToyDataConfig(n_clips=192),
-        transformer=dict(num_layers=2, num_attention_heads=2, attention_head_dim=16, ffn_dim=64),
-        teacher=TeacherConfig(steps=150, batch_size=32, learning_rate=3e-3, warmup_steps=10),
-        distill_steps={8: 12, 4: 12},
-        distill_batch=4,
-        teacher_steps=(20, 8, 4),
+        data=data,
+        transformer=dict(model, num_layers=2),
+        teacher=TeacherConfig(steps=400, batch_size=16, learning_rate=5e-3, warmup_steps=20),
+        k_steps=(4,),
+        distill_steps={4: 40},
+        distill_batch=8,
+        teacher_steps=(20, 4),
         eval_per_prompt=1,
         dense_students=False,
         grid_prompts=3,
@@ -332,8 +337,10 @@ def video_grid(samples: dict[str, torch.Tensor], rows: list[dict], prof: DemoPro
     from PIL import Image, ImageDraw
 
     n = prof.grid_prompts
-    stride = max(1, len(all_prompts()) // n) * prof.eval_per_prompt
-    cols = [i * stride for i in range(n)]
+    n_prompts = len(all_prompts())
+    # spread over shapes, colours and directions: prompt index = shape*16 + colour*4 + direction
+    picks = [(i * 16 + (i % 4) * 4 + (i * 3) % 4) % n_prompts for i in range(n)]
+    cols = [p * prof.eval_per_prompt for p in picks]
     label_w, pad = 190, 2
     tiles = []
     names = [r["name"] for r in rows]

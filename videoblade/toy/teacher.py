@@ -37,7 +37,7 @@ class TeacherConfig:
     warmup_steps: int = 50
     min_lr_ratio: float = 0.05  # cosine decay to this fraction of the peak
     weight_decay: float = 0.0
-    ema_decay: float = 0.995
+    ema_decay: float = 0.999
     cond_dropout: float = 0.1
     grad_clip: float = 1.0
     seed: int = 0
