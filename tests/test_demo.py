@@ -66,7 +66,7 @@ def test_quick_demo_end_to_end(quick_run):
 @pytest.mark.slow
 @pytest.mark.xfail(strict=True, reason="issue 7's CI check 'distillation improves precision over the teacher at the "
                    "same step count' does not hold for the toy teacher: its own 4-step blur is as close to the data "
-                   "in L2 as its 50-step samples (see docs/demo.md); strict, so it fails loudly once it holds")
+                   "in L2 as its 50-step samples (see the README demo section); strict, so it fails loudly once it holds")
 def test_distillation_improves_precision_at_equal_steps(quick_run):
     _, summary = quick_run
     rows = {r["name"]: r for r in summary["rows"]}

@@ -16,7 +16,7 @@ samples reach, relative to real draws; higher is better) are measured for the te
 
 The run directory receives teacher/ (cached: a second run skips its training), prompts/ (the
 prompt store), students/k*_{asa,dense}/ (trainer run folders with LoRAs), summary.json,
-table.txt, metrics.png, grid.mp4 and grid.gif. See docs/demo.md for a measured run.
+table.txt, metrics.png, grid.mp4 and grid.gif. See the README demo section for a measured run.
 """
 
 from __future__ import annotations
