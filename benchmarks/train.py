@@ -75,18 +75,24 @@ def build_store(root: Path, text_dim: int, length: int) -> Path:
                               text_max_length=length, negative_embeds=neg, dtype="bf16")
 
 
+def video_size(smoke: bool) -> tuple[int, int, int]:
+    """(height, width, frames) of the benchmarked request; every shape follows from it."""
+    return (64, 96, 17) if smoke else (480, 832, 81)
+
+
 def run_variant(name: str, folder: Path, store: Path, out: Path, steps: int, smoke: bool, overrides: list[str]):
     args = [f"model.path={folder}", f"train.prompt_store={store}", f"train.output_dir={out}",
             f"train.max_train_steps={steps}", "train.train_batch_size=1", "train.gradient_accumulation_steps=1",
             "train.validation_steps=0", "train.report_to=none", f"train.checkpointing_steps={steps}",
             "train.export_comfy=false", "train.resume_from_checkpoint=null", "tdm.cfg=5.0", "tdm.lambda_reg=0.0"]
+    h, w, f = video_size(smoke)
+    args += [f"model.height={h}", f"model.width={w}", f"model.frames={f}"]
     if smoke:
-        args += ["model.height=64", "model.width=96", "model.frames=17", "model.dtype=fp32",
+        args += ["model.dtype=fp32",
                  "train.mixed_precision='no'", "asa.block_size=16", "asa.pool=8", "asa.samples_per_block=8",
                  "lora.rank=4", "lora.lora_alpha=4"]
     else:
-        args += ["model.height=480", "model.width=832", "model.frames=81", "model.dtype=bf16",
-                 "train.mixed_precision=bf16", "asa.pool=32"]
+        args += ["model.dtype=bf16", "train.mixed_precision=bf16", "asa.pool=32"]
     env = dict(os.environ, HF_HUB_OFFLINE="1", PYTHONUNBUFFERED="1")
     if smoke:
         env["OMP_NUM_THREADS"] = "1"
@@ -133,7 +139,9 @@ def main(argv=None) -> int:
     res = {k: v for k, v in res.items() if v is not None}
     if "dense" not in res or "asa" not in res:
         raise SystemExit(f"variants failed: {failed}")
-    shape = [1, 16, 21, 60, 104] if not a.smoke else [1, 16, 5, 8, 12]
+    from videoblade.models import get_adapter
+
+    shape = [1, *get_adapter("wan").geometry(folder, *video_size(a.smoke)).latent_shape]
     rows = []
     for name, r in res.items():
         rows.append({"what": f"TDM iteration ({name}), Wan2.1-1.3B random weights, grad ckpt, bf16",

@@ -86,6 +86,11 @@ def _latent_fhw(frames, height, width):
     return (frames - 1) // VAE_T + 1, height // VAE_S, width // VAE_S
 
 
+def _token_grid(frames, height, width, patch_t, patch_s):
+    F, H, W = _latent_fhw(frames, height, width)
+    return F // patch_t, H // patch_s, W // patch_s
+
+
 def build(family: str, dtype=torch.bfloat16):
     from diffusers import CogVideoXTransformer3DModel, WanTransformer3DModel
 
@@ -303,9 +308,12 @@ def main():
         SMOKE, DEVICE = True, "cpu"
     elif not torch.cuda.is_available():
         sys.exit("benchmarks/transformer.py needs a CUDA GPU (or --smoke)")
-    sizes = dict(wan=(81, 480, 832), cog=(49, 480, 720), wan_grid=(21, 30, 52), cog_grid=(13, 30, 45), cog_text=226)
-    if SMOKE:
-        sizes = dict(wan=(9, 64, 96), cog=(9, 64, 96), wan_grid=(3, 8, 12), cog_grid=(3, 6, 8), cog_text=20)
+    # video sizes as requested; token grids and text length follow from them and the configs
+    wan_cfg, cog_cfg = (WAN_SMOKE, COG_SMOKE) if SMOKE else (WAN_1_3B, COG_5B)
+    sizes = dict(wan=(81, 480, 832), cog=(49, 480, 720)) if not SMOKE else dict(wan=(17, 128, 192), cog=(17, 128, 160))
+    sizes.update(wan_grid=_token_grid(*sizes["wan"], wan_cfg["patch_size"][0], wan_cfg["patch_size"][1]),
+                 cog_grid=_token_grid(*sizes["cog"], 1, cog_cfg["patch_size"]),
+                 cog_text=cog_cfg["max_text_seq_length"])
     torch.backends.cuda.matmul.allow_tf32 = True
     rows: list[dict] = []
     targets: dict = {}
