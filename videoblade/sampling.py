@@ -73,37 +73,49 @@ def guided(cond: Callable[[torch.Tensor, torch.Tensor], torch.Tensor],
     return predict
 
 
-def sample(adapter, transformer, schedule: Schedule, prompt_embeds: torch.Tensor, geometry, steps: int = 8,
-           eta: float = 0.9, generator: torch.Generator | None = None, guidance: float = 1.0,
-           negative_embeds: torch.Tensor | None = None, latents: torch.Tensor | None = None,
-           progress: bool = True, desc: str = "denoising") -> torch.Tensor:
-    """Sample latents [B, C, F, H, W] (float32) with the eta sampler in `steps` stages."""
-    B = prompt_embeds.shape[0]
-    device = prompt_embeds.device
-    if latents is None:
-        latents = randn((B, *geometry.latent_shape), generator, device)
+def _initial_latents(latents, prompt_embeds, geometry, generator):
+    if latents is not None:
+        return latents
+    return randn((prompt_embeds.shape[0], *geometry.latent_shape), generator, prompt_embeds.device)
 
-    def cond(x, t):
-        return adapter.predict(transformer, x, t, prompt_embeds, geometry)
+
+def _adapter_predictor(adapter, transformer, prompt_embeds, geometry, guidance, negative_embeds,
+                       to_input=lambda t: t, schedule=None) -> PredictFn:
+    """The guided network call both samplers use: cond (+ uncond from the negative embedding)."""
+
+    def call(embeds):
+        def predict(x, t):
+            return adapter.predict(transformer, x, to_input(t), embeds, geometry, schedule=schedule)
+
+        return predict
 
     uncond = None
     if guidance != 1.0:
         if negative_embeds is None:
             raise ValueError("guidance != 1 needs negative_embeds (the empty/negative prompt embedding)")
+        B = prompt_embeds.shape[0]
         neg = negative_embeds.expand(B, *negative_embeds.shape[1:]) if negative_embeds.shape[0] == 1 else negative_embeds
+        uncond = call(neg)
+    return guided(call(prompt_embeds), uncond, guidance)
 
-        def uncond(x, t):
-            return adapter.predict(transformer, x, t, neg, geometry)
 
-    wrap = None
-    if progress:
-        from tqdm.auto import tqdm
+def _progress(progress: bool, desc: str) -> Callable | None:
+    if not progress:
+        return None
+    from tqdm.auto import tqdm
 
-        def wrap(it):
-            return tqdm(it, desc=desc, leave=False)
+    return lambda it: tqdm(it, desc=desc, leave=False)
 
+
+def sample(adapter, transformer, schedule: Schedule, prompt_embeds: torch.Tensor, geometry, steps: int = 8,
+           eta: float = 0.9, generator: torch.Generator | None = None, guidance: float = 1.0,
+           negative_embeds: torch.Tensor | None = None, latents: torch.Tensor | None = None,
+           progress: bool = True, desc: str = "denoising") -> torch.Tensor:
+    """Sample latents [B, C, F, H, W] (float32) with the eta sampler in `steps` stages."""
+    latents = _initial_latents(latents, prompt_embeds, geometry, generator)
+    predict = _adapter_predictor(adapter, transformer, prompt_embeds, geometry, guidance, negative_embeds)
     timesteps = stage_timesteps(steps, schedule.num_train_timesteps)
-    x0, _ = rollout(guided(cond, uncond, guidance), schedule, latents, timesteps, eta, generator, progress=wrap)
+    x0, _ = rollout(predict, schedule, latents, timesteps, eta, generator, progress=_progress(progress, desc))
     return x0
 
 
@@ -178,40 +190,13 @@ def sample_unipc(adapter, transformer, schedule: Schedule, prompt_embeds: torch.
                  ) -> torch.Tensor:
     """Sample latents [B, C, F, H, W] (float32) with diffusers' UniPC on the model's schedule
     (flow sigmas with `flow_shift` for Wan, as WanPipeline; v-prediction for CogVideoX)."""
-    B = prompt_embeds.shape[0]
-    device = prompt_embeds.device
-    if latents is None:
-        latents = randn((B, *geometry.latent_shape), generator, device)
-    raw = _SchedulerTimesteps()
-    if schedule.kind == "flow":
-        # WanPipeline feeds the scheduler's float timestep (sigma * T); UniPC lists it as int64
-        def to_input(t):
-            return t.float()
-    else:
-        def to_input(t):
-            return t.long()
-
-    def cond(x, t):
-        return adapter.predict(transformer, x, to_input(t), prompt_embeds, geometry, schedule=raw)
-
-    uncond = None
-    if guidance != 1.0:
-        if negative_embeds is None:
-            raise ValueError("guidance != 1 needs negative_embeds (the empty/negative prompt embedding)")
-        neg = negative_embeds.expand(B, *negative_embeds.shape[1:]) if negative_embeds.shape[0] == 1 else negative_embeds
-
-        def uncond(x, t):
-            return adapter.predict(transformer, x, to_input(t), neg, geometry, schedule=raw)
-
-    wrap = None
-    if progress:
-        from tqdm.auto import tqdm
-
-        def wrap(it):
-            return tqdm(it, desc=desc, leave=False)
-
+    latents = _initial_latents(latents, prompt_embeds, geometry, generator)
+    # WanPipeline feeds the scheduler's float timestep (sigma * T); UniPC lists it as int64
+    to_input = (lambda t: t.float()) if schedule.kind == "flow" else (lambda t: t.long())
+    predict = _adapter_predictor(adapter, transformer, prompt_embeds, geometry, guidance, negative_embeds,
+                                 to_input=to_input, schedule=_SchedulerTimesteps())
     scheduler = unipc_scheduler(schedule, flow_shift=flow_shift)
-    return unipc_denoise(guided(cond, uncond, guidance), scheduler, latents, steps, progress=wrap)
+    return unipc_denoise(predict, scheduler, latents, steps, progress=_progress(progress, desc))
 
 
 __all__.append("sample_unipc")
