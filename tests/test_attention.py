@@ -3,6 +3,7 @@
 import pytest
 import torch
 import torch.nn.functional as F
+from helpers import rel_err as _rel
 
 from videoblade.attention.asa import AdaptiveSparseAttention
 from videoblade.attention.gilbert import gilbert_order
@@ -11,10 +12,6 @@ from videoblade.attention.synthetic import local_qkv
 from videoblade.config import ASAConfig
 from videoblade.kernels import estimate_block_importance_ref, mask_to_block_lists, pool_summaries
 from videoblade.kernels.reference import block_sparse_attention_ref
-
-
-def _rel(a, b):
-    return float((a.float() - b.float()).norm() / b.float().norm())
 
 
 def _cfg(**kw):

@@ -3,17 +3,13 @@ reference), on q/k/v and inside a Wan transformer."""
 
 import pytest
 import torch
+from helpers import rel_err as _rel
 
 from videoblade.attention.asa import AdaptiveSparseAttention
 from videoblade.attention.synthetic import local_qkv
 from videoblade.config import ASAConfig
 
 pytestmark = pytest.mark.gpu
-
-
-def _rel(a, b):
-    a, b = a.detach().float(), b.detach().float()
-    return float((a - b).norm() / b.norm().clamp_min(1e-12))
 
 
 @pytest.mark.parametrize("compensation", [False, True], ids=["exact", "comp"])

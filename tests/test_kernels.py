@@ -10,6 +10,7 @@ import os
 
 import pytest
 import torch
+from helpers import rel_err
 
 from videoblade.kernels import (
     Summary,
@@ -34,12 +35,6 @@ def test_interpreter_is_on_for_cpu():
     # otherwise these tests would not run the Triton kernels at all
     if on_cpu:
         assert os.environ.get("TRITON_INTERPRET") == "1"
-
-
-def rel_err(a: torch.Tensor, b: torch.Tensor) -> float:
-    a, b = a.double(), b.double()
-    assert torch.isfinite(a).all(), "non-finite values (unwritten / poisoned element?)"
-    return ((a - b).norm() / b.norm().clamp_min(1e-30)).item()
 
 
 def random_mask(B, H, n, density, gen, empty_rows=True, full_rows=True):

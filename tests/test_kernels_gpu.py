@@ -10,6 +10,7 @@ import math
 
 import pytest
 import torch
+from helpers import rel_err
 
 from videoblade.kernels import (
     Summary,
@@ -25,12 +26,6 @@ from videoblade.kernels import (
 )
 
 pytestmark = pytest.mark.gpu
-
-
-def rel_err(a, b):
-    assert torch.isfinite(a).all(), "non-finite values (unwritten / poisoned element?)"
-    a, b = a.double(), b.double()
-    return ((a - b).norm() / b.norm()).item()
 
 
 def random_mask(B, H, n, density, gen):
