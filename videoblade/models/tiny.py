@@ -154,27 +154,25 @@ def _build(family: str, cfg: dict, seed: int, out: Path) -> None:
 
     tokenizer = build_tokenizer()
     te_kwargs = dict(cfg["text_encoder"], vocab_size=len(tokenizer))
+    # (transformer, VAE, text encoder, its config, scheduler, pipeline) class names per family
+    names = {
+        "wan": ("WanTransformer3DModel", "AutoencoderKLWan", "UMT5EncoderModel", "UMT5Config",
+                "UniPCMultistepScheduler", "WanPipeline"),
+        "cogvideox": ("CogVideoXTransformer3DModel", "AutoencoderKLCogVideoX", "T5EncoderModel", "T5Config",
+                      "CogVideoXDPMScheduler", "CogVideoXPipeline"),
+    }[family]
+    tr_cls, vae_cls, sched_cls, pipe_cls = (getattr(diffusers, n) for n in (names[0], names[1], names[4], names[5]))
+    te_cls, te_cfg_cls = getattr(transformers, names[2]), getattr(transformers, names[3])
     with torch.random.fork_rng(devices=[]):
-        if family == "wan":
-            _seeded(seed, 1)
-            transformer = diffusers.WanTransformer3DModel(**cfg["transformer"])
-            _seeded(seed, 2)
-            vae = diffusers.AutoencoderKLWan(**cfg["vae"])
-            _seeded(seed, 3)
-            text_encoder = transformers.UMT5EncoderModel(transformers.UMT5Config(**te_kwargs))
-            scheduler = diffusers.UniPCMultistepScheduler(**cfg["scheduler"])
-            pipe = diffusers.WanPipeline(tokenizer=tokenizer, text_encoder=text_encoder, vae=vae,
-                                         scheduler=scheduler, transformer=transformer)
-        else:
-            _seeded(seed, 1)
-            transformer = diffusers.CogVideoXTransformer3DModel(**cfg["transformer"])
-            _seeded(seed, 2)
-            vae = diffusers.AutoencoderKLCogVideoX(**cfg["vae"])
-            _seeded(seed, 3)
-            text_encoder = transformers.T5EncoderModel(transformers.T5Config(**te_kwargs))
-            scheduler = diffusers.CogVideoXDPMScheduler(**cfg["scheduler"])
-            pipe = diffusers.CogVideoXPipeline(tokenizer=tokenizer, text_encoder=text_encoder, vae=vae,
-                                               transformer=transformer, scheduler=scheduler)
+        _seeded(seed, 1)
+        transformer = tr_cls(**cfg["transformer"])
+        _seeded(seed, 2)
+        vae = vae_cls(**cfg["vae"])
+        _seeded(seed, 3)
+        text_encoder = te_cls(te_cfg_cls(**te_kwargs))
+        scheduler = sched_cls(**cfg["scheduler"])
+        pipe = pipe_cls(tokenizer=tokenizer, text_encoder=text_encoder, vae=vae, transformer=transformer,
+                        scheduler=scheduler)
     pipe.save_pretrained(out, safe_serialization=True)
     (out / HINT_FILE).write_text(json.dumps({"family": family, "tiny": True, **cfg["hints"]}, indent=2))
 
