@@ -128,6 +128,8 @@ def build_parser(prog: str = "videoblade generate") -> argparse.ArgumentParser:
                         "fp32 on CPU)")
     p.add_argument("--vae-tiling", action="store_true", help="tiled VAE decode (less memory, slower)")
     p.add_argument("--vae-compile", action="store_true", help="torch.compile the VAE decoder")
+    p.add_argument("--compile", action="store_true",
+                   help="torch.compile the transformer blocks (regional; the first step pays a one-time compile)")
     p.add_argument("--dtype", choices=("bf16", "fp16", "fp32"), default=None,
                    help="transformer/text-encoder dtype (default bf16 on CUDA, fp32 on CPU)")
     p.add_argument("--device", default=None, help="default: cuda if available, else cpu")
@@ -348,6 +350,7 @@ class Plan:
     vae_dtype: str
     vae_tiling: bool
     vae_compile: bool
+    compile: bool
     device: str
     fps: int
     text_max_length: int
@@ -376,7 +379,7 @@ class Plan:
             "asa": to_dict(self.asa) if self.asa is not None else None,
             "seed": self.seed, "num_videos_per_prompt": max(j.sample_index for j in self.jobs) + 1,
             "dtype": self.dtype, "vae_dtype": self.vae_dtype, "vae_tiling": self.vae_tiling,
-            "vae_compile": self.vae_compile, "device": self.device, "fps": self.fps,
+            "vae_compile": self.vae_compile, "compile": self.compile, "device": self.device, "fps": self.fps,
             "text_max_length": self.text_max_length, "out_dir": str(self.out_dir),
         }
 
@@ -562,7 +565,7 @@ def plan_from_args(args: argparse.Namespace) -> Plan:
                 jobs=jobs, lora=lora, asa=asa, method=method, steps=int(steps), guidance=float(guidance),
                 sampler=sampler, eta=eta, flow_shift=args.flow_shift, negative_prompt=args.negative_prompt,
                 seed=int(args.seed), dtype=dtype, vae_dtype=vae_dtype, vae_tiling=bool(args.vae_tiling),
-                vae_compile=bool(args.vae_compile), device=device, fps=int(fps),
+                vae_compile=bool(args.vae_compile), compile=bool(args.compile), device=device, fps=int(fps),
                 text_max_length=int(text_max_length), lora_scale=float(args.lora_scale), out_dir=out_dir,
                 report_path=report_path, progress=bool(args.progress), notes=notes)
 
@@ -617,6 +620,8 @@ def load_components(plan: Plan) -> Components:
         from videoblade.attention import set_adaptive_sparse_attention
 
         asa = set_adaptive_sparse_attention(transformer, plan.asa)
+    if plan.compile:
+        plan.adapter.compile_blocks(transformer)
     configure_vae(loaded.vae, plan.vae_tiling, plan.vae_compile)
     _sync(plan.device)
     return Components(transformer=transformer, vae=loaded.vae, text_encoder=loaded.text_encoder,

@@ -84,7 +84,11 @@ class AdaptiveSparseAttention:
 
     # ------------------------------------------------------------------ policy
     def layer_is_dense(self, layer_idx: int) -> bool:
-        return (not self.cfg.enabled) or int(layer_idx) in self._dense_layers
+        return (not self.cfg.enabled) or self.layer_listed_dense(layer_idx)
+
+    def layer_listed_dense(self, layer_idx: int) -> bool:
+        """The layer is in ``cfg.dense_layers`` (fixed at construction, unlike ``cfg.enabled``)."""
+        return int(layer_idx) in self._dense_layers
 
     def step_is_dense(self, timestep) -> bool:
         """True when ``cfg.dense_timestep_above`` is set and the (largest) timestep is above it."""
@@ -159,15 +163,32 @@ class AdaptiveSparseAttention:
         ordered: bool = False,
         dense: bool | None = None,
     ) -> torch.Tensor:
-        if q.dim() != 4:
-            raise ValueError(f"q, k, v must be [B, H, L, D], got {tuple(q.shape)}")
-        B, H, L, _ = q.shape
         if dense is None:
             dense = self.is_dense(layer_idx, timestep)
+        out, mask = self.attend(q, k, v, grid=grid, text_tokens=text_tokens, ordered=ordered, dense=dense)
+        self._record(layer_idx, mask, q.shape[1], q.device)
+        return out
+
+    def attend(
+        self,
+        q: torch.Tensor,
+        k: torch.Tensor,
+        v: torch.Tensor,
+        grid=None,
+        text_tokens: int = 0,
+        ordered: bool = False,
+        dense: bool = False,
+    ) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """The attention alone: (out, block mask or None when dense); records nothing.
+
+        No layer index or other per-layer Python value enters here, so under ``torch.compile``
+        every layer shares one compiled graph (the diffusers processors call this and record
+        the statistics outside the graph)."""
+        if q.dim() != 4:
+            raise ValueError(f"q, k, v must be [B, H, L, D], got {tuple(q.shape)}")
+        L = q.shape[2]
         if dense:
-            out = F.scaled_dot_product_attention(q, k, v)
-            self._record(layer_idx, None, H, q.device)
-            return out
+            return F.scaled_dot_product_attention(q, k, v), None
 
         c = self.cfg
         perm = inv = None
@@ -185,10 +206,10 @@ class AdaptiveSparseAttention:
         out = self.sparse_attention(q, k, v, mask)
         if inv is not None:
             out = out.index_select(2, inv)
-        self._record(layer_idx, mask, H, q.device)
-        return out
+        return out, mask
 
     # ------------------------------------------------------------------ stats
+    @torch.compiler.disable  # host-side bookkeeping: under torch.compile a graph break, never a recompile
     def _record(self, layer_idx: int, mask: torch.Tensor | None, heads: int, device) -> None:
         if not self.record_stats or _in_backward_recompute():
             return

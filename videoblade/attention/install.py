@@ -106,7 +106,6 @@ class _ASAInstallState:
             pt = transformer.config.patch_size_t
             self.patch = (int(pt) if pt else 1, int(cfg_patch), int(cfg_patch))
         self.num_layers = len(_blocks(transformer, family))
-        self._first = None
 
     # -------------------------------------------------------------- context
     def _context(self, latents: torch.Tensor, timestep, text_tokens: int) -> ASAForwardContext:
@@ -155,19 +154,26 @@ class _ASAInstallState:
             cos, sin = cos.index_select(1, ctx.perm), sin.index_select(1, ctx.perm)
         return RotaryWithContext((cos, sin), ctx)
 
+    def wan_first_block_pre(self, module, args, kwargs):
+        # registered on blocks[0] only (no identity test: blocks compiled with their hooks
+        # then share one graph instead of recompiling on `module is first`)
+        rotary = _pick(args, kwargs, 3, "rotary_emb")
+        ctx = getattr(rotary, "asa_ctx", None)
+        if ctx is None or not ctx.ordered:
+            return None
+        hs = _pick(args, kwargs, 0, "hidden_states")
+        _check_len(hs, ctx)
+        return _put(args, kwargs, 0, "hidden_states", hs.index_select(1, ctx.perm))
+
     def wan_block_pre(self, module, args, kwargs):
         rotary = _pick(args, kwargs, 3, "rotary_emb")
         ctx = getattr(rotary, "asa_ctx", None)
         if ctx is None or not ctx.ordered:
             return None
-        if module is self._first:
-            hs = _pick(args, kwargs, 0, "hidden_states")
-            _check_len(hs, ctx)
-            args, kwargs = _put(args, kwargs, 0, "hidden_states", hs.index_select(1, ctx.perm))
         temb = _pick(args, kwargs, 2, "temb")
         if temb is not None and temb.dim() == 4:  # per-token modulation (Wan2.2 TI2V)
-            args, kwargs = _put(args, kwargs, 2, "temb", temb.index_select(1, ctx.perm))
-        return args, kwargs
+            return _put(args, kwargs, 2, "temb", temb.index_select(1, ctx.perm))
+        return None
 
     def wan_last_block_post(self, module, args, kwargs, output):
         rotary = _pick(args, kwargs, 3, "rotary_emb")
@@ -215,7 +221,6 @@ class _ASAInstallState:
             self.original_processors[name] = block.attn1.processor
             proc_cls = WanASAProcessor if fam == "wan" else CogVideoXASAProcessor
             block.attn1.set_processor(proc_cls(self.asa, i))
-        self._first = blocks[0] if len(blocks) else None
 
         def reg(mod, kind, fn, **kw):
             if kind == "pre":
@@ -230,6 +235,8 @@ class _ASAInstallState:
             reg(transformer, "pre", self.wan_pre_forward, with_kwargs=True)
             reg(transformer, "post", self.wan_post_forward, with_kwargs=True, always_call=True)
             reg(transformer.rope, "post", self.wan_rope_hook)
+            if len(blocks):
+                reg(blocks[0], "pre", self.wan_first_block_pre, with_kwargs=True)
             for block in blocks:
                 reg(block, "pre", self.wan_block_pre, with_kwargs=True)
             if len(blocks):

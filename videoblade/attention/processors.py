@@ -69,19 +69,28 @@ class _ASAProcessorBase:
     def __init__(self, asa: AdaptiveSparseAttention, layer_idx: int):
         self.asa = asa
         self.layer_idx = int(layer_idx)
+        # decided once here: the compiled graph then depends on this flag, not on the index,
+        # so every sparse layer reuses one graph under torch.compile ("enabled" arrives per
+        # forward as ctx.dense_step)
+        self.dense_layer = asa.layer_listed_dense(self.layer_idx)
 
     def _attend(self, q, k, v, ctx: ASAForwardContext, text_tokens: int) -> torch.Tensor:
         # q, k, v [B, H, L, D] in the order the tokens flow through the blocks
-        return self.asa(
+        out, mask = self.asa.attend(
             q,
             k,
             v,
-            layer_idx=self.layer_idx,
             grid=ctx.grid,
             text_tokens=text_tokens,
             ordered=ctx.ordered,
-            dense=ctx.dense_step or self.asa.layer_is_dense(self.layer_idx),
+            dense=ctx.dense_step or self.dense_layer,
         )
+        self._record(mask, q)
+        return out
+
+    @torch.compiler.disable  # reads self.layer_idx outside any compiled graph (no per-layer guard)
+    def _record(self, mask: torch.Tensor | None, q: torch.Tensor) -> None:
+        self.asa._record(self.layer_idx, mask, q.shape[1], q.device)
 
 
 def _wan_apply_rotary(hidden_states: torch.Tensor, freqs_cos: torch.Tensor, freqs_sin: torch.Tensor):

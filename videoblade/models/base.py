@@ -240,6 +240,8 @@ def get_adapter(family_or_folder: str | Path) -> ModelAdapter:
 class ModelAdapter:
     """Base class; one subclass per family (`wan.py`, `cogvideox.py`). Stateless."""
 
+    blocks_attr = ""  # name of the transformer's ModuleList of repeated blocks
+
     family: str = ""
     transformer_classes: tuple[str, ...] = ()
     default_size: tuple[int, int, int] = (480, 832, 81)  # (height, width, frames)
@@ -502,9 +504,29 @@ class ModelAdapter:
         return (video * 255).round().to(torch.uint8).permute(0, 2, 3, 4, 1).contiguous().cpu()
 
     # ------------------------------------------------------------------ structure
+    def blocks(self, transformer) -> torch.nn.ModuleList:
+        """The transformer's repeated blocks, in layer order."""
+        return getattr(unwrap_model(transformer), self.blocks_attr)
+
     def self_attention_modules(self, transformer) -> list[tuple[str, torch.nn.Module]]:
         """(name, module) of every self-attention module, in layer order."""
-        raise NotImplementedError
+        return [(f"{self.blocks_attr}.{i}.attn1", b.attn1) for i, b in enumerate(self.blocks(transformer))]
+
+    def compile_blocks(self, transformer, mode: str | None = None, dynamic: bool | None = False,
+                       backend: str = "inductor") -> int:
+        """Regional ``torch.compile``: every block compiled in place (``nn.Module.compile``, its
+        hooks included), the embeddings and output head left eager.  Blocks share one graph per
+        distinct role (first / middle / last block, sparse or dense step), so compiling costs a
+        few graphs, not one per layer; works with ASA installed before or after (the ASA
+        processors keep per-layer values out of the graph).  Returns the number of blocks."""
+        blocks = self.blocks(transformer)
+        dyn = torch._dynamo.config
+        # a handful of graphs per block code object (roles x sparse/dense); keep headroom
+        name = "recompile_limit" if hasattr(dyn, "recompile_limit") else "cache_size_limit"
+        setattr(dyn, name, max(getattr(dyn, name), 64))
+        for b in blocks:
+            b.compile(backend=backend, mode=mode, dynamic=dynamic)
+        return len(blocks)
 
     def pipeline(self, folder: str | Path, **kwargs):
         """The family's diffusers pipeline loaded from the folder (for LoRA round trips and references)."""

@@ -59,6 +59,7 @@ class CogVideoXAdapter(ModelAdapter):
     default_cfg = 3.5
     default_text_max_length = 226
     lora_target_modules = ("to_q", "to_k", "to_v", "to_out.0")
+    blocks_attr = "transformer_blocks"
     pipeline_class = "CogVideoXPipeline"
     text_encoder_class = "T5EncoderModel"
 
@@ -136,7 +137,3 @@ class CogVideoXAdapter(ModelAdapter):
             return_dict=False,
         )[0]
         return out.permute(0, 2, 1, 3, 4).float()
-
-    def self_attention_modules(self, transformer):
-        blocks = unwrap_model(transformer).transformer_blocks
-        return [(f"transformer_blocks.{i}.attn1", b.attn1) for i, b in enumerate(blocks)]

@@ -16,7 +16,6 @@ from videoblade.models.base import (
     ModelRequestError,
     VideoGeometry,
     register_adapter,
-    unwrap_model,
 )
 
 
@@ -28,6 +27,7 @@ class WanAdapter(ModelAdapter):
     default_cfg = 5.0
     default_text_max_length = 512
     lora_target_modules = ("to_q", "to_k", "to_v", "to_out.0")
+    blocks_attr = "blocks"
     pipeline_class = "WanPipeline"
     text_encoder_class = "UMT5EncoderModel"
 
@@ -68,8 +68,3 @@ class WanAdapter(ModelAdapter):
         out = transformer(hidden_states=x, timestep=timestep, encoder_hidden_states=emb,
                           attention_kwargs=attention_kwargs, return_dict=False)[0]
         return out.float()
-
-    def self_attention_modules(self, transformer):
-        blocks = unwrap_model(transformer).blocks
-        return [(f"blocks.{i}.attn1", b.attn1) for i, b in enumerate(blocks)]
-
