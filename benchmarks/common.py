@@ -106,6 +106,23 @@ def write_results(name: str, rows: Sequence[dict], targets: dict | None = None, 
     return path
 
 
+def carry_over(path: str | os.PathLike, keep: Callable[[dict], bool], targets: dict) -> list[dict]:
+    """Rows of an earlier results file that this run did not re-measure (``keep(row)``), each
+    tagged with the commit and date it was measured at; targets this run did not recompute are
+    copied into ``targets``. Lets a benchmark too long for one GPU call be run in parts."""
+    old = json.loads(Path(path).read_text())
+    rows = []
+    for r in old["rows"]:
+        if keep(r):
+            r = dict(r)
+            r.setdefault("measured_at_commit", old.get("commit"))
+            r.setdefault("measured_at_date", old.get("date"))
+            rows.append(r)
+    for k, v in old.get("targets", {}).items():
+        targets.setdefault(k, dict(v, measured_at_commit=old.get("commit")))
+    return rows
+
+
 def _fmt(x) -> str:
     if isinstance(x, float):
         return f"{x:.4g}"
