@@ -59,11 +59,12 @@ def env_info() -> dict:
     }
 
 
-def cuda_median_ms(fn: Callable[[], object], warmup: int = 5, reps: int = 30, max_total_ms: float = 4000.0) -> float:
+def cuda_median_ms(fn: Callable[[], object], warmup: int = 5, reps: int = 30, max_total_ms: float = 4000.0,
+                   min_reps: int = 5) -> float:
     """Median time of ``fn()`` in ms, each rep between its own pair of CUDA events.
 
     ``warmup`` calls first (compilation, autotuning, allocator); the number of reps is cut
-    so that about ``max_total_ms`` is spent (never below 5). Reps are enqueued back to back
+    so that about ``max_total_ms`` is spent (never below ``min_reps``). Reps are enqueued back to back
     and synchronised once at the end (as triton's do_bench), so host launch overhead is
     hidden whenever the host keeps ahead of the GPU, as it does in a real model.
     """
@@ -76,7 +77,7 @@ def cuda_median_ms(fn: Callable[[], object], warmup: int = 5, reps: int = 30, ma
     fn()
     e0.record()
     e0.synchronize()
-    n = int(max(5, min(reps, max_total_ms / max(s0.elapsed_time(e0), 1e-3))))
+    n = int(max(min_reps, min(reps, max_total_ms / max(s0.elapsed_time(e0), 1e-3))))
     starts = [torch.cuda.Event(enable_timing=True) for _ in range(n)]
     ends = [torch.cuda.Event(enable_timing=True) for _ in range(n)]
     for i in range(n):
