@@ -75,6 +75,7 @@ VAE_T, VAE_S = 4, 8  # both VAEs: 4x temporal, 8x spatial compression
 # --smoke: the same code path on the CPU with toy widths (checks the script, measures nothing)
 SMOKE = False
 DEVICE = "cuda"
+COMPILE_MODE = None  # torch.compile mode of the compiled-block rows (--compile-mode)
 WAN_SMOKE = dict(WAN_1_3B, num_attention_heads=2, attention_head_dim=32, ffn_dim=64, num_layers=2, text_dim=32)
 COG_SMOKE = dict(COG_5B, num_attention_heads=2, attention_head_dim=32, num_layers=2, text_embed_dim=32, time_embed_dim=32,
                  max_text_seq_length=20)
@@ -214,7 +215,7 @@ def compiled_rows(family, name, model, fwd, shape, dense_out, asa_cfg, reps, bes
 
     from videoblade.models import get_adapter
 
-    get_adapter("wan" if family == "wan" else "cogvideox").compile_blocks(model)
+    get_adapter("wan" if family == "wan" else "cogvideox").compile_blocks(model, mode=COMPILE_MODE)
     rows = []
 
     def first_call():
@@ -227,7 +228,8 @@ def compiled_rows(family, name, model, fwd, shape, dense_out, asa_cfg, reps, bes
     out, comp_s = first_call()
     t_dense = _timer(fwd, warmup=1, reps=reps, min_reps=3, max_total_ms=4000)
     rel = float((out - dense_out).norm() / dense_out.norm())
-    rows.append(dict(what=f"{name} forward, dense, compiled blocks", shape=shape, density=1.0, median_ms=t_dense,
+    tag = f", mode {COMPILE_MODE}" if COMPILE_MODE else ""
+    rows.append(dict(what=f"{name} forward, dense, compiled blocks{tag}", shape=shape, density=1.0, median_ms=t_dense,
                      peer=f"best eager dense {best_eager:.1f} ms", compile_s=comp_s, rel_l2_vs_dense_output=rel,
                      **{"pass": rel < 2e-2}))
     sdpa = torch.nn.functional.scaled_dot_product_attention
@@ -238,7 +240,7 @@ def compiled_rows(family, name, model, fwd, shape, dense_out, asa_cfg, reps, bes
     finally:
         torch.nn.functional.scaled_dot_product_attention = sdpa
     best = min(best_eager, t_dense)
-    rows.append(dict(what=f"{name} forward, compiled blocks, attention replaced by a no-op (floor)", shape=shape,
+    rows.append(dict(what=f"{name} forward, compiled blocks{tag}, attention replaced by a no-op (floor)", shape=shape,
                      density=0.0, median_ms=t_floor, peer=f"best dense {best:.1f} ms", compile_s=comp_f,
                      max_possible_speedup=best / t_floor, **{"pass": True}))
     asa = set_adaptive_sparse_attention(model, asa_cfg)
@@ -247,7 +249,7 @@ def compiled_rows(family, name, model, fwd, shape, dense_out, asa_cfg, reps, bes
     t_asa = _timer(fwd, warmup=1, reps=reps, min_reps=3, max_total_ms=4000)
     dens = asa.density_stats()
     rel = float((out - dense_out).norm() / dense_out.norm())
-    rows.append(dict(what=f"{name} forward, ASA defaults, compiled blocks", shape=shape, density=dens["mean"],
+    rows.append(dict(what=f"{name} forward, ASA defaults, compiled blocks{tag}", shape=shape, density=dens["mean"],
                      median_ms=t_asa, peer=f"best dense {best:.1f} ms (compiled {t_dense:.1f})",
                      speedup_vs_best_dense=best / t_asa, speedup_vs_compiled_dense=t_dense / t_asa,
                      compile_s=comp_a, rel_l2_vs_dense_output=rel, asa_config=dataclasses.asdict(asa_cfg),
@@ -375,10 +377,12 @@ def main():
     ap.add_argument("--smoke", action="store_true", help="toy sizes on the CPU: checks the script, measures nothing")
     ap.add_argument("--merge-from", default=None,
                     help="earlier transformer results JSON: keep its rows for the parts this run skips")
+    ap.add_argument("--compile-mode", default=None, help="torch.compile mode, e.g. reduce-overhead (CUDA graphs)")
     ap.add_argument("--no-compile", dest="compile", action="store_false",
                     help="skip the rows with torch.compile'd blocks (they cost a few minutes of compiling)")
     args = ap.parse_args()
-    global SMOKE, DEVICE
+    global SMOKE, DEVICE, COMPILE_MODE
+    COMPILE_MODE = args.compile_mode
     if args.smoke:
         SMOKE, DEVICE = True, "cpu"
     elif not torch.cuda.is_available():
