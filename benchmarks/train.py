@@ -2,12 +2,15 @@
 
 Complete TDM iterations (rollout, fake-score step, generator step; gradient checkpointing, bf16)
 through the real entry point (`python -m videoblade.train`), with ASA on (student and fake score
-sparse, teacher dense) and off (all dense), plus ASA on with separate student/fake bases (the
-DeepSpeed layout) for the memory comparison. Every variant runs the same seeds, so the sampled
+sparse, teacher dense) and off (all dense), both again with every block under torch.compile
+(`train.compile`), plus ASA on with separate student/fake bases (the DeepSpeed layout) for the
+memory comparison. The target takes the better like-for-like ratio (eager/eager or
+compiled/compiled). Every variant runs the same seeds, so the sampled
 stages (and rollout depths) are the same step for step.
 
     python benchmarks/train.py                # one GPU -> benchmarks/results/train_h200.json
     python benchmarks/train.py --smoke        # the same path on the CPU at toy sizes (measures nothing)
+    python benchmarks/train.py --variants dense_compiled,asa_compiled --merge-from benchmarks/results/train_h200.json
 
 The model folder holds the published transformer config with random weights (no download), the
 flow scheduler (shift 3) and the VAE config (latent shape only); the prompt store holds random
@@ -30,7 +33,7 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from benchmarks.common import print_table, print_targets, target, write_results  # noqa: E402
+from benchmarks.common import carry_over, print_table, print_targets, target, write_results  # noqa: E402
 
 WAN_VAE = {"_class_name": "AutoencoderKLWan", "base_dim": 96, "z_dim": 16, "dim_mult": [1, 2, 4, 4],
            "num_res_blocks": 2, "attn_scales": [], "temperal_downsample": [False, True, True], "dropout": 0.0}
@@ -109,7 +112,13 @@ def run_variant(name: str, folder: Path, store: Path, out: Path, steps: int, smo
             "rollout_depths": [x["rollout_depth"] for x in rows], "peak_memory_gb": summary["peak_memory_gb"],
             "density": statistics.mean([x["density_student"] for x in rows if "density_student" in x] or [1.0]),
             "loss_gen": [x["loss_gen"] for x in rows], "loss_fake": [x["loss_fake"] for x in rows],
-            "videos": summary.get("videos", []), "deepspeed": summary["deepspeed"]}
+            "videos": summary.get("videos", []), "deepspeed": summary["deepspeed"],
+            "compiled_graphs": summary.get("compiled_graphs")}
+
+
+def _variant(row: dict) -> str:
+    # rows written before the "variant" field name it in "what": "TDM iteration (<name>), ..."
+    return row.get("variant") or row["what"].split("(", 1)[1].split(")", 1)[0]
 
 
 def main(argv=None) -> int:
@@ -118,6 +127,9 @@ def main(argv=None) -> int:
     ap.add_argument("--smoke", action="store_true", help="toy sizes on the CPU: checks the script only")
     ap.add_argument("--work-dir", default=None)
     ap.add_argument("--out-dir", default=None, help="results folder (default benchmarks/results)")
+    ap.add_argument("--variants", default=None, help="comma-separated subset of the variants (default: all)")
+    ap.add_argument("--merge-from", default=None,
+                    help="earlier train results JSON: keep its rows for the variants this run skips")
     a = ap.parse_args(argv)
     if not a.smoke and not torch.cuda.is_available():
         raise SystemExit("needs a CUDA GPU (or --smoke)")
@@ -129,39 +141,56 @@ def main(argv=None) -> int:
     store = build_store(work, text_dim, 32 if a.smoke else 512)
     variants = [("dense", ["asa.enabled=false"]),
                 ("asa", ["asa.enabled=true"]),
+                # every block under torch.compile on both sides (train.compile)
+                ("dense_compiled", ["asa.enabled=false", "train.compile=true"]),
+                ("asa_compiled", ["asa.enabled=true", "train.compile=true"]),
                 ("asa_separate_bases", ["asa.enabled=true", "train.share_base=false"]),
                 # the DeepSpeed path on one GPU: ZeRO-3, params + optimizer offloaded to the CPU
                 # (ds_config.json), plus one validation video through the shared sampler at the end
                 ("asa_deepspeed_zero3_offload", ["asa.enabled=true", f"train.deepspeed_config={ROOT / 'ds_config.json'}",
                                                  f"train.validation_steps={a.steps}", "train.num_validation_videos=1"])]
+    if a.variants:
+        pick = [v.strip() for v in a.variants.split(",")]
+        unknown = set(pick) - {n for n, _ in variants}
+        if unknown:
+            raise SystemExit(f"unknown variants {sorted(unknown)}")
+        variants = [v for v in variants if v[0] in pick]
     res = {name: run_variant(name, folder, store, work / name, a.steps, a.smoke, ov) for name, ov in variants}
     failed = [k for k, v in res.items() if v is None]
     res = {k: v for k, v in res.items() if v is not None}
-    if "dense" not in res or "asa" not in res:
-        raise SystemExit(f"variants failed: {failed}")
     from videoblade.models import get_adapter
 
     shape = [1, *get_adapter("wan").geometry(folder, *video_size(a.smoke)).latent_shape]
     rows = []
     for name, r in res.items():
-        rows.append({"what": f"TDM iteration ({name}), Wan2.1-1.3B random weights, grad ckpt, bf16",
+        rows.append({"what": f"TDM iteration ({name}), Wan2.1-1.3B random weights, grad ckpt, bf16", "variant": name,
                      "shape": shape, "density": r["density"], "pass": "rollout+fake fwd/bwd+generator fwd/bwd",
                      "median_ms": r["s_per_it"] * 1000, "peer": "dense" if name != "dense" else None,
                      "s_per_it": r["s_per_it"], "peak_memory_gb": r["peak_memory_gb"],
                      "rollout_depths": r["rollout_depths"], "s_per_it_all": r["s_per_it_all"],
                      "loss_gen": r["loss_gen"], "loss_fake": r["loss_fake"],
-                     "shared_base": name in ("dense", "asa"), "deepspeed": r["deepspeed"],
-                     "validation_videos": len(r["videos"])})
-    speed = res["dense"]["s_per_it"] / res["asa"]["s_per_it"]
+                     "shared_base": "separate" not in name and "deepspeed" not in name, "deepspeed": r["deepspeed"],
+                     "compiled_graphs": r.get("compiled_graphs"), "validation_videos": len(r["videos"])})
+    if a.merge_from:
+        rows = carry_over(a.merge_from, lambda r: _variant(r) not in res, {}) + rows
+    sec = {_variant(r): r["s_per_it"] for r in rows}
+    if "dense" not in sec or "asa" not in sec:
+        raise SystemExit(f"variants failed: {failed}")
+    # like for like only: eager against eager, compiled against compiled; the better of the two
+    ratios = {"eager": sec["dense"] / sec["asa"]}
+    if "dense_compiled" in sec and "asa_compiled" in sec:
+        ratios["compiled"] = sec["dense_compiled"] / sec["asa_compiled"]
+    speed = max(ratios.values())
     targets = {"wan_iteration_speedup_asa_vs_dense": target(speed, 2.5, True)}
+    memory = {_variant(r): r["peak_memory_gb"] for r in rows}
     print_table(rows, ["what", "density", "median_ms", "peak_memory_gb", "rollout_depths"])
     print_targets(targets)
     if a.smoke:
         print("smoke run: nothing written")
         return 0
     path = write_results("train_h200", rows, targets, out_dir=a.out_dir,
-                         notes={"memory_shared_vs_separate_gb": [res["asa"]["peak_memory_gb"],
-                                                                 res.get("asa_separate_bases", {}).get("peak_memory_gb")],
+                         notes={"memory_shared_vs_separate_gb": [memory["asa"], memory.get("asa_separate_bases")],
+                                "speedup_like_for_like": ratios,
                                 "peak_memory_gb_deepspeed_includes": "one 81x480x832 VAE decode (fp32) at the last step",
                                 "failed_variants": failed,
                                 "steps": a.steps, "timed": "median of iterations 2..steps"})

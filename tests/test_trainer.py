@@ -201,6 +201,26 @@ def test_sigkill_midrun_resumes_from_last_checkpoint(tiny, straight, tmp_path):
 
 
 @pytest.mark.slow
+def test_compiled_blocks_train_like_eager(tiny, tmp_path):
+    # train.compile: the same run with every block under torch.compile (aot_eager: the graph
+    # capture, autograd and role switches under compile, without inductor's C++ build time)
+    over = {"train.max_train_steps": 2, "train.gradient_accumulation_steps": 1}
+    _run(_args(tiny, "wan", tmp_path / "eager", **over))
+    _run(_args(tiny, "wan", tmp_path / "comp", **over, **{"train.compile": "true", "train.compile_backend": "aot_eager"}))
+    summary, _ = _check_trained(tmp_path / "comp")
+    assert summary["compiled_blocks"] == 2 and summary["compiled_graphs"] > 0
+    assert json.loads((tmp_path / "eager" / "summary.json").read_text())["compiled_graphs"] == 0
+    ra, rc = _metrics(tmp_path / "eager"), _metrics(tmp_path / "comp")
+    for k in ("loss_fake", "loss_gen", "grad_norm_fake", "grad_norm_student", "density_student"):
+        assert [r[k] for r in rc] == pytest.approx([r[k] for r in ra], rel=1e-4, abs=1e-6), k
+    for f in ("pytorch_lora_weights.safetensors", "fake/pytorch_lora_weights.safetensors"):
+        te, tc = _tensors(tmp_path / "eager" / f), _tensors(tmp_path / "comp" / f)
+        for k in te:
+            torch.testing.assert_close(tc[k], te[k], rtol=1e-4, atol=1e-6)
+    assert load_config(tmp_path / "comp" / "config.yaml").train.compile is True
+
+
+@pytest.mark.slow
 def test_deepspeed_zero3_single_process(tiny, tmp_path):
     ds = json.loads((ROOT / "ds_config.json").read_text())
     assert ds["zero_optimization"]["stage"] == 3
@@ -264,6 +284,8 @@ def test_validate_request_fails_before_loading(tiny, tmp_path):
     bad.write_text(json.dumps({"optimizer": {"type": "Adam"}, "zero_optimization": {"stage": 3}}))
     with pytest.raises(TrainRequestError, match="optimizer"):
         validate_request(cfg(**{"train.deepspeed_config": bad}))
+    with pytest.raises(TrainRequestError, match="train.compile does not work under DeepSpeed"):
+        validate_request(cfg(**{"train.deepspeed_config": ROOT / "ds_config.json", "train.compile": "true"}))
 
 
 def test_latest_checkpoint_ignores_incomplete(tmp_path):

@@ -139,6 +139,8 @@ class TrainConfig:
     stop_at_step: int | None = None  # save a checkpoint and exit at this step (LR schedule still spans max_train_steps)
     tracker_project: str = "videoblade"  # accelerate tracker project name
     export_comfy: bool = True  # also write the student LoRA in the original-Wan / ComfyUI layout (Wan only)
+    compile: bool = False  # torch.compile every transformer block (regional); not with DeepSpeed
+    compile_backend: str = "inductor"  # torch.compile backend ("aot_eager" to debug a compile problem)
 
 
 @dataclass
@@ -218,6 +220,8 @@ def _validate(cfg: RunConfig) -> None:
     _check(tr.report_to in ("wandb", "tensorboard", "none"), "train.report_to", "must be wandb, tensorboard or none")
     _check(tr.stop_at_step is None or 1 <= tr.stop_at_step <= tr.max_train_steps, "train.stop_at_step",
            f"must be in [1, max_train_steps={tr.max_train_steps}] or null")
+    _check(tr.compile_backend in ("inductor", "aot_eager", "eager"), "train.compile_backend",
+           f"must be inductor, aot_eager or eager, got {tr.compile_backend!r}")
 
     _check(s.steps >= 1, "sample.steps", "must be >= 1")
     _check(s.guidance >= 1.0, "sample.guidance", "must be >= 1 (1 means no CFG pass)")

@@ -188,6 +188,9 @@ def validate_request(cfg: RunConfig) -> TrainRequest:
         raise TrainRequestError(f"train.output_dir {out} is not writable: {e}") from None
     use_ds, ds_path = _want_deepspeed(cfg)
     ds_config = _fill_ds_config(ds_path, cfg) if use_ds else None
+    if tr.compile and use_ds:
+        raise TrainRequestError("train.compile does not work under DeepSpeed ZeRO-3 (its parameter hooks gather "
+                                "weights inside the blocks): set train.compile=false or run without DeepSpeed")
     targets = list(cfg.lora.target_modules or adapter.lora_target_modules)
     if cfg.asa.enabled:
         bs = cfg.asa.block_size
@@ -546,6 +549,10 @@ class TDMTrainer:
         self.optimizers = {"student": opt_s, "fake": opt_f}
         self.schedulers = {"student": sch_s, "fake": sch_f}
         self._asa_map = self._install_asa()
+        self.compiled_blocks = 0
+        if cfg.train.compile:  # after ASA, so the graphs hold its processors; one set of graphs per role
+            for module in dict.fromkeys(self._raw.values()):
+                self.compiled_blocks += req.adapter.compile_blocks(module, backend=cfg.train.compile_backend)
         self.roles = RoleSwitch(self._raw, self._asa_map,
                                 fake_uses_asa=bool(self.cfg.asa.enabled and self.cfg.asa.apply_to_fake))
         self.prepared = list(dict.fromkeys(self.grad_model.values()))
@@ -927,6 +934,10 @@ class TDMTrainer:
                    "peak_memory_gb": _peak_memory_gb(self.device), "last": last, "loras": loras,
                    "videos": videos, "lora_checksums_per_rank": per_rank, "num_processes": acc.num_processes, "deepspeed": self.engines is not None,
                    "shared_base": self.shared, "resumed_from": str(resume) if resume else None,
+                   "compiled_blocks": self.compiled_blocks,
+                   # graphs dynamo compiled in this process: a number growing with the layer count
+                   # or the steps would mean recompiles
+                   "compiled_graphs": int(torch._dynamo.utils.counters["stats"]["unique_graphs"]),
                    "family": self.req.family, "geometry": {"latent_shape": list(self.req.geometry.latent_shape),
                                                            "token_grid": list(self.req.geometry.token_grid)}}
         if acc.is_main_process:
