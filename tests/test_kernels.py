@@ -273,18 +273,26 @@ def test_custom_op_traces_under_compile():
 
 
 def test_custom_op_opcheck():
+    # q, k, v as the diffusers processors pass them: [B, L, H, D] transposed to [B, H, L, D]; the
+    # fake impls must give the real ops' strides (a stride mismatch fails inductor at run time)
     g = torch.Generator().manual_seed(6)
-    B, H, L, D, bs = 1, 1, 40, 16, 16
-    q, k, v = (torch.randn(B, H, L, D, generator=g).to(DEV).requires_grad_() for _ in range(3))
+    B, H, L, D, bs = 1, 2, 40, 16, 16
+    q, k, v = (torch.randn(B, L, H, D, generator=g).to(DEV).transpose(1, 2).requires_grad_() for _ in range(3))
+    assert not q.is_contiguous()
     mask = random_mask(B, H, 3, 0.6, g, empty_rows=False)
     kvi, kvc = (t.to(DEV) for t in mask_to_block_lists(mask))
     summ = pool_summaries(k.detach(), v.detach(), bs, 8)
     sk, sv = summ.k.requires_grad_(), summ.v.requires_grad_()
-    torch.library.opcheck(
-        torch.ops.videoblade.block_sparse_attn_fwd.default,
-        (q, k, v, kvi, kvc, bs, 0.25, sk, sv, summ.bias),
-        test_utils=("test_schema", "test_faketensor", "test_autograd_registration"),
-    )
+    utils = ("test_schema", "test_faketensor", "test_autograd_registration")
+    torch.library.opcheck(torch.ops.videoblade.block_sparse_attn_fwd.default,
+                          (q, k, v, kvi, kvc, bs, 0.25, sk, sv, summ.bias), test_utils=utils)
+    with torch.no_grad():
+        out, lse = torch.ops.videoblade.block_sparse_attn_fwd(q, k, v, kvi, kvc, bs, 0.25, sk, sv, summ.bias)
+    do = torch.randn(B, L, H, D, generator=g).to(DEV).transpose(1, 2)
+    for s_args in ((sk.detach(), sv.detach(), summ.bias), (None, None, None)):
+        torch.library.opcheck(torch.ops.videoblade.block_sparse_attn_bwd.default,
+                              (do, q.detach(), k.detach(), v.detach(), out, lse, kvi, kvc, bs, 0.25, *s_args),
+                              test_utils=("test_schema", "test_faketensor"))
 
 
 # ------------------------------------------------------------------ block importance
@@ -327,10 +335,13 @@ def test_estimate_mean_partial_block_bias():
 
 
 def test_estimate_runs_inside_torch_compile():
-    # the estimate is a graph break for torch.compile (inductor mis-types its scale argument);
-    # a compiled caller must still get the eager result
+    # the Triton estimate is an opaque custom op for torch.compile (inductor's own tracing of the
+    # user kernel mis-typed its scale argument); a compiled caller must get the eager result
     g = torch.Generator().manual_seed(3)
     q, k = torch.randn(1, 2, 200, 32, generator=g), torch.randn(1, 2, 200, 32, generator=g)
     eager = estimate_block_importance(q, k, block_size=32, samples_per_block=8)
     compiled = torch.compile(lambda a, b: estimate_block_importance(a, b, block_size=32, samples_per_block=8) * 2.0)
     torch.testing.assert_close(compiled(q, k), eager * 2.0)
+    qs, ks = q[:, :, :64].contiguous(), k[:, :, :64].contiguous()
+    torch.library.opcheck(torch.ops.videoblade.estimate_sampled.default,
+                          (qs, ks, torch.zeros(64), 8, 8, 0.2), test_utils=("test_schema", "test_faketensor"))

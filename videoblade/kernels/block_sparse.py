@@ -818,7 +818,8 @@ def _(do, q, k, v, out, lse, kv_indices, kv_counts, block_size, sm_scale, sk, sv
         dsk, dsv = q.new_empty(0), q.new_empty(0)
     else:
         dsk, dsv = torch.empty_like(sk), torch.empty_like(sv)
-    return torch.empty_like(q), torch.empty_like(k), torch.empty_like(v), dsk, dsv
+    # contiguous like the real op (empty_like would copy the strides of a transposed q)
+    return q.new_empty(q.shape), k.new_empty(k.shape), v.new_empty(v.shape), dsk, dsv
 
 
 def _setup_context(ctx, inputs, output):
