@@ -80,6 +80,25 @@ def _put(args, kwargs, index: int, name: str, value):
     return tuple(args), kwargs
 
 
+def _wan_ordered(args, kwargs) -> ASAForwardContext | None:
+    """The context a Wan block received with its rotary tuple, if its tokens are reordered."""
+    ctx = getattr(_pick(args, kwargs, 3, "rotary_emb"), "asa_ctx", None)
+    return ctx if ctx is not None and ctx.ordered else None
+
+
+def _cog_ordered(args, kwargs) -> ASAForwardContext | None:
+    """The context a CogVideoX block received in attention_kwargs, if its tokens are reordered."""
+    ctx = (_pick(args, kwargs, 4, "attention_kwargs") or {}).get("asa_ctx")
+    return ctx if ctx is not None and ctx.ordered else None
+
+
+def _permute_hidden(args, kwargs, ctx: ASAForwardContext):
+    """(args, kwargs) with the first block's video tokens put in Gilbert order."""
+    hs = _pick(args, kwargs, 0, "hidden_states")
+    _check_len(hs, ctx)
+    return _put(args, kwargs, 0, "hidden_states", hs.index_select(1, ctx.perm))
+
+
 def _check_len(hs: torch.Tensor, ctx: ASAForwardContext) -> None:
     if hs.shape[1] != ctx.perm.numel():
         raise ValueError(
@@ -157,18 +176,12 @@ class _ASAInstallState:
     def wan_first_block_pre(self, module, args, kwargs):
         # registered on blocks[0] only (no identity test: blocks compiled with their hooks
         # then share one graph instead of recompiling on `module is first`)
-        rotary = _pick(args, kwargs, 3, "rotary_emb")
-        ctx = getattr(rotary, "asa_ctx", None)
-        if ctx is None or not ctx.ordered:
-            return None
-        hs = _pick(args, kwargs, 0, "hidden_states")
-        _check_len(hs, ctx)
-        return _put(args, kwargs, 0, "hidden_states", hs.index_select(1, ctx.perm))
+        ctx = _wan_ordered(args, kwargs)
+        return None if ctx is None else _permute_hidden(args, kwargs, ctx)
 
     def wan_block_pre(self, module, args, kwargs):
-        rotary = _pick(args, kwargs, 3, "rotary_emb")
-        ctx = getattr(rotary, "asa_ctx", None)
-        if ctx is None or not ctx.ordered:
+        ctx = _wan_ordered(args, kwargs)
+        if ctx is None:
             return None
         temb = _pick(args, kwargs, 2, "temb")
         if temb is not None and temb.dim() == 4:  # per-token modulation (Wan2.2 TI2V)
@@ -176,9 +189,8 @@ class _ASAInstallState:
         return None
 
     def wan_last_block_post(self, module, args, kwargs, output):
-        rotary = _pick(args, kwargs, 3, "rotary_emb")
-        ctx = getattr(rotary, "asa_ctx", None)
-        if ctx is None or not ctx.ordered:
+        ctx = _wan_ordered(args, kwargs)
+        if ctx is None:
             return None
         return output.index_select(1, ctx.inv)
 
@@ -195,19 +207,12 @@ class _ASAInstallState:
         return (), a
 
     def cog_block_pre(self, module, args, kwargs):
-        akw = _pick(args, kwargs, 4, "attention_kwargs") or {}
-        ctx = akw.get("asa_ctx")
-        if ctx is None or not ctx.ordered:
-            return None
-        hs = _pick(args, kwargs, 0, "hidden_states")
-        _check_len(hs, ctx)
-        args, kwargs = _put(args, kwargs, 0, "hidden_states", hs.index_select(1, ctx.perm))
-        return args, kwargs
+        ctx = _cog_ordered(args, kwargs)
+        return None if ctx is None else _permute_hidden(args, kwargs, ctx)
 
     def cog_last_block_post(self, module, args, kwargs, output):
-        akw = _pick(args, kwargs, 4, "attention_kwargs") or {}
-        ctx = akw.get("asa_ctx")
-        if ctx is None or not ctx.ordered:
+        ctx = _cog_ordered(args, kwargs)
+        if ctx is None:
             return None
         hs, enc = output
         return hs.index_select(1, ctx.inv), enc
