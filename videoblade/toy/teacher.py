@@ -76,10 +76,13 @@ def train_teacher(adapter, loaded, clips: torch.Tensor, prompts: list[str], cfg:
     unique = sorted(set(prompts))
     emb_table = adapter.encode_prompts(loaded.text_encoder, loaded.tokenizer, unique + [""], max_length=max_len,
                                        dtype=torch.float32)
+    # batches are drawn on the CPU from the seeded generator (the same batches on any device), then moved
+    emb_table, clips = emb_table.float().cpu(), clips.float().cpu()
     empty = emb_table[-1]
     prompt_idx = torch.tensor([unique.index(p) for p in prompts])
 
     model = loaded.transformer.float().train().requires_grad_(True)
+    device = next(model.parameters()).device
     ema = copy.deepcopy(model).eval().requires_grad_(False)
     opt = torch.optim.AdamW(model.parameters(), lr=cfg.learning_rate, betas=(0.9, 0.99),
                             weight_decay=cfg.weight_decay)
@@ -100,6 +103,7 @@ def train_teacher(adapter, loaded, clips: torch.Tensor, prompts: list[str], cfg:
         target = schedule.output_for(x_t, t, x0)
         for g in opt.param_groups:
             g["lr"] = _lr_at(step, cfg)
+        x_t, t, emb, target = x_t.to(device), t.to(device), emb.to(device), target.to(device)
         out = adapter.predict(model, x_t, t, emb, geometry, schedule=schedule)
         loss = torch.nn.functional.mse_loss(out, target)
         opt.zero_grad(set_to_none=True)
