@@ -1,0 +1,192 @@
+"""How good can the demo's toy teacher get, and does few-step sampling hurt it? (issue 7)
+
+The demo's hardest goal asks the ASA student at 4 steps to be 1.5x better in precision than the
+teacher at 4 steps. That needs a teacher whose 4-step samples are clearly worse than its 50-step
+ones. This sweep trains the toy teacher (the demo's own `ensure_teacher`, flow matching in
+pixel space) under data, model and training variants, in parallel processes, and samples it with
+the shared eta sampler at 50, 8 and 4 steps (CFG and eta of the demo unless a variant says
+otherwise). It reports precision and coverage (`videoblade.toy.metrics`) and, per setting, the
+fraction of samples whose nearest clip of the full factor grid has the requested prompt.
+
+`--ideal` adds the ideal denoiser: the exact posterior mean over the training clips of the
+prompt (what a perfectly fitted teacher predicts), sampled the same way. It shows how few
+steps the data itself needs.
+
+    python benchmarks/demo_teacher.py --variants base,wide --procs 2 --threads 1
+    python benchmarks/demo_teacher.py --ideal --variants ""
+
+On a GPU box `--device cuda` trains and samples there (one process per variant, all sharing it).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import time
+from concurrent.futures import ProcessPoolExecutor, as_completed
+from dataclasses import replace
+from pathlib import Path
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+from benchmarks.common import env_info, print_table, write_results  # noqa: E402
+
+WIDE = {"num_attention_heads": 4, "attention_head_dim": 32, "ffn_dim": 512, "num_layers": 6}
+# name -> overrides of the demo's full profile: data, model (transformer), teacher, top-level fields,
+# and extra (steps, eta) sampler settings for the teacher
+VARIANTS: dict[str, dict] = {
+    "base": {"extra": [[50, 1.0], [4, 1.0], [50, 0.5]]},
+    "cfg1": {"top": {"cfg": 1.0}},
+    "cfg5": {"top": {"cfg": 5.0}},
+    "speed2": {"data": {"speed": 2, "n_along": 1, "n_across": 3, "n_clips": 144}},
+    "speed2_16px": {"data": {"height": 16, "width": 16, "speed": 2, "n_along": 3, "n_across": 3, "n_clips": 288}},
+    "heads2x24": {"model": {"attention_head_dim": 24, "ffn_dim": 192}},
+    "layers8": {"model": {"num_layers": 8}},
+    "wide": {"model": WIDE},
+    "patch1x1x1": {"model": {"patch_size": [1, 1, 1]}},
+    "lr1e-3": {"teacher": {"learning_rate": 1e-3}},
+    "batch64": {"teacher": {"batch_size": 64}},
+}
+
+
+def _profile(spec: dict):
+    from videoblade.toy import pipeline as P
+
+    prof = P.PROFILES["full"]
+    return replace(prof, data=replace(prof.data, **spec.get("data", {})),
+                   transformer=dict(prof.transformer, **spec.get("model", {})),
+                   teacher=replace(prof.teacher, **spec.get("teacher", {})), **spec.get("top", {}))
+
+
+def _right_prompt(x, grid, grid_unit, prompts) -> float:
+    from videoblade.toy.metrics import nearest, to_unit
+
+    _, j = nearest(to_unit(x), grid_unit)
+    return sum(grid[int(k)].prompt == prompts[i] for i, k in enumerate(j)) / len(prompts)
+
+
+def run_variant(name: str, spec: dict, out: str, device: str, threads: int) -> list[dict]:
+    import torch
+
+    torch.set_num_threads(threads)
+    from videoblade.models import get_adapter
+    from videoblade.toy import pipeline as P
+    from videoblade.toy.data import all_prompts, draw_reference, factor_grid, make_dataset, render
+    from videoblade.toy.metrics import evaluate, to_unit
+
+    prof = _profile(spec)
+    run = Path(out) / name
+    clips, meta = make_dataset(prof.data)
+    t0 = time.perf_counter()
+    folder, summary, _ = P.ensure_teacher(run, prof, clips, [c.prompt for c in meta], device, progress=False)
+    train_s = time.perf_counter() - t0
+    adapter = get_adapter(folder)
+    geometry = adapter.geometry(folder, prof.data.height, prof.data.width, prof.data.frames)
+    loaded = adapter.load(folder, dtype=torch.float32, device=device,
+                          components=("transformer", "text_encoder", "tokenizer"))
+    prompts = [p for p in all_prompts() for _ in range(prof.eval_per_prompt)]
+    max_len = adapter.text_max_length(folder)
+    emb = adapter.encode_prompts(loaded.text_encoder, loaded.tokenizer, prompts, max_length=max_len).to(device)
+    neg = adapter.encode_prompts(loaded.text_encoder, loaded.tokenizer, [""], max_length=max_len).to(device)
+    reference, _ = draw_reference(prof.data, prompts, seed=prof.eval_seed + 1)
+    noise = torch.randn((len(prompts), *geometry.latent_shape),
+                        generator=torch.Generator().manual_seed(prof.eval_seed)).to(device)
+    grid = factor_grid(prof.data)
+    grid_unit = to_unit(render(prof.data, grid))
+    settings = [(s, prof.eta) for s in (50, 8, 4)] + [tuple(e) for e in spec.get("extra", [])]
+    rows = []
+    for steps, eta in settings:
+        x = P._sample(adapter, loaded.transformer, loaded.schedule, emb, neg, geometry, steps, prof.cfg, eta, noise,
+                      prof.eval_seed, "", False).cpu()
+        m = evaluate(x, clips, reference)
+        rows.append({"what": "teacher", "variant": name, "spec": spec, "device": device, "steps": steps,
+                     "cfg": prof.cfg, "eta": eta, "precision": round(m["precision"], 3),
+                     "coverage": round(m["coverage"], 3), "right_prompt": round(_right_prompt(x, grid, grid_unit,
+                                                                                              prompts), 3),
+                     "teacher_train_s": round(train_s, 1), "final_loss": round(summary["final_loss"], 4)})
+    return rows
+
+
+def ideal_rows(steps_list=(50, 8, 4, 2, 1), etas=(0.9,)) -> list[dict]:
+    """The exact posterior-mean denoiser over the training clips of each prompt, sampled like the teacher."""
+    import torch
+
+    from videoblade.sampling import rollout
+    from videoblade.schedules import Schedule, stage_timesteps
+    from videoblade.toy import pipeline as P
+    from videoblade.toy.data import all_prompts, draw_reference, make_dataset
+    from videoblade.toy.metrics import evaluate
+
+    prof = P.PROFILES["full"]
+    clips, meta = make_dataset(prof.data)
+    unique = all_prompts()
+    clip_pid = torch.tensor([unique.index(c.prompt) for c in meta])
+    prompts = [p for p in unique for _ in range(prof.eval_per_prompt)]
+    pid = torch.tensor([unique.index(p) for p in prompts])
+    reference, _ = draw_reference(prof.data, prompts, seed=prof.eval_seed + 1)
+    schedule = Schedule.flow(1000, 1.0)  # the toy folder's schedule (flow, shift 1)
+    flat = clips.flatten(1).double()
+
+    def predict(x, t):
+        a, s = schedule.alpha(t).double()[:, None], schedule.sigma(t).double()[:, None]
+        d2 = ((x.flatten(1).double()[:, None, :] - a[:, :, None] * flat[None]) ** 2).sum(-1)  # [B, N]
+        logit = (-d2 / (2 * s**2)).masked_fill(clip_pid[None, :] != pid[:, None], float("-inf"))
+        x0 = (logit.softmax(1) @ flat).float().view_as(x)
+        return schedule.output_for(x, t, x0)
+
+    noise = torch.randn((len(prompts), *clips.shape[1:]), generator=torch.Generator().manual_seed(prof.eval_seed))
+    rows = []
+    for steps in steps_list:
+        for eta in etas:
+            g = torch.Generator().manual_seed(prof.eval_seed)
+            x, _ = rollout(predict, schedule, noise.clone(), stage_timesteps(steps, 1000), eta, g)
+            m = evaluate(x, clips, reference)
+            rows.append({"what": "ideal denoiser", "variant": "ideal", "steps": steps, "eta": eta,
+                         "precision": round(m["precision"], 3), "coverage": round(m["coverage"], 3)})
+    return rows
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--variants", default=",".join(VARIANTS), help=f"comma list of {sorted(VARIANTS)}")
+    p.add_argument("--ideal", action="store_true", help="also sample the ideal (posterior-mean) denoiser")
+    p.add_argument("--device", default="cpu")
+    p.add_argument("--procs", type=int, default=1, help="variants trained in parallel")
+    p.add_argument("--threads", type=int, default=2, help="torch threads per process")
+    p.add_argument("--teacher-steps", type=int, default=None, help="override the teacher's training steps")
+    p.add_argument("--work", default="runs/demo_teacher", help="where the teacher folders go")
+    p.add_argument("--out", default=None, help="results folder (default benchmarks/results)")
+    args = p.parse_args(argv)
+    names = [n for n in args.variants.split(",") if n]
+    unknown = set(names) - set(VARIANTS)
+    if unknown:
+        p.error(f"unknown variants {sorted(unknown)}: use {sorted(VARIANTS)}")
+    rows: list[dict] = []
+    with ProcessPoolExecutor(max(1, args.procs)) as ex:
+        futs = {}
+        for n in names:
+            spec = VARIANTS[n]
+            if args.teacher_steps:  # a quick check of the script, not a measurement
+                spec = dict(spec, teacher=dict(spec.get("teacher", {}), steps=args.teacher_steps))
+            futs[ex.submit(run_variant, n, spec, args.work, args.device, args.threads)] = n
+        if args.ideal:  # on this process while the variants train
+            rows += ideal_rows()
+            print("[demo_teacher] ideal denoiser done", flush=True)
+        for f in as_completed(futs):
+            rows += f.result()
+            print(f"[demo_teacher] {futs[f]} done", flush=True)
+    print_table(rows, ["what", "variant", "steps", "eta", "precision", "coverage", "right_prompt", "teacher_train_s"])
+    by = {(r["variant"], r["steps"], r.get("eta")): r for r in rows if r["what"] == "teacher"}
+    gaps = [by[(v, 4, e)]["precision"] / by[(v, 50, e)]["precision"] for (v, s, e) in by if s == 50 and (v, 4, e) in by]
+    extra = {"environment": env_info() | {"cpu_count": os.cpu_count()},
+             "max_teacher_precision_ratio_4_vs_50_steps": max(gaps) if gaps else None}
+    print(json.dumps(extra, indent=1))
+    write_results("demo_teacher", rows, targets={}, out_dir=args.out, **extra)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
