@@ -153,3 +153,14 @@ def test_asa_gathered_cpu_path_matches_the_reference(compensation):
     assert torch.allclose(outs[0], outs[1], atol=2e-6)
     for a, b in zip(*grads):
         assert torch.allclose(a, b, atol=2e-5)
+
+
+def test_ideal_denoiser_needs_few_steps_on_the_toy_data():
+    """What benchmarks/demo_teacher.py reports about the data: the exact posterior-mean denoiser
+    lands on training clips at 4 steps (few-step sampling alone loses nothing here) and blurs the
+    prompt's clips together at 1 step (the first step's x0 is their average)."""
+    from benchmarks.demo_teacher import ideal_rows
+
+    rows = {r["steps"]: r for r in ideal_rows(steps_list=(4, 1))}
+    assert rows[4]["precision"] < 0.01 and rows[4]["coverage"] > 0.8
+    assert rows[1]["precision"] > 0.5 and rows[1]["coverage"] < 0.5
