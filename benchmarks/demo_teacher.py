@@ -72,9 +72,8 @@ def run_variant(name: str, spec: dict, out: str, device: str, threads: int) -> l
     import torch
 
     torch.set_num_threads(threads)
-    from videoblade.models import get_adapter
     from videoblade.toy import pipeline as P
-    from videoblade.toy.data import all_prompts, draw_reference, factor_grid, make_dataset, render
+    from videoblade.toy.data import factor_grid, make_dataset, render
     from videoblade.toy.metrics import evaluate, to_unit
 
     prof = _profile(spec)
@@ -83,25 +82,16 @@ def run_variant(name: str, spec: dict, out: str, device: str, threads: int) -> l
     t0 = time.perf_counter()
     folder, summary, _ = P.ensure_teacher(run, prof, clips, [c.prompt for c in meta], device, progress=False)
     train_s = time.perf_counter() - t0
-    adapter = get_adapter(folder)
-    geometry = adapter.geometry(folder, prof.data.height, prof.data.width, prof.data.frames)
-    loaded = adapter.load(folder, dtype=torch.float32, device=device,
-                          components=("transformer", "text_encoder", "tokenizer"))
-    prompts = [p for p in all_prompts() for _ in range(prof.eval_per_prompt)]
-    max_len = adapter.text_max_length(folder)
-    emb = adapter.encode_prompts(loaded.text_encoder, loaded.tokenizer, prompts, max_length=max_len).to(device)
-    neg = adapter.encode_prompts(loaded.text_encoder, loaded.tokenizer, [""], max_length=max_len).to(device)
-    reference, _ = draw_reference(prof.data, prompts, seed=prof.eval_seed + 1)
-    noise = torch.randn((len(prompts), *geometry.latent_shape),
-                        generator=torch.Generator().manual_seed(prof.eval_seed)).to(device)
+    ev = P.eval_inputs(prof, folder, device)
+    prompts = ev.prompts
     grid = factor_grid(prof.data)
     grid_unit = to_unit(render(prof.data, grid))
     settings = [(s, prof.eta) for s in (50, 8, 4)] + [tuple(e) for e in spec.get("extra", [])]
     rows = []
     for steps, eta in settings:
-        x = P._sample(adapter, loaded.transformer, loaded.schedule, emb, neg, geometry, steps, prof.cfg, eta, noise,
-                      prof.eval_seed, "", False).cpu()
-        m = evaluate(x, clips, reference)
+        x = P._sample(ev.adapter, ev.loaded.transformer, ev.loaded.schedule, ev.emb, ev.neg, ev.geometry, steps,
+                      prof.cfg, eta, ev.noise, prof.eval_seed, "", False).cpu()
+        m = evaluate(x, clips, ev.reference)
         rows.append({"what": "teacher", "variant": name, "spec": spec, "device": device, "steps": steps,
                      "cfg": prof.cfg, "eta": eta, "precision": round(m["precision"], 3),
                      "coverage": round(m["coverage"], 3), "right_prompt": round(_right_prompt(x, grid, grid_unit,

@@ -218,14 +218,23 @@ def _sample(adapter, transformer, schedule, emb, neg, geometry, steps, guidance,
                   guidance=guidance, negative_embeds=neg, latents=noise.clone(), progress=progress, desc=desc)
 
 
-def evaluate_all(out: Path, prof: DemoProfile, folder: Path, students: dict, clips: torch.Tensor, device: str,
-                 progress: bool) -> tuple[list[dict], dict]:
-    """Sample every method on the same prompts and noise; returns (rows, samples by row name)."""
-    from videoblade.attention import set_adaptive_sparse_attention
-    from videoblade.config import ASAConfig
-    from videoblade.io.lora import load_lora_into
+@dataclass
+class EvalInputs:
+    """What every evaluated method shares: the teacher folder loaded, the prompts (each
+    `eval_per_prompt` times), their embeddings, the reference draws and the initial noise."""
+
+    adapter: object
+    geometry: object
+    loaded: object
+    prompts: list[str]
+    emb: torch.Tensor
+    neg: torch.Tensor
+    reference: torch.Tensor
+    noise: torch.Tensor
+
+
+def eval_inputs(prof: DemoProfile, folder: Path, device: str) -> EvalInputs:
     from videoblade.models import get_adapter
-    from videoblade.toy.metrics import evaluate
 
     adapter = get_adapter(folder)
     geometry = adapter.geometry(folder, prof.data.height, prof.data.width, prof.data.frames)
@@ -238,6 +247,20 @@ def evaluate_all(out: Path, prof: DemoProfile, folder: Path, students: dict, cli
     reference, _ = draw_reference(prof.data, prompts, seed=prof.eval_seed + 1)
     gen = torch.Generator().manual_seed(prof.eval_seed)
     noise = torch.randn((len(prompts), *geometry.latent_shape), generator=gen).to(device)
+    return EvalInputs(adapter, geometry, loaded, prompts, emb, neg, reference, noise)
+
+
+def evaluate_all(out: Path, prof: DemoProfile, folder: Path, students: dict, clips: torch.Tensor, device: str,
+                 progress: bool) -> tuple[list[dict], dict]:
+    """Sample every method on the same prompts and noise; returns (rows, samples by row name)."""
+    from videoblade.attention import set_adaptive_sparse_attention
+    from videoblade.config import ASAConfig
+    from videoblade.io.lora import load_lora_into
+    from videoblade.toy.metrics import evaluate
+
+    ev = eval_inputs(prof, folder, device)
+    adapter, geometry, loaded = ev.adapter, ev.geometry, ev.loaded
+    emb, neg, reference, noise = ev.emb, ev.neg, ev.reference, ev.noise
 
     rows: list[dict] = []
     samples: dict[str, torch.Tensor] = {}
