@@ -594,14 +594,17 @@ def _apply_lora(transformer, plan: Plan):
                                   scale=plan.lora_scale if plan.lora_scale != 1.0 else None)
 
 
-def configure_vae(vae, tiling: bool = False, compile: bool = False):
-    """Decode settings on a loaded VAE: tiling on/off, the decoder compiled."""
+def configure_vae(vae, tiling: bool = False, compile: bool = False, adapter=None):
+    """Decode settings on a loaded VAE: tiling on/off, the decoder compiled the family's way
+    (`ModelAdapter.compile_vae`: CogVideoX's decoder whole, Wan's RMS norms fused)."""
     if tiling:
         vae.enable_tiling()
     elif hasattr(vae, "disable_tiling"):
         vae.disable_tiling()
     if compile:
-        vae.decoder = torch.compile(vae.decoder)
+        if adapter is None:
+            raise ValueError("compiling the VAE needs the family's adapter (configure_vae(..., adapter=...))")
+        adapter.compile_vae(vae)
     return vae
 
 
@@ -622,7 +625,7 @@ def load_components(plan: Plan) -> Components:
         asa = set_adaptive_sparse_attention(transformer, plan.asa)
     if plan.compile:
         plan.adapter.compile_blocks(transformer)
-    configure_vae(loaded.vae, plan.vae_tiling, plan.vae_compile)
+    configure_vae(loaded.vae, plan.vae_tiling, plan.vae_compile, plan.adapter)
     _sync(plan.device)
     return Components(transformer=transformer, vae=loaded.vae, text_encoder=loaded.text_encoder,
                       tokenizer=loaded.tokenizer, schedule=loaded.schedule, asa=asa,
@@ -806,7 +809,7 @@ def compare_decode(adapter, vae_fp32, latents: torch.Tensor, settings: list[dict
     ref = None
     for s in settings:
         vae = vae_fp32 if s == ref_setting else copy.deepcopy(vae_fp32).to(parse_dtype(s["dtype"]))
-        configure_vae(vae, s.get("tiling", False), s.get("compile", False))
+        configure_vae(vae, s.get("tiling", False), s.get("compile", False), adapter)
         times = []
         out = None
         for _ in range(repeats + (1 if s.get("compile") else 0)):

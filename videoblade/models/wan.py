@@ -19,6 +19,17 @@ from videoblade.models.base import (
 )
 
 
+def _rms_norm_fused(self, x: torch.Tensor) -> torch.Tensor:
+    """WanRMS_norm.forward in one pass: float32 statistics, output in the input dtype (diffusers'
+    version casts to float32, normalizes, casts back, then scales and shifts: 5 passes)."""
+    xf = x.float()
+    dim = 1 if self.channel_first else -1
+    out = xf * torch.rsqrt(xf.square().sum(dim, keepdim=True).clamp_min(1e-24)) * self.scale * self.gamma.float()
+    if isinstance(self.bias, torch.Tensor):
+        out = out + self.bias.float()
+    return out.to(x.dtype)
+
+
 @register_adapter
 class WanAdapter(ModelAdapter):
     family = "wan"
@@ -30,6 +41,25 @@ class WanAdapter(ModelAdapter):
     blocks_attr = "blocks"
     pipeline_class = "WanPipeline"
     text_encoder_class = "UMT5EncoderModel"
+
+    def compile_vae(self, vae, backend: str = "inductor") -> int:
+        """Compile the decoder's RMS norms only, each fused into one kernel (dynamic shapes: one
+        graph for every resolution). The Wan decoder as a whole compiles badly: its per-frame
+        feature cache recompiles it per call (Wan 81x480x832 bf16 on an H200: 1.89 s eager, 1.80 s
+        whole-decoder compiled after ~88 s of compiles, 1.59 s with the norms compiled after ~20 s).
+        Returns the number of norms compiled."""
+        import types
+
+        decoder = getattr(vae, "decoder", None)
+        if decoder is None:
+            return 0
+        n = 0
+        for m in decoder.modules():
+            if type(m).__name__ == "WanRMS_norm" and not getattr(m, "_videoblade_fused", False):
+                m.forward = torch.compile(types.MethodType(_rms_norm_fused, m), backend=backend, dynamic=True)
+                m._videoblade_fused = True
+                n += 1
+        return n
 
     def vae_factors(self, info: ModelInfo) -> tuple[int, int]:
         v = info.vae_config
