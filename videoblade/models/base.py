@@ -236,6 +236,13 @@ def get_adapter(family_or_folder: str | Path) -> ModelAdapter:
     )
 
 
+def raise_recompile_limit(n: int) -> None:
+    """Let dynamo keep at least ``n`` graphs per code object (the name differs across torch versions)."""
+    dyn = torch._dynamo.config
+    name = "recompile_limit" if hasattr(dyn, "recompile_limit") else "cache_size_limit"
+    setattr(dyn, name, max(getattr(dyn, name), n))
+
+
 # ---------------------------------------------------------------------------- the interface
 class ModelAdapter:
     """Base class; one subclass per family (`wan.py`, `cogvideox.py`). Stateless."""
@@ -520,10 +527,7 @@ class ModelAdapter:
         few graphs, not one per layer; works with ASA installed before or after (the ASA
         processors keep per-layer values out of the graph).  Returns the number of blocks."""
         blocks = self.blocks(transformer)
-        dyn = torch._dynamo.config
-        # a handful of graphs per block code object (roles x sparse/dense); keep headroom
-        name = "recompile_limit" if hasattr(dyn, "recompile_limit") else "cache_size_limit"
-        setattr(dyn, name, max(getattr(dyn, name), 64))
+        raise_recompile_limit(64)  # a handful of graphs per block code object (roles x sparse/dense)
         for b in blocks:
             b.compile(backend=backend, mode=mode, dynamic=dynamic)
         return len(blocks)
