@@ -64,8 +64,9 @@ BASELINE_STEPS = 50
 # the fp32 decode stays above 40 dB on both families. Wan 81x480x832: fp32 2.85 s, bf16 1.89 s (48.0 dB),
 # fp16 1.90 s (58.5 dB), bf16 tiled 4.10 s (38.2 dB); CogVideoX 49x480x720: fp32 2.81 s, bf16 2.15 s
 # (51.2 dB), fp16 2.17 s, bf16 tiled 3.20 s. fp16 ties bf16 on speed but risks overflow on trained
-# activations, so bf16. torch.compile of the decoder (--vae-compile, off by default) takes CogVideoX to
-# 1.09 s after a one-time ~94 s compile and Wan to 1.80 s after ~88 s of compiles: worth it only for large
+# activations, so bf16. --vae-compile (off by default; ModelAdapter.compile_vae) takes CogVideoX to 1.09 s
+# after a one-time ~94 s compile of the whole decoder and Wan to 1.58 s after an 18 s compile of its fused
+# RMS norms (e2e_h200.json at bf4168b; the whole Wan decoder gave 1.80 s after ~88 s): worth it only for large
 # batches. On CPU the decode defaults to fp32.
 VAE_DTYPE_DEFAULT = "bf16"
 REPORT_VERSION = 1
@@ -127,7 +128,7 @@ def build_parser(prog: str = "videoblade generate") -> argparse.ArgumentParser:
                    help=f"VAE decode dtype (default: {VAE_DTYPE_DEFAULT} on CUDA, chosen by benchmarks/e2e.py; "
                         "fp32 on CPU)")
     p.add_argument("--vae-tiling", action="store_true", help="tiled VAE decode (less memory, slower)")
-    p.add_argument("--vae-compile", action="store_true", help="torch.compile the VAE decoder")
+    p.add_argument("--vae-compile", action="store_true", help="torch.compile the VAE decoder (Wan: its RMS norms, fused; pays off over many videos)")
     p.add_argument("--compile", action="store_true",
                    help="torch.compile the transformer blocks (regional; the first step pays a one-time compile)")
     p.add_argument("--dtype", choices=("bf16", "fp16", "fp32"), default=None,
