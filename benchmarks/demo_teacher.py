@@ -96,7 +96,8 @@ def run_variant(name: str, spec: dict, out: str, device: str, threads: int) -> l
                      "cfg": prof.cfg, "eta": eta, "precision": round(m["precision"], 3),
                      "coverage": round(m["coverage"], 3), "right_prompt": round(_right_prompt(x, grid, grid_unit,
                                                                                               prompts), 3),
-                     "teacher_train_s": round(train_s, 1), "final_loss": round(summary["final_loss"], 4)})
+                     "teacher_steps": prof.teacher.steps, "teacher_train_s": round(train_s, 1),
+                     "final_loss": round(summary["final_loss"], 4)})
     return rows
 
 

@@ -52,7 +52,7 @@ class DemoProfile:
     eta: float = 0.9
     # distillation (the project's trainer); one run per (K, asa)
     k_steps: tuple[int, ...] = (8, 4)
-    distill_steps: dict = field(default_factory=lambda: {8: 200, 4: 200})
+    distill_steps: dict = field(default_factory=lambda: {8: 150, 4: 150})
     distill_batch: int = 8
     learning_rate: float = 1e-3
     learning_rate_fake: float = 2e-3
@@ -79,7 +79,7 @@ def _profiles() -> dict[str, DemoProfile]:
     data = ToyDataConfig(height=12, width=12, frames=5, shape_size=4, speed=1, n_along=2, n_across=3, n_clips=192)
     model = dict(num_attention_heads=2, attention_head_dim=16, ffn_dim=128, num_layers=4)
     full = DemoProfile(data=data, transformer=model,
-                       teacher=TeacherConfig(steps=4000, batch_size=16, learning_rate=5e-3, warmup_steps=50))
+                       teacher=TeacherConfig(steps=3000, batch_size=16, learning_rate=5e-3, warmup_steps=50))
     quick = DemoProfile(
         name="quick",
         data=data,
