@@ -150,7 +150,7 @@ def ensure_teacher(out: Path, prof: DemoProfile, clips: torch.Tensor, prompts: l
     adapter = get_adapter(folder)
     loaded = adapter.load(folder, dtype=torch.float32, device=device,
                           components=("transformer", "text_encoder", "tokenizer"))
-    summary = train_teacher(adapter, loaded, clips.to(device), prompts, prof.teacher, stamp, progress=progress)
+    summary = train_teacher(adapter, loaded, clips, prompts, prof.teacher, stamp, progress=progress)
     return folder, summary, True
 
 

@@ -77,7 +77,7 @@ def train_teacher(adapter, loaded, clips: torch.Tensor, prompts: list[str], cfg:
     emb_table = adapter.encode_prompts(loaded.text_encoder, loaded.tokenizer, unique + [""], max_length=max_len,
                                        dtype=torch.float32)
     # batches are drawn on the CPU from the seeded generator (the same batches on any device), then moved
-    emb_table, clips = emb_table.float().cpu(), clips.float().cpu()
+    emb_table, clips = emb_table.cpu(), clips.float().cpu()
     empty = emb_table[-1]
     prompt_idx = torch.tensor([unique.index(p) for p in prompts])
 
