@@ -23,7 +23,9 @@ ones, written below, so nothing downloads):
   of speed.
 * **decode**: the same latents decoded by the VAE in fp32 (the reference), bf16, fp16, bf16 tiled
   and bf16 compiled the family's way (`ModelAdapter.compile_vae`: the CogVideoX decoder whole, the Wan
-  decoder's RMS norms fused); PSNR of each against the fp32 frames (uint8, peak
+  decoder's RMS norms fused); for Wan these run diffusers' one-latent-frame-per-call loop, and bf16
+  and bf16 compiled are repeated with all latent frames in one decoder call after the first
+  (`--vae-chunk all`, `ModelAdapter.configure_decode_chunk`), each row with its peak memory; PSNR of each against the fp32 frames (uint8, peak
   255) and median time. The fastest setting with PSNR > 40 dB is `decode_choice`; both e2e figures
   use that same decode setting (so the decode choice does not inflate the ratio); the ratio against
   an fp32-decode baseline is reported too. The VAEs have random weights as well, so the PSNR
@@ -279,6 +281,10 @@ def run_family(name: str, family: str, spec: dict, args, device, deadline: float
                 {"dtype": "bf16", "tiling": True, "compile": False}]
     if args.decode_compile:
         settings.append({"dtype": "bf16", "tiling": False, "compile": True})
+    if adapter.supports_decode_chunk:  # Wan: the rows above with diffusers' loop, then whole-sequence calls
+        for s in settings:
+            s["chunk"] = 1
+        settings += [dict(s, chunk="all") for s in settings if s["dtype"] == "bf16" and not s["tiling"]]
     dec_rows = []
     ref = None
     from videoblade.models import parse_dtype
@@ -288,8 +294,14 @@ def run_family(name: str, family: str, spec: dict, args, device, deadline: float
         if s["compile"] and remaining < args.compile_budget_s:
             print(f"[{name}] skip decode {s}: {remaining:.0f} s left", flush=True)
             continue
-        v = vae if s["dtype"] == "fp32" and not s["tiling"] and not s["compile"] else \
-            configure_vae(copy.deepcopy(vae).to(parse_dtype(s["dtype"])), s["tiling"], s["compile"], adapter)
+        if s is settings[0]:
+            v = configure_vae(vae, s["tiling"], s["compile"], adapter, s.get("chunk", "auto"))
+        else:
+            v = configure_vae(copy.deepcopy(vae).to(parse_dtype(s["dtype"])), s["tiling"], s["compile"], adapter,
+                              s.get("chunk", "auto"))
+        if device.type == "cuda":
+            torch.cuda.reset_peak_memory_stats()
+            before = torch.cuda.memory_allocated()
         try:
             t_first = time.perf_counter()
             _, frames = timer(lambda v=v: adapter.decode(v, latents_for_decode))  # warm-up (compiles)
@@ -298,6 +310,7 @@ def run_family(name: str, family: str, spec: dict, args, device, deadline: float
                 timer(lambda v=v: adapter.decode(v, latents_for_decode))
                 first_s = time.perf_counter() - t_first
             ts = [timer(lambda v=v: adapter.decode(v, latents_for_decode))[0] for _ in range(args.decode_repeats)]
+            per_call = adapter.last_decode_chunk(v)
         except Exception as e:  # noqa: BLE001 - a setting that fails is reported, not fatal
             print(f"[{name}] decode {s} failed: {type(e).__name__}: {e}", flush=True)
             rows.append(dict(common, what="vae decode", setting=s, error=f"{type(e).__name__}: {e}"))
@@ -311,7 +324,10 @@ def run_family(name: str, family: str, spec: dict, args, device, deadline: float
         if ref is None:
             ref = frames
         same = tuple(frames.shape) == tuple(ref.shape)
+        # memory the decode itself adds on top of what was resident (transformer, latents, this VAE)
+        extra = (torch.cuda.max_memory_allocated() - before) / 2**30 if device.type == "cuda" else None
         r = dict(common, what="vae decode", setting=s, median_ms=median(ts), times_ms=ts, first_call_s=first_s,
+                 decode_peak_extra_gib=extra, latent_frames_per_call=per_call,
                  psnr_db=psnr(frames, ref) if same else float("nan"), ref_frames_std=float(ref.float().std()),
                  frames_shape=list(frames.shape), peer="vae decode fp32")
         dec_rows.append(r)
@@ -337,7 +353,7 @@ def run_family(name: str, family: str, spec: dict, args, device, deadline: float
     # ---------------- student end to end (sampler + decode with the chosen setting, one timed region)
     v = vae if choice["setting"] == settings[0] else configure_vae(
         copy.deepcopy(vae).to(parse_dtype(choice["setting"]["dtype"])), choice["setting"]["tiling"],
-        choice["setting"]["compile"], adapter)
+        choice["setting"]["compile"], adapter, choice["setting"].get("chunk", "auto"))
 
     def student_e2e():
         lat = student_run()
@@ -418,7 +434,9 @@ def run_family(name: str, family: str, spec: dict, args, device, deadline: float
 
 
 def _label(s: dict) -> str:
-    return s["dtype"] + (" tiled" if s.get("tiling") else "") + (" compiled" if s.get("compile") else "")
+    chunk = s.get("chunk")
+    return (s["dtype"] + (" tiled" if s.get("tiling") else "") + (" compiled" if s.get("compile") else "")
+            + ("" if chunk in (None, 1, "auto") else f", {chunk} latent frames per call"))
 
 
 def _matched(summary: dict, key: str) -> float:

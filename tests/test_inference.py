@@ -103,7 +103,8 @@ def _check_video(path: Path, frames=FRAMES, height=H, width=W):
 
 SETTINGS_KEYS = {"model", "family", "method", "lora", "height", "width", "frames", "latent_shape", "token_grid",
                  "steps", "guidance", "sampler", "eta", "flow_shift", "negative_prompt", "attention", "asa", "seed",
-                 "num_videos_per_prompt", "dtype", "vae_dtype", "vae_tiling", "device", "fps", "text_max_length"}
+                 "num_videos_per_prompt", "dtype", "vae_dtype", "vae_tiling", "vae_chunk", "device", "fps",
+                 "text_max_length"}
 
 
 def _check_report(report: dict, n_videos: int):
@@ -119,6 +120,7 @@ def _check_report(report: dict, n_videos: int):
         if "error" in v:
             continue
         assert v["denoising_s"] > 0 and v["decoding_s"] > 0
+        assert v["decode_frames_per_call"] == 1  # "auto" on the CPU: diffusers' own loop
         assert 0 < v["density"] <= 1
         assert (v["frames"], v["height"], v["width"]) == (FRAMES, H, W)
     s = report["summary"]
@@ -259,7 +261,7 @@ def _foreign_folder(root: Path) -> Path:
 @pytest.mark.parametrize("case", [
     "missing_model", "foreign_model", "incomplete_model", "lora_other_family", "lora_other_family_no_metadata",
     "lora_rank_expected", "lora_rank_inconsistent", "lora_other_size", "lora_missing", "bad_frames", "bad_height",
-    "empty_prompt_file", "out_is_file", "out_unwritable", "asa_unknown_key",
+    "empty_prompt_file", "out_is_file", "out_unwritable", "asa_unknown_key", "bad_vae_chunk",
 ])
 def test_errors_before_weights(case, tiny_wan, trained, bad_loras, tmp_path, no_weight_loads, capsys):
     import shutil
@@ -302,6 +304,7 @@ def test_errors_before_weights(case, tiny_wan, trained, bad_loras, tmp_path, no_
         "out_is_file": (with_(out=blocker), "exists and is not a folder"),
         "out_unwritable": (with_(out=blocker / "sub"), "cannot be written"),
         "asa_unknown_key": (with_(sparse=None, asa_config=bad_yaml), "unknown ASA keys ['blocksize']"),
+        "bad_vae_chunk": (with_(vae_chunk=0), "--vae-chunk must be 'auto', 'all' or a positive integer, got 0"),
     }
     argv, msg = cases[case]
     rc = main(argv)
@@ -449,3 +452,57 @@ def test_lora_is_applied_with_its_scale(tiny_wan, trained, tmp_path):
     off = out_of("--lora", str(trained), "--lora-scale", "0")
     assert (student - base).abs().max() > 1e-6
     assert torch.allclose(off, base, atol=1e-6)
+
+
+def test_wan_decode_in_chunks_matches_diffusers(tiny_wan, monkeypatch):
+    """`--vae-chunk`: the Wan decoder called on several latent frames at a time gives diffusers'
+    one-frame-per-call decode; "auto" falls back to smaller chunks when the GPU runs out of memory
+    and remembers what fitted; an explicit setting does not hide the error; other families refuse it."""
+    from videoblade.models import ModelRequestError, get_adapter
+    from videoblade.models import wan as wan_mod
+
+    ad = get_adapter(tiny_wan)
+    vae = ad.load(tiny_wan, dtype="fp32", components=("vae",)).vae
+    lat = torch.randn(1, 4, 6, 4, 6, generator=torch.Generator().manual_seed(0))
+    z = ad.denormalize_latents(vae, lat)
+    with torch.no_grad():
+        ref = vae.decode(z, return_dict=False)[0]
+        assert ref.shape[2] == 21
+        configure_vae(vae, adapter=ad)  # auto on the CPU: diffusers' own loop, bit for bit
+        assert torch.equal(ad.vae_decode(vae, z), ref) and ad.last_decode_chunk(vae) == 1
+        for chunk, used in ((2, 2), ("4", 4), ("all", 6), (50, 6)):
+            configure_vae(vae, adapter=ad, chunk=chunk)
+            torch.testing.assert_close(ad.vae_decode(vae, z), ref, rtol=1e-5, atol=1e-5)
+            assert ad.last_decode_chunk(vae) == used
+        frames = ad.decode(vae, lat)  # the uint8 path goes through the same decode
+        assert frames.shape == (1, 21, 32, 48, 3)
+
+        calls = []
+        real = wan_mod._decode_in_chunks
+
+        def short_of_memory(vae_, z_, chunk):  # a GPU that fits at most 3 latent frames per call
+            calls.append(chunk)
+            if chunk > 3:
+                raise torch.OutOfMemoryError("simulated")
+            return real(vae_, z_, chunk)
+
+        monkeypatch.setattr(wan_mod, "_decode_in_chunks", short_of_memory)
+        monkeypatch.setattr(wan_mod, "_auto_chunk", lambda v, z_: min(z_.shape[2], getattr(v, wan_mod._CHUNK_CAP_ATTR, 99)))
+        configure_vae(vae, adapter=ad)
+        with pytest.warns(UserWarning, match="ran out of GPU memory with 6 latent frames per call; retrying with 3"):
+            out = ad.vae_decode(vae, z)
+        torch.testing.assert_close(out, ref, rtol=1e-5, atol=1e-5)
+        assert calls == [6, 3] and ad.last_decode_chunk(vae) == 3
+        ad.vae_decode(vae, z)  # starts from what fitted
+        assert calls == [6, 3, 3]
+        configure_vae(vae, adapter=ad, chunk="all")
+        with pytest.raises(torch.OutOfMemoryError):
+            ad.vae_decode(vae, z)
+    for bad in (0, -1, "some", 2.5, True):
+        with pytest.raises(ModelRequestError, match="positive integer"):
+            configure_vae(vae, adapter=ad, chunk=bad)
+    with pytest.raises(ModelRequestError, match="Wan's causal VAE only"):
+        get_adapter("cogvideox").configure_decode_chunk(vae, 4)
+    get_adapter("cogvideox").configure_decode_chunk(vae, "auto")
+    with pytest.raises(ValueError, match="adapter"):
+        configure_vae(vae, chunk=2)

@@ -128,6 +128,9 @@ def build_parser(prog: str = "videoblade generate") -> argparse.ArgumentParser:
                    help=f"VAE decode dtype (default: {VAE_DTYPE_DEFAULT} on CUDA, chosen by benchmarks/e2e.py; "
                         "fp32 on CPU)")
     p.add_argument("--vae-tiling", action="store_true", help="tiled VAE decode (less memory, slower)")
+    p.add_argument("--vae-chunk", default="auto",
+                   help="Wan: latent frames per VAE decoder call, an integer or 'all' (default auto: all on CUDA, "
+                        "halved while out of memory; 1, diffusers' own loop, on CPU)")
     p.add_argument("--vae-compile", action="store_true", help="torch.compile the VAE decoder (Wan: its RMS norms, fused; pays off over many videos)")
     p.add_argument("--compile", action="store_true",
                    help="torch.compile the transformer blocks (regional; the first step pays a one-time compile)")
@@ -350,6 +353,7 @@ class Plan:
     dtype: str
     vae_dtype: str
     vae_tiling: bool
+    vae_chunk: str | int
     vae_compile: bool
     compile: bool
     device: str
@@ -380,7 +384,7 @@ class Plan:
             "asa": to_dict(self.asa) if self.asa is not None else None,
             "seed": self.seed, "num_videos_per_prompt": max(j.sample_index for j in self.jobs) + 1,
             "dtype": self.dtype, "vae_dtype": self.vae_dtype, "vae_tiling": self.vae_tiling,
-            "vae_compile": self.vae_compile, "compile": self.compile, "device": self.device, "fps": self.fps,
+            "vae_chunk": self.vae_chunk, "vae_compile": self.vae_compile, "compile": self.compile, "device": self.device, "fps": self.fps,
             "text_max_length": self.text_max_length, "out_dir": str(self.out_dir),
         }
 
@@ -447,7 +451,7 @@ def _asa_from_dict(d: dict, where: str) -> ASAConfig:
 
 def plan_from_args(args: argparse.Namespace) -> Plan:
     """Resolve and validate a request without loading any weights (configs and file headers only)."""
-    from videoblade.models import ModelRequestError, get_adapter
+    from videoblade.models import ModelRequestError, get_adapter, parse_decode_chunk
 
     model = Path(args.model)
     try:
@@ -558,6 +562,13 @@ def plan_from_args(args: argparse.Namespace) -> Plan:
     dtype = args.dtype or ("bf16" if on_cuda else "fp32")
     vae_dtype = args.vae_dtype or (VAE_DTYPE_DEFAULT if on_cuda else "fp32")
     fps = args.fps or (16 if family == "wan" else 8)
+    try:
+        vae_chunk = parse_decode_chunk(args.vae_chunk)
+        if vae_chunk != "auto" and not adapter.supports_decode_chunk:
+            raise ModelRequestError(f"--vae-chunk applies to Wan's causal VAE only; {family} decodes its own way "
+                                    "(leave it at auto)")
+    except ModelRequestError as e:
+        raise InferenceError(str(e).replace("decode chunk", "--vae-chunk")) from None
     text_max_length = args.max_text_length or adapter.text_max_length(info)
     if family == "cogvideox" and text_max_length != geometry.text_tokens:
         raise InferenceError(f"--max-text-length must be {geometry.text_tokens} for this CogVideoX model "
@@ -566,7 +577,7 @@ def plan_from_args(args: argparse.Namespace) -> Plan:
                 jobs=jobs, lora=lora, asa=asa, method=method, steps=int(steps), guidance=float(guidance),
                 sampler=sampler, eta=eta, flow_shift=args.flow_shift, negative_prompt=args.negative_prompt,
                 seed=int(args.seed), dtype=dtype, vae_dtype=vae_dtype, vae_tiling=bool(args.vae_tiling),
-                vae_compile=bool(args.vae_compile), compile=bool(args.compile), device=device, fps=int(fps),
+                vae_chunk=vae_chunk, vae_compile=bool(args.vae_compile), compile=bool(args.compile), device=device, fps=int(fps),
                 text_max_length=int(text_max_length), lora_scale=float(args.lora_scale), out_dir=out_dir,
                 report_path=report_path, progress=bool(args.progress), notes=notes)
 
@@ -595,13 +606,20 @@ def _apply_lora(transformer, plan: Plan):
                                   scale=plan.lora_scale if plan.lora_scale != 1.0 else None)
 
 
-def configure_vae(vae, tiling: bool = False, compile: bool = False, adapter=None):
+def configure_vae(vae, tiling: bool = False, compile: bool = False, adapter=None, chunk="auto"):
     """Decode settings on a loaded VAE: tiling on/off, the decoder compiled the family's way
-    (`ModelAdapter.compile_vae`: CogVideoX's decoder whole, Wan's RMS norms fused)."""
+    (`ModelAdapter.compile_vae`: CogVideoX's decoder whole, Wan's RMS norms fused), latent frames
+    per decoder call (`ModelAdapter.configure_decode_chunk`; Wan only, ignored while tiling)."""
     if tiling:
         vae.enable_tiling()
     elif hasattr(vae, "disable_tiling"):
         vae.disable_tiling()
+    from videoblade.models import parse_decode_chunk
+
+    if adapter is not None:
+        adapter.configure_decode_chunk(vae, chunk)
+    elif parse_decode_chunk(chunk) != "auto":
+        raise ValueError("a decode chunk needs the family's adapter (configure_vae(..., adapter=...))")
     if compile:
         if adapter is None:
             raise ValueError("compiling the VAE needs the family's adapter (configure_vae(..., adapter=...))")
@@ -626,7 +644,7 @@ def load_components(plan: Plan) -> Components:
         asa = set_adaptive_sparse_attention(transformer, plan.asa)
     if plan.compile:
         plan.adapter.compile_blocks(transformer)
-    configure_vae(loaded.vae, plan.vae_tiling, plan.vae_compile, plan.adapter)
+    configure_vae(loaded.vae, plan.vae_tiling, plan.vae_compile, plan.adapter, plan.vae_chunk)
     _sync(plan.device)
     return Components(transformer=transformer, vae=loaded.vae, text_encoder=loaded.text_encoder,
                       tokenizer=loaded.tokenizer, schedule=loaded.schedule, asa=asa,
@@ -737,6 +755,7 @@ def generate(plan: Plan, comps: Components | None = None) -> dict:
                 _write_video(job.path, frames[0], plan.fps)
                 t3 = time.perf_counter()
                 vid.update(denoising_s=t1 - t0, decoding_s=t2 - t1, writing_s=t3 - t2,
+                           decode_frames_per_call=plan.adapter.last_decode_chunk(comps.vae),
                            frames=int(frames.shape[1]), height=int(frames.shape[2]), width=int(frames.shape[3]))
                 if comps.asa is not None:
                     st = comps.asa.density_stats(reset=True)
@@ -785,9 +804,11 @@ def compare_decode(adapter, vae_fp32, latents: torch.Tensor, settings: list[dict
                    timer=None) -> list[dict]:
     """Decode the same latents with several VAE settings; time each and compare with the fp32 decode.
 
-    settings: dicts with keys dtype ("bf16" | "fp16" | "fp32"), tiling (bool), compile (bool).
+    settings: dicts with keys dtype ("bf16" | "fp16" | "fp32"), tiling (bool), compile (bool) and
+    optionally chunk (latent frames per decoder call, Wan; default "auto").
     `vae_fp32` is the fp32 VAE (copied per setting). Returns rows {setting, median_s, psnr_db,
-    times_s}; the fp32 untiled uncompiled decode is the reference (always measured first).
+    times_s}; the fp32 untiled uncompiled decode is the reference (always measured first; for Wan
+    with diffusers' own one-frame-per-call loop).
     `timer(fn) -> seconds` defaults to a synchronised wall clock.
     """
     import copy
@@ -805,12 +826,14 @@ def compare_decode(adapter, vae_fp32, latents: torch.Tensor, settings: list[dict
 
     timer = timer or default_timer
     ref_setting = {"dtype": "fp32", "tiling": False, "compile": False}
+    if adapter.supports_decode_chunk:
+        ref_setting["chunk"] = 1
     settings = [ref_setting] + [s for s in settings if s != ref_setting]
     rows = []
     ref = None
     for s in settings:
         vae = vae_fp32 if s == ref_setting else copy.deepcopy(vae_fp32).to(parse_dtype(s["dtype"]))
-        configure_vae(vae, s.get("tiling", False), s.get("compile", False), adapter)
+        configure_vae(vae, s.get("tiling", False), s.get("compile", False), adapter, s.get("chunk", "auto"))
         times = []
         out = None
         for _ in range(repeats + (1 if s.get("compile") else 0)):

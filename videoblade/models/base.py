@@ -32,6 +32,7 @@ __all__ = [
     "register_adapter",
     "family_of_folder",
     "parse_dtype",
+    "parse_decode_chunk",
     "attach_schedule",
     "schedule_of",
     "unwrap_model",
@@ -60,6 +61,21 @@ _DTYPES = {
     "fp16": torch.float16, "float16": torch.float16, "half": torch.float16,
     "fp32": torch.float32, "float32": torch.float32, "float": torch.float32,
 }
+
+
+def parse_decode_chunk(value) -> str | int:
+    """A decode-chunk setting: "auto", "all" or a positive int (latent frames per decoder call)."""
+    if isinstance(value, str):
+        v = value.strip().lower()
+        if v in ("auto", "all"):
+            return v
+        try:
+            value = int(v)
+        except ValueError:
+            raise ModelRequestError(f"decode chunk must be 'auto', 'all' or a positive integer, got {value!r}") from None
+    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+        raise ModelRequestError(f"decode chunk must be 'auto', 'all' or a positive integer, got {value!r}")
+    return value
 
 
 def parse_dtype(dtype: str | torch.dtype) -> torch.dtype:
@@ -506,7 +522,7 @@ class ModelAdapter:
         if latents.ndim != 5:
             raise ModelRequestError(f"decode expects latents [B, C, F, H, W], got shape {tuple(latents.shape)}")
         z = self.denormalize_latents(vae, latents)
-        video = vae.decode(z, return_dict=False)[0]  # [B, 3, F', H', W'] in [-1, 1]
+        video = self.vae_decode(vae, z)  # [B, 3, F', H', W'] in [-1, 1]
         video = (video.float() / 2 + 0.5).clamp(0, 1)
         return (video * 255).round().to(torch.uint8).permute(0, 2, 3, 4, 1).contiguous().cpu()
 
@@ -531,6 +547,24 @@ class ModelAdapter:
         for b in blocks:
             b.compile(backend=backend, mode=mode, dynamic=dynamic)
         return len(blocks)
+
+    # ------------------------------------------------------------------ decode settings
+    supports_decode_chunk = False  # the VAE decodes a chosen number of latent frames per call (Wan)
+
+    def vae_decode(self, vae, z: torch.Tensor) -> torch.Tensor:
+        """VAE-space latents -> video [B, 3, F', H', W'] in [-1, 1] (the VAE's own decode)."""
+        return vae.decode(z, return_dict=False)[0]
+
+    def last_decode_chunk(self, vae) -> int | None:
+        """Latent frames per decoder call of the last decode (None when the family has no such setting)."""
+        return None
+
+    def configure_decode_chunk(self, vae, chunk="auto") -> None:
+        """Latent frames per decoder call (``parse_decode_chunk``); only "auto" unless the family
+        ``supports_decode_chunk``."""
+        if parse_decode_chunk(chunk) != "auto":
+            raise ModelRequestError(f"the {self.family} VAE decodes its own way; a decode chunk ({chunk!r}) "
+                                    "applies to Wan's causal VAE only (leave it at 'auto')")
 
     def compile_vae(self, vae, backend: str = "inductor") -> int:
         """``torch.compile`` of the VAE decoder as a whole (CogVideoX: 2.15 s -> 1.09 s bf16 at

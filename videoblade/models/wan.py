@@ -9,6 +9,7 @@ sigma x 1000 (a float), as `WanPipeline` passes it; latents are normalised by th
 from __future__ import annotations
 
 import functools
+import warnings
 
 import torch
 
@@ -17,6 +18,7 @@ from videoblade.models.base import (
     ModelInfo,
     ModelRequestError,
     VideoGeometry,
+    parse_decode_chunk,
     raise_recompile_limit,
     register_adapter,
 )
@@ -42,6 +44,50 @@ def _norm_forward(m, fused, x):
 @functools.cache
 def _rms_norm_compiled(backend: str):
     return torch.compile(_rms_norm_fused, backend=backend, dynamic=True)
+
+
+_CHUNK_ATTR = "_videoblade_decode_chunk"  # the setting ("auto", "all" or int), set by configure_decode_chunk
+_CHUNK_CAP_ATTR = "_videoblade_decode_chunk_cap"  # "auto" after running out of memory: the chunk that fitted
+_CHUNK_USED_ATTR = "_videoblade_decode_chunk_used"  # latent frames per call of the last decode (for reports)
+
+
+def _decode_in_chunks(vae, z: torch.Tensor, chunk: int) -> torch.Tensor:
+    """``AutoencoderKLWan._decode`` with ``chunk`` latent frames per decoder call after the first.
+
+    diffusers calls the causal decoder once per latent frame, carrying the last two frames of every
+    causal convolution's input in a feature cache. Every piece of that cache logic takes any number
+    of frames per call, and the temporal upsampler must see the first latent frame alone (it maps to
+    one video frame), so the first frame goes alone and the rest in calls of ``chunk``: the same
+    function with larger convolutions and fewer launches (equal to float rounding)."""
+    vae.clear_cache()
+    try:
+        x = vae.post_quant_conv(z)
+        frames = x.shape[2]
+        outs = []
+        start = 0
+        while start < frames:
+            stop = 1 if start == 0 else min(start + chunk, frames)
+            vae._conv_idx = [0]
+            outs.append(vae.decoder(x[:, :, start:stop], feat_cache=vae._feat_map, feat_idx=vae._conv_idx,
+                                    first_chunk=start == 0))
+            start = stop
+        return torch.cat(outs, 2).clamp_(-1.0, 1.0)
+    finally:
+        vae.clear_cache()
+
+
+def _auto_chunk(vae, z: torch.Tensor) -> int:
+    # all frames on CUDA (at most what fitted before); on the CPU, where running out of memory
+    # cannot be caught, diffusers' one frame per call
+    frames = z.shape[2]
+    return min(frames, getattr(vae, _CHUNK_CAP_ATTR, frames)) if z.is_cuda else 1
+
+
+def _chunked_decode_applies(vae) -> bool:
+    # diffusers' internals this relies on, no tiling (its own loop) and no patchified VAE (Wan2.2)
+    return (all(hasattr(vae, a) for a in ("clear_cache", "_feat_map", "post_quant_conv", "decoder"))
+            and not getattr(vae, "use_tiling", False)
+            and getattr(vae.config, "patch_size", None) is None)
 
 
 @register_adapter
@@ -74,6 +120,51 @@ class WanAdapter(ModelAdapter):
                 m._videoblade_fused = True
                 n += 1
         return n
+
+    supports_decode_chunk = True
+
+    def configure_decode_chunk(self, vae, chunk="auto") -> None:
+        """Latent frames per decoder call: an int, "all", or "auto" (all frames on CUDA, halved
+        after running out of memory until it fits; 1 elsewhere, diffusers' own loop). On an H200 at
+        81x480x832 bf16 with the norms compiled: 1 frame per call 1.50 s, 4 frames 1.33 s (11.7 GB
+        peak), all 20 1.21 s (43 GB peak)."""
+        setattr(vae, _CHUNK_ATTR, parse_decode_chunk(chunk))
+        if hasattr(vae, _CHUNK_CAP_ATTR):
+            delattr(vae, _CHUNK_CAP_ATTR)
+
+    def last_decode_chunk(self, vae) -> int | None:
+        return getattr(vae, _CHUNK_USED_ATTR, None)
+
+    def vae_decode(self, vae, z: torch.Tensor) -> torch.Tensor:
+        setting = getattr(vae, _CHUNK_ATTR, "auto")
+        frames = z.shape[2]
+        if setting == "auto":
+            chunk = _auto_chunk(vae, z)
+        else:
+            chunk = frames if setting == "all" else min(int(setting), frames)
+        if chunk <= 1 or frames <= 2 or not _chunked_decode_applies(vae):
+            setattr(vae, _CHUNK_USED_ATTR, 1)
+            return super().vae_decode(vae, z)
+        if getattr(vae, "use_slicing", False) and z.shape[0] > 1:
+            return torch.cat([self.vae_decode(vae, z[i : i + 1]) for i in range(z.shape[0])])
+        while True:
+            try:
+                out = _decode_in_chunks(vae, z, chunk)
+                setattr(vae, _CHUNK_USED_ATTR, chunk)
+                return out
+            except torch.OutOfMemoryError:
+                if setting != "auto" or chunk <= 1:
+                    raise
+            # out of the except block, so the failed attempt's tensors are free
+            torch.cuda.empty_cache()
+            smaller = chunk // 2
+            warnings.warn(f"Wan VAE decode ran out of GPU memory with {chunk} latent frames per call; "
+                          f"retrying with {smaller} (set the decode chunk to fix it)", stacklevel=2)
+            setattr(vae, _CHUNK_CAP_ATTR, smaller)
+            if smaller <= 1:
+                setattr(vae, _CHUNK_USED_ATTR, 1)
+                return super().vae_decode(vae, z)
+            chunk = smaller
 
     def vae_factors(self, info: ModelInfo) -> tuple[int, int]:
         v = info.vae_config
