@@ -124,10 +124,10 @@ class WanAdapter(ModelAdapter):
     supports_decode_chunk = True
 
     def configure_decode_chunk(self, vae, chunk="auto") -> None:
-        """Latent frames per decoder call: an int, "all", or "auto" (all frames on CUDA, halved
-        after running out of memory until it fits; 1 elsewhere, diffusers' own loop). On an H200 at
-        81x480x832 bf16 with the norms compiled: 1 frame per call 1.50 s, 4 frames 1.33 s (11.7 GB
-        peak), all 20 1.21 s (43 GB peak)."""
+        """Latent frames per decoder call after the first: an int, "all", or "auto" (all frames on
+        CUDA, halved after running out of memory until it fits; 1 elsewhere, diffusers' own loop).
+        Wan 81x480x832 bf16 with the norms compiled on an H200 (benchmarks/e2e.py): one frame per
+        call 1.59 s with 4.4 GiB of decode memory, all 20 in one call 1.32 s with 42 GiB."""
         setattr(vae, _CHUNK_ATTR, parse_decode_chunk(chunk))
         if hasattr(vae, _CHUNK_CAP_ATTR):
             delattr(vae, _CHUNK_CAP_ATTR)
@@ -141,7 +141,8 @@ class WanAdapter(ModelAdapter):
         if setting == "auto":
             chunk = _auto_chunk(vae, z)
         else:
-            chunk = frames if setting == "all" else min(int(setting), frames)
+            chunk = frames if setting == "all" else int(setting)
+        chunk = min(chunk, frames - 1)  # the first latent frame always goes alone
         if chunk <= 1 or frames <= 2 or not _chunked_decode_applies(vae):
             setattr(vae, _CHUNK_USED_ATTR, 1)
             return super().vae_decode(vae, z)
