@@ -261,8 +261,7 @@ def compiled_rows(family, name, model, fwd, shape, dense_out, asa_cfg, reps, bes
                      speedup_vs_best_dense=best / t_asa, speedup_vs_compiled_dense=t_dense / t_asa,
                      compile_s=comp_a, rel_l2_vs_dense_output=rel, asa_config=dataclasses.asdict(asa_cfg),
                      **{"pass": bool(torch.isfinite(out).all())}))
-    if not SMOKE:
-        rows.append(kernel_breakdown(f"{name} forward, ASA defaults, compiled blocks{tag}", fwd, model, shape))
+    rows.append(kernel_breakdown(f"{name} forward, ASA defaults, compiled blocks{tag}", fwd, model, shape))
     unset_adaptive_sparse_attention(model)
     return rows
 
@@ -285,23 +284,32 @@ def kernel_breakdown(label: str, fwd, model, shape: str) -> dict:
     and the linear layers' matmul rate (FLOPs counted from the model's own Linear modules)."""
     from torch.profiler import ProfilerActivity, profile
 
+    sync = (lambda: None) if SMOKE else torch.cuda.synchronize
     fwd()
-    torch.cuda.synchronize()
+    sync()
     flops = []
 
     def count(mod, inp, out):  # 2 * tokens * in * out per Linear call
         flops.append(2 * inp[0].numel() // inp[0].shape[-1] * mod.in_features * mod.out_features)
 
+    # counted in an eager forward: a hook added to a compiled block would make it recompile
     hooks = [m.register_forward_hook(count) for m in model.modules() if isinstance(m, torch.nn.Linear)]
     try:
-        with profile(activities=[ProfilerActivity.CUDA, ProfilerActivity.CPU]) as prof:
+        with torch.compiler.set_stance("force_eager"):
             fwd()
-            torch.cuda.synchronize()
     finally:
         for h in hooks:
             h.remove()
+    sync()
+    with profile(activities=[ProfilerActivity.CPU] + ([] if SMOKE else [ProfilerActivity.CUDA])) as prof:
+        fwd()
+        sync()
     kernels = sorted((e.time_range.start, e.time_range.end, e.name) for e in prof.events()
                      if e.device_type == torch.autograd.DeviceType.CUDA)
+    if not kernels:  # --smoke on the CPU: no GPU kernels to account
+        return dict(what=f"{label}: kernel time by kind (no GPU kernels recorded)", shape=shape, peer=None,
+                    linear_gflop=sum(flops) / 1e9, **{"pass": True})
+    end = max(e_ for _, e_, _ in kernels)
     busy, cur_s, cur_e = 0.0, None, None
     for s_, e_, _ in kernels:  # union of kernel intervals
         if cur_e is None or s_ > cur_e:
@@ -320,8 +328,8 @@ def kernel_breakdown(label: str, fwd, model, shape: str) -> dict:
         d[1] += (e_ - s_) / 1e3
     mm_ms = kinds.get("matmul (linear layers)", 0.0)
     return dict(what=f"{label}: kernel time by kind (torch.profiler, one forward)", shape=shape,
-                span_ms=(kernels[-1][1] - kernels[0][0]) / 1e3, gpu_busy_ms=busy / 1e3,
-                busy_fraction=busy / (kernels[-1][1] - kernels[0][0]), kernels=len(kernels),
+                span_ms=(end - kernels[0][0]) / 1e3, gpu_busy_ms=busy / 1e3,
+                busy_fraction=busy / (end - kernels[0][0]), kernels=len(kernels),
                 ms_by_kind={k: round(v, 2) for k, v in sorted(kinds.items(), key=lambda kv: -kv[1])},
                 linear_tflops_per_s=(sum(flops) / (mm_ms * 1e-3) / 1e12) if mm_ms else None,
                 top_kernels=[[n, c, round(ms, 2)] for n, (c, ms) in sorted(by_name.items(), key=lambda kv: -kv[1][1])[:12]],
@@ -330,8 +338,9 @@ def kernel_breakdown(label: str, fwd, model, shape: str) -> dict:
 
 def forward_target(rows: list[dict]) -> float:
     """Fastest ASA forward over the fastest dense forward (eager or compiled, any SDPA backend)."""
-    dense = min(r["median_ms"] for r in rows if r["density"] == 1.0)
-    asa = min(r["median_ms"] for r in rows if "ASA defaults" in r["what"] and "without" not in r["what"])
+    timed = [r for r in rows if "median_ms" in r]
+    dense = min(r["median_ms"] for r in timed if r["density"] == 1.0)
+    asa = min(r["median_ms"] for r in timed if "ASA defaults" in r["what"] and "without" not in r["what"])
     return dense / asa
 
 
