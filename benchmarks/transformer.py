@@ -272,7 +272,8 @@ def _kernel_kind(name: str) -> str:
         return "block-sparse attention kernel (with compensation)"
     if "_estimate_kernel" in n:
         return "block-importance estimate"
-    if any(k in n for k in ("sdpa", "flash", "fmha", "attention")):
+    if not n.startswith("triton_") and any(k in n for k in ("sdpa", "flash", "fmha")):  # (inductor names
+        # its fused kernels after the ops they feed, e.g. "..._scaled_dot_product_cudnn_attention_...")
         return "dense attention (cross-attention)"
     if "fprop" not in n and any(k in n for k in ("nvjet", "gemm", "cutlass", "xmma")):
         return "matmul (linear layers)"
