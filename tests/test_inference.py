@@ -506,3 +506,26 @@ def test_wan_decode_in_chunks_matches_diffusers(tiny_wan, monkeypatch):
     get_adapter("cogvideox").configure_decode_chunk(vae, "auto")
     with pytest.raises(ValueError, match="adapter"):
         configure_vae(vae, chunk=2)
+
+
+@pytest.mark.gpu
+def test_wan_fast_decode_matches_diffusers_on_the_gpu(tiny_wan):
+    """On CUDA (bf16, channels-last, norms compiled) videoblade's Wan decode loop gives diffusers'
+    frames to bf16 rounding, with all latent frames in one call by default."""
+    from videoblade.models import get_adapter
+
+    ad = get_adapter(tiny_wan)
+    vae = ad.load(tiny_wan, dtype="bf16", device="cuda", components=("vae",)).vae
+    lat = torch.randn(1, 4, 6, 4, 6, generator=torch.Generator().manual_seed(0)).cuda()
+    z = ad.denormalize_latents(vae, lat)
+    with torch.no_grad():
+        ref = vae.float().decode(z.float(), return_dict=False)[0]
+        vae.to(torch.bfloat16)
+        plain = vae.decode(z, return_dict=False)[0].float()
+        configure_vae(vae, compile=True, adapter=ad)  # chunk "auto": all frames on CUDA
+        fast = ad.vae_decode(vae, z).float()
+    assert ad.last_decode_chunk(vae) == 5
+    assert fast.shape == ref.shape == (1, 3, 21, 32, 48)
+    err_fast = (fast - ref).pow(2).mean().sqrt().item()
+    err_plain = (plain - ref).pow(2).mean().sqrt().item()
+    assert err_fast < 2 * err_plain + 1e-3, (err_fast, err_plain)  # bf16 rounding, not a different function
