@@ -25,7 +25,8 @@ ones, written below, so nothing downloads):
   and bf16 compiled the family's way (`ModelAdapter.compile_vae`: the CogVideoX decoder whole, the Wan
   decoder's RMS norms fused); for Wan these run diffusers' one-latent-frame-per-call loop, and bf16
   and bf16 compiled are repeated with all latent frames in one decoder call after the first
-  (`--vae-chunk all`, `ModelAdapter.configure_decode_chunk`), each row with its peak memory; PSNR of each against the fp32 frames (uint8, peak
+  (`--vae-chunk all`, `ModelAdapter.configure_decode_chunk`: videoblade's channels-last loop), each
+  row with the GPU memory the decode adds; PSNR of each against the fp32 frames (uint8, peak
   255) and median time. The fastest setting with PSNR > 40 dB is `decode_choice`; both e2e figures
   use that same decode setting (so the decode choice does not inflate the ratio); the ratio against
   an fp32-decode baseline is reported too. The VAEs have random weights as well, so the PSNR

@@ -521,6 +521,7 @@ def test_wan_fast_decode_matches_diffusers_on_the_gpu(tiny_wan):
     with torch.no_grad():
         ref = vae.float().decode(z.float(), return_dict=False)[0]
         vae.to(torch.bfloat16)
+        z = z.bfloat16()
         plain = vae.decode(z, return_dict=False)[0].float()
         configure_vae(vae, compile=True, adapter=ad)  # chunk "auto": all frames on CUDA
         fast = ad.vae_decode(vae, z).float()

@@ -67,9 +67,10 @@ BASELINE_STEPS = 50
 # activations, so bf16. --vae-compile (off by default; ModelAdapter.compile_vae) takes CogVideoX to 1.09 s
 # after a one-time ~94 s compile of the whole decoder and Wan to 1.58 s after an 18 s compile of its fused
 # RMS norms (e2e_h200.json at bf4168b; the whole Wan decoder gave 1.80 s after ~88 s): worth it only for large
-# batches. On CPU the decode defaults to fp32. --vae-chunk (Wan) defaults to auto: all latent frames per
-# decoder call on CUDA (e2e_h200.json at 2d7de2e: bf16 1.88 -> 1.61 s, compiled 1.56 -> 1.29 s, for 42 GiB of
-# decode memory instead of 4.4), halved while out of memory; diffusers' one frame per call on the CPU.
+# batches. On CPU the decode defaults to fp32. --vae-chunk (Wan) defaults to auto: on CUDA videoblade's decode
+# loop, all latent frames per decoder call, channels-last (e2e_h200.json at 1a347da: bf16 1.88 -> 1.54 s,
+# compiled 1.57 -> 1.11 s, for 31-42 GiB of decode memory instead of 4.4), halved while out of memory;
+# diffusers' one frame per call on the CPU.
 VAE_DTYPE_DEFAULT = "bf16"
 REPORT_VERSION = 1
 

@@ -71,8 +71,9 @@ def _prepare_fast_decode(vae) -> None:
     """Once per VAE, for videoblade's decode loop: convolution weights channels-last (cuDNN's
     layout; the activations follow, so no NCDHW <-> NDHWC conversion per convolution), spatial
     padding inside the convolutions, and nearest upsampling without its float32 round trip (exact
-    for nearest). Same function to float rounding; on an H200 (Wan 81x480x832 bf16, norms compiled,
-    all frames per call) these took the decode from 1.23 to 1.10 s in a probe."""
+    for nearest). Same function to float rounding (benchmarks/e2e.py on an H200, Wan 81x480x832 bf16
+    with the norms compiled and all frames per call: 1.29 s without these at 2d7de2e, 1.11 s with
+    them at 1a347da)."""
     if getattr(vae, _FAST_ATTR, False):
         return
     for m in vae.decoder.modules():
@@ -165,8 +166,10 @@ class WanAdapter(ModelAdapter):
     def configure_decode_chunk(self, vae, chunk="auto") -> None:
         """Latent frames per decoder call after the first: an int, "all", or "auto" (all frames on
         CUDA, halved after running out of memory until it fits; 1 elsewhere, diffusers' own loop).
-        Wan 81x480x832 bf16 with the norms compiled on an H200 (benchmarks/e2e.py): one frame per
-        call 1.59 s with 4.4 GiB of decode memory, all 20 in one call 1.32 s with 42 GiB."""
+        Anything but 1 runs videoblade's loop (``_decode_in_chunks``, channels-last); 1 is diffusers'
+        own. Wan 81x480x832 bf16 with the norms compiled on an H200 (benchmarks/e2e.py at 1a347da):
+        diffusers' loop 1.57 s with 4.4 GiB of decode memory, all 20 frames in one call 1.11 s with
+        31 GiB."""
         setattr(vae, _CHUNK_ATTR, parse_decode_chunk(chunk))
         if hasattr(vae, _CHUNK_CAP_ATTR):
             delattr(vae, _CHUNK_CAP_ATTR)
