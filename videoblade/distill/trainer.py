@@ -819,6 +819,8 @@ class TDMTrainer:
                     self._vae.enable_slicing()
                 if cfg.train.vae_tiling and hasattr(self._vae, "enable_tiling"):
                     self._vae.enable_tiling()
+                if req.adapter.supports_decode_chunk:  # diffusers' own loop: the least decode memory
+                    req.adapter.configure_decode_chunk(self._vae, 1)  # while the training models stay resident
             frames = req.adapter.decode(self._vae, lat)
             d = self.out / "samples"
             d.mkdir(exist_ok=True)
