@@ -56,14 +56,19 @@ _FAST_ATTR = "_videoblade_fast_decode"
 
 def _causal_conv_forward(m, x: torch.Tensor, cache_x: torch.Tensor | None = None) -> torch.Tensor:
     """``WanCausalConv3d.forward`` with its symmetric spatial zero padding done inside the
-    convolution instead of by ``F.pad`` (a full copy of the activation per convolution); the
-    causal time padding (cache frames, else zeros) is still prepended."""
+    convolution, and the causal history (zero frames, then the cached frames) prepended in one
+    ``cat``: diffusers concatenates the cache and then pads time and space with ``F.pad``, two full
+    copies of the activation per convolution (three when the cache is shorter than the padding)."""
     pad_w, _, pad_h, _, pad_t, _ = m._padding
-    if cache_x is not None and pad_t > 0:
-        x = torch.cat([cache_x.to(x.device), x], dim=2)
-        pad_t -= cache_x.shape[2]
     if pad_t > 0:
-        x = torch.nn.functional.pad(x, (0, 0, 0, 0, pad_t, 0))
+        parts = [] if cache_x is None else [cache_x.to(x.device)]
+        missing = pad_t - sum(p.shape[2] for p in parts)
+        if missing > 0:
+            zeros = x.new_zeros((x.shape[0], x.shape[1], missing, *x.shape[3:]))
+            if x.is_contiguous(memory_format=torch.channels_last_3d):
+                zeros = zeros.contiguous(memory_format=torch.channels_last_3d)
+            parts.insert(0, zeros)
+        x = torch.cat([*parts, x], dim=2)
     return torch.nn.functional.conv3d(x, m.weight, m.bias, m.stride, (0, pad_h, pad_w), m.dilation, m.groups)
 
 
