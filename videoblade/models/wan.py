@@ -57,9 +57,21 @@ _FAST_ATTR = "_videoblade_fast_decode"
 def _causal_conv_forward(m, x: torch.Tensor, cache_x: torch.Tensor | None = None) -> torch.Tensor:
     """``WanCausalConv3d.forward`` with its symmetric spatial zero padding done inside the
     convolution, and the causal history (zero frames, then the cached frames) prepended in one
-    ``cat``: diffusers concatenates the cache and then pads time and space with ``F.pad``, two full
-    copies of the activation per convolution (three when the cache is shorter than the padding)."""
+    ``cat`` (short inputs) or not copied at all (long ones): diffusers concatenates the cache and
+    then pads time and space with ``F.pad``, two full copies of the activation per convolution
+    (three when the cache is shorter than the padding)."""
     pad_w, _, pad_h, _, pad_t, _ = m._padding
+    conv3d = torch.nn.functional.conv3d
+    if pad_t > 0 and x.shape[2] > 4 * pad_t and m.stride[0] == 1 and m.dilation[0] == 1:
+        # long inputs: no copy at all. The convolution pads time on both sides, so its first T
+        # outputs are the causal ones with a zero history; the first pad_t of them are then redone
+        # from [history, first frames] when the history is not all zeros (a few frames' work).
+        frames = x.shape[2]
+        out = conv3d(x, m.weight, m.bias, m.stride, (pad_t, pad_h, pad_w), m.dilation, m.groups)[:, :, :frames]
+        if cache_x is not None and cache_x.shape[2] > 0:
+            head = _causal_conv_forward(m, x[:, :, :pad_t], cache_x)  # short: the cat path below
+            out[:, :, :pad_t] = head
+        return out
     if pad_t > 0:
         parts = [] if cache_x is None else [cache_x.to(x.device)]
         missing = pad_t - sum(p.shape[2] for p in parts)
@@ -69,7 +81,7 @@ def _causal_conv_forward(m, x: torch.Tensor, cache_x: torch.Tensor | None = None
                 zeros = zeros.contiguous(memory_format=torch.channels_last_3d)
             parts.insert(0, zeros)
         x = torch.cat([*parts, x], dim=2)
-    return torch.nn.functional.conv3d(x, m.weight, m.bias, m.stride, (0, pad_h, pad_w), m.dilation, m.groups)
+    return conv3d(x, m.weight, m.bias, m.stride, (0, pad_h, pad_w), m.dilation, m.groups)
 
 
 def _prepare_fast_decode(vae) -> None:
