@@ -68,8 +68,8 @@ BASELINE_STEPS = 50
 # after a one-time ~94 s compile of the whole decoder and Wan to 1.58 s after an 18 s compile of its fused
 # RMS norms (e2e_h200.json at bf4168b; the whole Wan decoder gave 1.80 s after ~88 s): worth it only for large
 # batches. On CPU the decode defaults to fp32. --vae-chunk (Wan) defaults to auto: on CUDA videoblade's decode
-# loop, all latent frames per decoder call, channels-last (e2e_h200.json at 27a3c81: bf16 1.90 -> 1.52 s,
-# compiled 1.60 -> 1.09 s, for 31-42 GiB of decode memory instead of 4.4), halved while out of memory;
+# loop, all latent frames per decoder call, channels-last (e2e_h200.json at da822a5: bf16 1.89 -> 1.43 s,
+# compiled 1.58 -> 0.99 s, for 25-42 GiB of decode memory instead of 4.4), halved while out of memory;
 # diffusers' one frame per call on the CPU.
 VAE_DTYPE_DEFAULT = "bf16"
 REPORT_VERSION = 1

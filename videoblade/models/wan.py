@@ -90,7 +90,8 @@ def _prepare_fast_decode(vae) -> None:
     padding inside the convolutions, and nearest upsampling without its float32 round trip (exact
     for nearest). Same function to float rounding (benchmarks/e2e.py on an H200, Wan 81x480x832 bf16
     with the norms compiled and all frames per call: 1.29 s without these at 2d7de2e, 1.11 s with
-    them at 1a347da, 1.09 s with the one-cat history at 27a3c81)."""
+    them at 1a347da, 1.09 s with the one-cat history at 27a3c81, 0.99 s with no history copy for long
+    inputs at da822a5)."""
     if getattr(vae, _FAST_ATTR, False):
         return
     for m in vae.decoder.modules():
@@ -184,9 +185,9 @@ class WanAdapter(ModelAdapter):
         """Latent frames per decoder call after the first: an int, "all", or "auto" (all frames on
         CUDA, halved after running out of memory until it fits; 1 elsewhere, diffusers' own loop).
         Anything but 1 runs videoblade's loop (``_decode_in_chunks``, channels-last); 1 is diffusers'
-        own. Wan 81x480x832 bf16 with the norms compiled on an H200 (benchmarks/e2e.py at 27a3c81):
-        diffusers' loop 1.60 s with 4.4 GiB of decode memory, all 20 frames in one call 1.09 s with
-        31 GiB."""
+        own. Wan 81x480x832 bf16 with the norms compiled on an H200 (benchmarks/e2e.py at da822a5):
+        diffusers' loop 1.58 s with 4.4 GiB of decode memory, all 20 frames in one call 0.99 s with
+        25 GiB."""
         setattr(vae, _CHUNK_ATTR, parse_decode_chunk(chunk))
         if hasattr(vae, _CHUNK_CAP_ATTR):
             delattr(vae, _CHUNK_CAP_ATTR)
