@@ -295,11 +295,9 @@ def run_family(name: str, family: str, spec: dict, args, device, deadline: float
         if s["compile"] and remaining < args.compile_budget_s:
             print(f"[{name}] skip decode {s}: {remaining:.0f} s left", flush=True)
             continue
-        if s is settings[0]:
-            v = configure_vae(vae, s["tiling"], s["compile"], adapter, s.get("chunk", "auto"))
-        else:
-            v = configure_vae(copy.deepcopy(vae).to(parse_dtype(s["dtype"])), s["tiling"], s["compile"], adapter,
-                              s.get("chunk", "auto"))
+        # the reference decodes with `vae` itself, every other setting with its own copy (freed below)
+        v = configure_vae(vae if s is settings[0] else copy.deepcopy(vae).to(parse_dtype(s["dtype"])),
+                          s["tiling"], s["compile"], adapter, s.get("chunk", "auto"))
         if device.type == "cuda":
             torch.cuda.reset_peak_memory_stats()
             before = torch.cuda.memory_allocated()

@@ -323,7 +323,8 @@ def kernel_breakdown(label: str, fwd, model, shape: str) -> dict:
     kinds: dict[str, float] = {}
     by_name: dict[str, list] = {}
     for s_, e_, n in kernels:
-        kinds[_kernel_kind(n)] = kinds.get(_kernel_kind(n), 0.0) + (e_ - s_) / 1e3
+        kind = _kernel_kind(n)
+        kinds[kind] = kinds.get(kind, 0.0) + (e_ - s_) / 1e3
         d = by_name.setdefault(n[:100], [0, 0.0])
         d[0] += 1
         d[1] += (e_ - s_) / 1e3

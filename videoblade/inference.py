@@ -454,7 +454,7 @@ def _asa_from_dict(d: dict, where: str) -> ASAConfig:
 
 def plan_from_args(args: argparse.Namespace) -> Plan:
     """Resolve and validate a request without loading any weights (configs and file headers only)."""
-    from videoblade.models import ModelRequestError, get_adapter, parse_decode_chunk
+    from videoblade.models import ModelRequestError, get_adapter
 
     model = Path(args.model)
     try:
@@ -566,10 +566,7 @@ def plan_from_args(args: argparse.Namespace) -> Plan:
     vae_dtype = args.vae_dtype or (VAE_DTYPE_DEFAULT if on_cuda else "fp32")
     fps = args.fps or (16 if family == "wan" else 8)
     try:
-        vae_chunk = parse_decode_chunk(args.vae_chunk)
-        if vae_chunk != "auto" and not adapter.supports_decode_chunk:
-            raise ModelRequestError(f"--vae-chunk applies to Wan's causal VAE only; {family} decodes its own way "
-                                    "(leave it at auto)")
+        vae_chunk = adapter.check_decode_chunk(args.vae_chunk)
     except ModelRequestError as e:
         raise InferenceError(str(e).replace("decode chunk", "--vae-chunk")) from None
     text_max_length = args.max_text_length or adapter.text_max_length(info)

@@ -559,12 +559,18 @@ class ModelAdapter:
         """Latent frames per decoder call of the last decode (None when the family has no such setting)."""
         return None
 
+    def check_decode_chunk(self, chunk="auto") -> str | int:
+        """The parsed decode-chunk setting (``parse_decode_chunk``); only "auto" unless the family
+        ``supports_decode_chunk``. Needs no weights, so requests are checked before loading."""
+        chunk = parse_decode_chunk(chunk)
+        if chunk != "auto" and not self.supports_decode_chunk:
+            raise ModelRequestError(f"a decode chunk of {chunk!r} applies to Wan's causal VAE only; the "
+                                    f"{self.family} VAE decodes its own way (leave it at 'auto')")
+        return chunk
+
     def configure_decode_chunk(self, vae, chunk="auto") -> None:
-        """Latent frames per decoder call (``parse_decode_chunk``); only "auto" unless the family
-        ``supports_decode_chunk``."""
-        if parse_decode_chunk(chunk) != "auto":
-            raise ModelRequestError(f"the {self.family} VAE decodes its own way; a decode chunk ({chunk!r}) "
-                                    "applies to Wan's causal VAE only (leave it at 'auto')")
+        """Latent frames per decoder call on a loaded VAE (``check_decode_chunk``)."""
+        self.check_decode_chunk(chunk)
 
     def compile_vae(self, vae, backend: str = "inductor") -> int:
         """``torch.compile`` of the VAE decoder as a whole (CogVideoX: 2.15 s -> 1.09 s bf16 at

@@ -18,7 +18,6 @@ from videoblade.models.base import (
     ModelInfo,
     ModelRequestError,
     VideoGeometry,
-    parse_decode_chunk,
     raise_recompile_limit,
     register_adapter,
 )
@@ -49,9 +48,7 @@ def _rms_norm_compiled(backend: str):
 _CHUNK_ATTR = "_videoblade_decode_chunk"  # the setting ("auto", "all" or int), set by configure_decode_chunk
 _CHUNK_CAP_ATTR = "_videoblade_decode_chunk_cap"  # "auto" after running out of memory: the chunk that fitted
 _CHUNK_USED_ATTR = "_videoblade_decode_chunk_used"  # latent frames per call of the last decode (for reports)
-
-
-_FAST_ATTR = "_videoblade_fast_decode"
+_FAST_ATTR = "_videoblade_fast_decode"  # _prepare_fast_decode has run on this VAE
 
 
 def _causal_conv_forward(m, x: torch.Tensor, cache_x: torch.Tensor | None = None) -> torch.Tensor:
@@ -188,7 +185,7 @@ class WanAdapter(ModelAdapter):
         own. Wan 81x480x832 bf16 with the norms compiled on an H200 (benchmarks/e2e.py at da822a5):
         diffusers' loop 1.58 s with 4.4 GiB of decode memory, all 20 frames in one call 0.99 s with
         25 GiB."""
-        setattr(vae, _CHUNK_ATTR, parse_decode_chunk(chunk))
+        setattr(vae, _CHUNK_ATTR, self.check_decode_chunk(chunk))
         if hasattr(vae, _CHUNK_CAP_ATTR):
             delattr(vae, _CHUNK_CAP_ATTR)
 
@@ -203,29 +200,25 @@ class WanAdapter(ModelAdapter):
         else:
             chunk = frames if setting == "all" else int(setting)
         chunk = min(chunk, frames - 1)  # the first latent frame always goes alone
-        if chunk <= 1 or frames <= 2 or not _chunked_decode_applies(vae):
-            setattr(vae, _CHUNK_USED_ATTR, 1)
-            return super().vae_decode(vae, z)
-        if getattr(vae, "use_slicing", False) and z.shape[0] > 1:
-            return torch.cat([self.vae_decode(vae, z[i : i + 1]) for i in range(z.shape[0])])
-        while True:
-            try:
-                out = _decode_in_chunks(vae, z, chunk)
-                setattr(vae, _CHUNK_USED_ATTR, chunk)
-                return out
-            except torch.OutOfMemoryError:
-                if setting != "auto" or chunk <= 1:
-                    raise
-            # out of the except block, so the failed attempt's tensors are free
-            torch.cuda.empty_cache()
-            smaller = chunk // 2
-            warnings.warn(f"Wan VAE decode ran out of GPU memory with {chunk} latent frames per call; "
-                          f"retrying with {smaller} (set the decode chunk to fix it)", stacklevel=2)
-            setattr(vae, _CHUNK_CAP_ATTR, smaller)
-            if smaller <= 1:
-                setattr(vae, _CHUNK_USED_ATTR, 1)
-                return super().vae_decode(vae, z)
-            chunk = smaller
+        if chunk > 1 and _chunked_decode_applies(vae):
+            if getattr(vae, "use_slicing", False) and z.shape[0] > 1:
+                return torch.cat([self.vae_decode(vae, z[i : i + 1]) for i in range(z.shape[0])])
+            while chunk > 1:
+                try:
+                    out = _decode_in_chunks(vae, z, chunk)
+                    setattr(vae, _CHUNK_USED_ATTR, chunk)
+                    return out
+                except torch.OutOfMemoryError:
+                    if setting != "auto":
+                        raise
+                # out of the except block, so the failed attempt's tensors are free
+                torch.cuda.empty_cache()
+                warnings.warn(f"Wan VAE decode ran out of GPU memory with {chunk} latent frames per call; "
+                              f"retrying with {chunk // 2} (set the decode chunk to fix it)", stacklevel=2)
+                chunk //= 2
+                setattr(vae, _CHUNK_CAP_ATTR, chunk)
+        setattr(vae, _CHUNK_USED_ATTR, 1)  # diffusers' own loop
+        return super().vae_decode(vae, z)
 
     def vae_factors(self, info: ModelInfo) -> tuple[int, int]:
         v = info.vae_config
