@@ -5,6 +5,7 @@ request error raised with its message before any weights load."""
 
 from __future__ import annotations
 
+import functools
 import json
 import math
 import subprocess
@@ -391,8 +392,10 @@ def test_compare_decode_and_choice(tiny_wan):
 
 
 def test_wan_vae_compile_fuses_the_decoder_norms(tiny_wan):
-    """`--vae-compile` on Wan compiles only the decoder's RMS norms, one fused pass each, with
-    the frames of the eager decode; the toy identity VAE has nothing to compile."""
+    """`--vae-compile` on Wan compiles only the decoder's RMS norms, one fused pass each (in the
+    residual blocks with the conv bias before them, the SiLU after them and the residual add),
+    with the frames of the eager decode in diffusers' loop and in videoblade's; the toy identity
+    VAE has nothing to compile."""
     from videoblade.models import get_adapter
 
     ad = get_adapter(tiny_wan)
@@ -407,14 +410,19 @@ def test_wan_vae_compile_fuses_the_decoder_norms(tiny_wan):
     with torch.no_grad():
         ref = vae.decode(z, return_dict=False)[0]
         norms = [m for m in vae.decoder.modules() if type(m).__name__ == "WanRMS_norm"]
+        blocks = [m for m in vae.decoder.modules() if type(m).__name__ == "WanResidualBlock"]
+        assert all(b.conv1.bias.abs().max() > 1e-3 for b in blocks)  # a dropped conv bias would show
         graphs_before = counters["stats"]["unique_graphs"]
         assert ad.compile_vae(vae, backend="aot_eager") == len(norms) > 10
         assert ad.compile_vae(vae, backend="aot_eager") == 0  # already fused: not wrapped twice
+        assert len(blocks) > 4 and all(isinstance(b.forward, functools.partial) for b in blocks)
         out = vae.decode(z, return_dict=False)[0]
-    torch.testing.assert_close(out, ref, rtol=1e-5, atol=1e-5)
-    # the norms share graphs (one per width and size-1 specialisation), not one graph per module:
-    # dynamo's default limit of 8 graphs per code object would otherwise leave most of them eager
-    assert 0 < counters["stats"]["unique_graphs"] - graphs_before <= 8
+        torch.testing.assert_close(out, ref, rtol=1e-5, atol=1e-5)
+        configure_vae(vae, adapter=ad, chunk="all")  # videoblade's loop over the same fused blocks
+        torch.testing.assert_close(ad.vae_decode(vae, z), ref, rtol=1e-5, atol=1e-5)
+    # the norms share graphs (one per width, variant and size-1 specialisation), not one graph per
+    # module: dynamo's default limit of 8 graphs per code object would leave most of them eager
+    assert 0 < counters["stats"]["unique_graphs"] - graphs_before <= 16
     with pytest.raises(ValueError, match="adapter"):
         configure_vae(vae, compile=True)
 
