@@ -11,8 +11,9 @@ Rows:
   (top-k), for raster order / Gilbert reordering / reordering + compensation.
 
 With ``--compile`` (default) the dense, floor and ASA forwards are repeated with every block
-under ``torch.compile`` (regional, ``ModelAdapter.compile_blocks``), the first call's compile
-time reported.
+under ``torch.compile`` (regional, ``ModelAdapter.compile_blocks``, which also runs each
+feed-forward's first linear layer and GELU as one GEMM: ``videoblade.models.ffn``), the first
+call's compile time reported. Dense and ASA compiled rows get the same treatment.
 
 Targets: ``wan_forward_speedup_vs_best_dense`` >= 3, ``cog_forward_speedup_vs_best_dense`` >= 1.5:
 the fastest ASA forward against the fastest dense forward of any variant (default or cuDNN

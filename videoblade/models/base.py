@@ -541,7 +541,12 @@ class ModelAdapter:
         hooks included), the embeddings and output head left eager.  Blocks share one graph per
         distinct role (first / middle / last block, sparse or dense step), so compiling costs a
         few graphs, not one per layer; works with ASA installed before or after (the ASA
-        processors keep per-layer values out of the graph).  Returns the number of blocks."""
+        processors keep per-layer values out of the graph).  The feed-forward's first linear
+        layer and its tanh GELU become one GEMM first (:func:`videoblade.models.ffn.fuse_feedforward`,
+        forwards without gradient only).  Returns the number of blocks."""
+        from videoblade.models.ffn import fuse_feedforward
+
+        fuse_feedforward(transformer)
         blocks = self.blocks(transformer)
         raise_recompile_limit(64)  # a handful of graphs per block code object (roles x sparse/dense)
         for b in blocks:
