@@ -65,12 +65,13 @@ BASELINE_STEPS = 50
 # fp16 1.90 s (58.5 dB), bf16 tiled 4.10 s (38.2 dB); CogVideoX 49x480x720: fp32 2.81 s, bf16 2.15 s
 # (51.2 dB), fp16 2.17 s, bf16 tiled 3.20 s. fp16 ties bf16 on speed but risks overflow on trained
 # activations, so bf16. --vae-compile (off by default; ModelAdapter.compile_vae) takes CogVideoX to 1.09 s
-# after a one-time ~94 s compile of the whole decoder and Wan to 1.58 s after an 18 s compile of its fused
-# RMS norms (e2e_h200.json at bf4168b; the whole Wan decoder gave 1.80 s after ~88 s): worth it only for large
-# batches. On CPU the decode defaults to fp32. --vae-chunk (Wan) defaults to auto: on CUDA videoblade's decode
-# loop, all latent frames per decoder call, channels-last (e2e_h200.json at da822a5: bf16 1.89 -> 1.43 s,
-# compiled 1.58 -> 0.99 s, for 25-42 GiB of decode memory instead of 4.4), halved while out of memory;
-# diffusers' one frame per call on the CPU.
+# after a one-time ~94 s compile of the whole decoder and Wan to 1.40 s after a ~45 s compile of its fused
+# RMS norms (with the conv bias, SiLU and residual add around them in the residual blocks; e2e_h200.json at
+# 1011175; the whole Wan decoder gave 1.80 s after ~88 s): worth it only for large batches. On CPU the
+# decode defaults to fp32. --vae-chunk (Wan) defaults to auto: on CUDA videoblade's decode loop, all latent
+# frames per decoder call, channels-last (e2e_h200.json at 1011175: bf16 1.92 -> 1.45 s, compiled 1.40 ->
+# 0.90 s, for 25-42 GiB of decode memory instead of 4.4), halved while out of memory; diffusers' one frame
+# per call on the CPU.
 VAE_DTYPE_DEFAULT = "bf16"
 REPORT_VERSION = 1
 

@@ -79,9 +79,9 @@ def _residual_forward(m, norm, add, x: torch.Tensor, feat_cache=None, feat_idx=[
     convolution's bias added inside the compiled pass that follows it: bias + norm + SiLU after
     the first, bias + residual after the second. cuDNN convolutions in PyTorch add their bias in a
     separate pass over the output, and the activation is one more: four full passes fewer per
-    block. The same function with float32 in place of two bf16 roundings (Wan 81x480x832 bf16 on
-    an H200, norms compiled, all frames per call: decode 898 -> 801 ms, PSNR against fp32 47.6 -> 49.0
-    dB in a one-off probe on random latents)."""
+    block. The same function with float32 in place of two bf16 roundings (benchmarks/e2e.py, Wan
+    81x480x832 bf16 on an H200, norms compiled, all frames per call: 0.99 s at da822a5, 0.90 s at
+    1011175; PSNR against fp32 48.5 -> 49.5 dB)."""
     h = m.conv_shortcut(x)
     x = norm(x, m.norm1.gamma, _norm_bias(m.norm1), m.norm1.scale, 1, None, True)
     x = _cached_conv(m.conv1, x, feat_cache, feat_idx)
@@ -150,7 +150,7 @@ def _prepare_fast_decode(vae) -> None:
     for nearest). Same function to float rounding (benchmarks/e2e.py on an H200, Wan 81x480x832 bf16
     with the norms compiled and all frames per call: 1.29 s without these at 2d7de2e, 1.11 s with
     them at 1a347da, 1.09 s with the one-cat history at 27a3c81, 0.99 s with no history copy for long
-    inputs at da822a5)."""
+    inputs at da822a5; 0.90 s at 1011175 with the residual blocks' passes fused, ``_residual_forward``)."""
     if getattr(vae, _FAST_ATTR, False):
         return
     for m in vae.decoder.modules():
@@ -223,9 +223,10 @@ class WanAdapter(ModelAdapter):
         """Compile the decoder's RMS norms only, each fused into one kernel (dynamic shapes: one
         graph for every resolution); in the residual blocks the passes around them too (conv bias,
         SiLU, residual add: ``_residual_forward``). The Wan decoder as a whole compiles badly: its
-        per-frame feature cache recompiles it per call (Wan 81x480x832 bf16 on an H200: 1.89 s
-        eager, 1.80 s whole-decoder compiled after ~88 s of compiles, 1.59 s with the norms compiled
-        after ~20 s). Returns the number of norms that now run fused."""
+        per-frame feature cache recompiles it per call (Wan 81x480x832 bf16 on an H200, diffusers'
+        loop: 1.89 s eager, 1.80 s whole-decoder compiled after ~88 s of compiles, 1.59 s with the
+        norms compiled after ~20 s, 1.40 s with the residual blocks' passes too after ~45 s).
+        Returns the number of norms that now run fused."""
         decoder = getattr(vae, "decoder", None)
         if decoder is None:
             return 0
@@ -252,8 +253,8 @@ class WanAdapter(ModelAdapter):
         """Latent frames per decoder call after the first: an int, "all", or "auto" (all frames on
         CUDA, halved after running out of memory until it fits; 1 elsewhere, diffusers' own loop).
         Anything but 1 runs videoblade's loop (``_decode_in_chunks``, channels-last); 1 is diffusers'
-        own. Wan 81x480x832 bf16 with the norms compiled on an H200 (benchmarks/e2e.py at da822a5):
-        diffusers' loop 1.58 s with 4.4 GiB of decode memory, all 20 frames in one call 0.99 s with
+        own. Wan 81x480x832 bf16 with the norms compiled on an H200 (benchmarks/e2e.py at 1011175):
+        diffusers' loop 1.40 s with 4.4 GiB of decode memory, all 20 frames in one call 0.90 s with
         25 GiB."""
         setattr(vae, _CHUNK_ATTR, self.check_decode_chunk(chunk))
         if hasattr(vae, _CHUNK_CAP_ATTR):
