@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import os
+import warnings
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -294,8 +295,14 @@ def test_tiny_load_forward_decode(family, tiny_wan, tiny_cog):
     assert g.text_tokens == (20 if family == "cogvideox" else 0)
     assert m.schedule.kind == ("flow" if family == "wan" else "v_prediction")
     L = ad.text_max_length(folder)
-    emb = ad.encode_prompts(m.text_encoder, m.tokenizer, ["a cat", "a dog running at night"], L)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # prompts that fit: no truncation warning
+        emb = ad.encode_prompts(m.text_encoder, m.tokenizer, ["a cat", "a dog running at night"], L)
     assert emb.shape == (2, L, 32)
+    long = "a dog running at night " * L  # more tokens than the encoder sees: said, not silently cut
+    with pytest.warns(UserWarning, match=rf"1 of 2 prompts are longer than the text encoder's {L} tokens"):
+        cut = ad.encode_prompts(m.text_encoder, m.tokenizer, ["a cat", long], L)
+    torch.testing.assert_close(cut[0], emb[0])
     x = torch.randn(2, *g.latent_shape, generator=torch.Generator().manual_seed(0))
     out = ad.predict(m.transformer, x, torch.tensor([999, 400]), emb, g)
     assert out.shape == x.shape and out.dtype == torch.float32 and torch.isfinite(out).all()

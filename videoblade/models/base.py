@@ -14,6 +14,7 @@ inside self-attention: CogVideoX's `max_text_seq_length`, Wan 0 (text enters by 
 from __future__ import annotations
 
 import json
+import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -462,6 +463,17 @@ class ModelAdapter:
     text_encoder_class: str = "T5EncoderModel"
 
     # ------------------------------------------------------------------ compute
+    @staticmethod
+    def warn_if_truncated(tokenizer, prompts: list[str], max_length: int) -> None:
+        """Warn (once per call) when prompts are longer than the ``max_length`` tokens the encoder
+        sees: the pipelines cut them silently, and the cut words then have no effect on the video."""
+        lengths = [len(ids) for ids in tokenizer(prompts, add_special_tokens=True).input_ids]
+        over = [(n, p) for n, p in zip(lengths, prompts) if n > max_length]
+        if over:
+            n, p = max(over)
+            warnings.warn(f"{len(over)} of {len(prompts)} prompts are longer than the text encoder's "
+                          f"{max_length} tokens and were cut; the longest has {n}: {p[:80]!r}", stacklevel=3)
+
     def encode_prompts(self, text_encoder, tokenizer, prompts: list[str] | str, max_length: int | None = None,
                        device: str | torch.device | None = None, dtype: torch.dtype | None = None) -> torch.Tensor:
         """Prompt embeddings [B, max_length, C] exactly as the family's diffusers pipeline computes them."""

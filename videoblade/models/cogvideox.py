@@ -113,6 +113,7 @@ class CogVideoXAdapter(ModelAdapter):
         prompts = [prompts] if isinstance(prompts, str) else list(prompts)
         max_length = int(max_length or self.default_text_max_length)
         enc_device = next(text_encoder.parameters()).device
+        self.warn_if_truncated(tokenizer, prompts, max_length)
         ids = tokenizer(prompts, padding="max_length", max_length=max_length, truncation=True,
                         add_special_tokens=True, return_tensors="pt").input_ids.to(enc_device)
         with torch.no_grad():

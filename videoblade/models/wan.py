@@ -314,7 +314,9 @@ class WanAdapter(ModelAdapter):
         prompts = [prompts] if isinstance(prompts, str) else list(prompts)
         max_length = int(max_length or self.default_text_max_length)
         enc_device = next(text_encoder.parameters()).device
-        inputs = tokenizer([prompt_clean(p) for p in prompts], padding="max_length", max_length=max_length,
+        prompts = [prompt_clean(p) for p in prompts]
+        self.warn_if_truncated(tokenizer, prompts, max_length)
+        inputs = tokenizer(prompts, padding="max_length", max_length=max_length,
                            truncation=True, add_special_tokens=True, return_attention_mask=True, return_tensors="pt")
         ids, mask = inputs.input_ids.to(enc_device), inputs.attention_mask.to(enc_device)
         with torch.no_grad():
