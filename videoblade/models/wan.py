@@ -91,7 +91,8 @@ def _residual_forward(m, norm, add, x: torch.Tensor, feat_cache=None, feat_idx=[
 
 
 def _fusable_residual(m) -> bool:
-    """A WanResidualBlock shaped as _residual_forward assumes (diffusers 0.33-0.42)."""
+    """A WanResidualBlock shaped as _residual_forward assumes (as in diffusers 0.42; anything else
+    keeps diffusers' forward with its norms compiled alone)."""
     def causal(c):
         return type(c).__name__ == "WanCausalConv3d" and len(getattr(c, "_padding", ())) == 6 and c.bias is not None
 
