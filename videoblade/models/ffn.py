@@ -70,7 +70,7 @@ def _fused_class(cls: type) -> type:
 
 def _fusable(m) -> bool:
     return (type(m).__name__ == "GELU" and type(m).__module__.startswith("diffusers.")
-            and getattr(m, "approximate", None) == "tanh" and isinstance(getattr(m, "proj", None), torch.nn.Linear)
+            and getattr(m, "approximate", None) == "tanh" and type(getattr(m, "proj", None)) is torch.nn.Linear
             and m.proj.bias is not None)
 
 

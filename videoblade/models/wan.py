@@ -32,7 +32,7 @@ def _rms_norm_fused(x: torch.Tensor, gamma: torch.Tensor, bias: torch.Tensor | N
     compiled graph serves every norm of the decoder."""
     xf = x.float()
     if pre_bias is not None:
-        xf = xf + pre_bias.float().view(-1, *([1] * (x.dim() - 2)))
+        xf = xf + _per_channel(pre_bias, x)
     out = xf * torch.rsqrt(xf.square().sum(dim, keepdim=True).clamp_min(1e-24)) * (scale * gamma.float())
     if bias is not None:
         out = out + bias.float()
@@ -41,9 +41,14 @@ def _rms_norm_fused(x: torch.Tensor, gamma: torch.Tensor, bias: torch.Tensor | N
     return out.to(x.dtype)
 
 
+def _per_channel(b: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+    """A per-channel vector (a convolution's bias) in float32, broadcastable over x [B, C, ...]."""
+    return b.float().view(-1, *([1] * (x.dim() - 2)))
+
+
 def _bias_residual_add(x: torch.Tensor, bias: torch.Tensor, h: torch.Tensor) -> torch.Tensor:
     """A convolution's output without its bias, plus the bias and the residual, in one pass."""
-    return (x.float() + bias.float().view(-1, *([1] * (x.dim() - 2))) + h.float()).to(x.dtype)
+    return (x.float() + _per_channel(bias, x) + h.float()).to(x.dtype)
 
 
 def _norm_bias(m) -> torch.Tensor | None:
@@ -93,13 +98,13 @@ def _residual_forward(m, norm, add, x: torch.Tensor, feat_cache=None, feat_idx=[
 def _fusable_residual(m) -> bool:
     """A WanResidualBlock shaped as _residual_forward assumes (as in diffusers 0.42; anything else
     keeps diffusers' forward with its norms compiled alone)."""
-    def causal(c):
-        return type(c).__name__ == "WanCausalConv3d" and len(getattr(c, "_padding", ())) == 6 and c.bias is not None
+    def conv(c):
+        return _is_causal_conv(c) and c.bias is not None
 
     def norm(n):
         return type(n).__name__ == "WanRMS_norm" and n.channel_first
 
-    return (causal(getattr(m, "conv1", None)) and causal(getattr(m, "conv2", None))
+    return (conv(getattr(m, "conv1", None)) and conv(getattr(m, "conv2", None))
             and norm(getattr(m, "norm1", None)) and norm(getattr(m, "norm2", None))
             and isinstance(getattr(m, "nonlinearity", None), torch.nn.SiLU)
             and (not m.training or getattr(m.dropout, "p", 0.0) == 0.0))
@@ -109,6 +114,11 @@ _CHUNK_ATTR = "_videoblade_decode_chunk"  # the setting ("auto", "all" or int), 
 _CHUNK_CAP_ATTR = "_videoblade_decode_chunk_cap"  # "auto" after running out of memory: the chunk that fitted
 _CHUNK_USED_ATTR = "_videoblade_decode_chunk_used"  # latent frames per call of the last decode (for reports)
 _FAST_ATTR = "_videoblade_fast_decode"  # _prepare_fast_decode has run on this VAE
+
+
+def _is_causal_conv(m) -> bool:
+    """A ``WanCausalConv3d`` with the 6-entry ``_padding`` that ``_causal_conv_forward`` reads."""
+    return type(m).__name__ == "WanCausalConv3d" and len(getattr(m, "_padding", ())) == 6
 
 
 def _causal_conv_forward(m, x: torch.Tensor, cache_x: torch.Tensor | None = None,
@@ -155,10 +165,9 @@ def _prepare_fast_decode(vae) -> None:
     if getattr(vae, _FAST_ATTR, False):
         return
     for m in vae.decoder.modules():
-        name = type(m).__name__
-        if name == "WanCausalConv3d" and len(getattr(m, "_padding", ())) == 6:
+        if _is_causal_conv(m):
             m.forward = functools.partial(_causal_conv_forward, m)
-        if name == "WanUpsample" and m.mode in ("nearest", "nearest-exact"):
+        if type(m).__name__ == "WanUpsample" and m.mode in ("nearest", "nearest-exact"):
             m.forward = functools.partial(torch.nn.Upsample.forward, m)
         if isinstance(m, torch.nn.Conv3d):
             m.weight.data = m.weight.data.contiguous(memory_format=torch.channels_last_3d)
