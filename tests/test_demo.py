@@ -43,6 +43,10 @@ def test_quick_demo_end_to_end(quick_run):
 
     rows = {r["name"]: r for r in summary["rows"]}
     assert rows["data"]["coverage"] == 1.0
+    # the held-out draws are exact clips: they follow their prompts in colour and motion
+    assert rows["data"]["colour_ok"] == 1.0 and rows["data"]["motion_ok"] == 1.0
+    assert all(0.0 <= r["colour_ok"] <= 1.0 and 0.0 <= r["motion_ok"] <= 1.0 for r in summary["rows"])
+    assert "motion" in (out / "table.txt").read_text().splitlines()[0]
     teachers = sorted(r["steps"] for r in summary["rows"] if r["method"] == "teacher")
     assert len(teachers) >= 2
     students = [r for r in summary["rows"] if r["method"] == "blade"]

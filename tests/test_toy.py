@@ -8,6 +8,7 @@ import pytest
 import torch
 
 from videoblade.toy.data import (
+    BACKGROUND,
     COLOURS,
     DIRECTIONS,
     ToyDataConfig,
@@ -17,7 +18,15 @@ from videoblade.toy.data import (
     make_dataset,
     render,
 )
-from videoblade.toy.metrics import coverage_fraction, data_spacing, evaluate, nearest, precision, to_unit
+from videoblade.toy.metrics import (
+    coverage_fraction,
+    data_spacing,
+    evaluate,
+    nearest,
+    precision,
+    prompt_following,
+    to_unit,
+)
 
 SMALL = ToyDataConfig(n_clips=96, seed=3)
 
@@ -95,6 +104,38 @@ def test_metrics_on_known_cases():
         evaluate(collapsed, data, ref[:5])
     dist, idx = nearest(d[:3], d)
     assert dist.tolist() == [0.0, 0.0, 0.0] and idx.tolist() == [0, 1, 2]
+
+
+@pytest.mark.parametrize("cfg", [ToyDataConfig(), ToyDataConfig(height=12, width=12, shape_size=4, speed=1,
+                                                                   n_along=2, n_across=3, n_clips=192)])
+def test_prompt_following_reads_colour_and_motion(cfg):
+    grid = factor_grid(cfg)
+    x = render(cfg, grid)
+    prompts = [c.prompt for c in grid]
+    assert prompt_following(x, prompts, cfg.speed) == {"colour_ok": 1.0, "motion_ok": 1.0}
+    # standing still (every frame = the first) or running backwards: right colour, wrong motion
+    still = x[:, :, :1].expand_as(x)
+    assert prompt_following(still, prompts, cfg.speed) == {"colour_ok": 1.0, "motion_ok": 0.0}
+    assert prompt_following(x.flip(2), prompts, cfg.speed) == {"colour_ok": 1.0, "motion_ok": 0.0}
+    # the same clips read against the prompts of another colour: motion right, colour wrong
+    names = list(COLOURS)
+    recoloured = [p.replace(f" {c.colour} ", f" {names[(names.index(c.colour) + 1) % len(names)]} ")
+                  for p, c in zip(prompts, grid)]
+    assert prompt_following(x, recoloured, cfg.speed) == {"colour_ok": 0.0, "motion_ok": 1.0}
+    # a shape missing from one frame fails motion; an empty clip fails both
+    background = (torch.tensor(BACKGROUND) * 2 - 1).view(1, 3, 1, 1, 1)
+    gap = x.clone()
+    gap[:, :, 2:3] = background  # frame 2 shows no shape
+    assert prompt_following(gap, prompts, cfg.speed)["motion_ok"] == 0.0
+    blank = background.expand_as(x)
+    assert prompt_following(blank, prompts, cfg.speed) == {"colour_ok": 0.0, "motion_ok": 0.0}
+    # half the clips static: half the score
+    mixed = torch.where((torch.arange(len(grid)) % 2 == 0).view(-1, 1, 1, 1, 1), x, still)
+    assert prompt_following(mixed, prompts, cfg.speed)["motion_ok"] == pytest.approx(0.5, abs=1 / len(grid))
+    with pytest.raises(ValueError, match="one prompt each"):
+        prompt_following(x[:3], prompts, cfg.speed)
+    with pytest.raises(ValueError, match="not a toy-data prompt"):
+        prompt_following(x[:1], ["a purple cat"], cfg.speed)
 
 
 def test_duplicate_data_is_refused():

@@ -26,7 +26,7 @@ import numpy as np
 import torch
 
 __all__ = ["ToyDataConfig", "ToyClip", "factor_grid", "render", "make_dataset", "draw_reference", "prompt_of",
-           "all_prompts", "SHAPES", "COLOURS", "DIRECTIONS"]
+           "parse_prompt", "all_prompts", "SHAPES", "COLOURS", "DIRECTIONS", "BACKGROUND"]
 
 SHAPES = ("square", "diamond", "cross")
 COLOURS = {  # RGB in [0, 1]
@@ -86,6 +86,14 @@ class ToyClip:
 
 def prompt_of(shape: str, colour: str, direction: str) -> str:
     return f"a {colour} {shape} moving {direction}"
+
+
+def parse_prompt(prompt: str) -> tuple[str, str, str]:
+    """(shape, colour, direction) named by a toy-data prompt; ValueError for any other text."""
+    for s, c, d in itertools.product(SHAPES, COLOURS, DIRECTIONS):
+        if prompt_of(s, c, d) == prompt:
+            return s, c, d
+    raise ValueError(f"{prompt!r} is not a toy-data prompt")
 
 
 def all_prompts() -> list[str]:

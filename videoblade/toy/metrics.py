@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import torch
 
-__all__ = ["to_unit", "nearest", "data_spacing", "precision", "coverage_fraction", "evaluate"]
+__all__ = ["to_unit", "nearest", "data_spacing", "precision", "coverage_fraction", "evaluate", "prompt_following"]
 
 
 def to_unit(clips: torch.Tensor) -> torch.Tensor:
@@ -76,3 +76,50 @@ def evaluate(samples: torch.Tensor, data: torch.Tensor, reference: torch.Tensor)
         "reference_covered_fraction": cov_ref,
         "n_samples": int(s.shape[0]),
     }
+
+
+def prompt_following(samples: torch.Tensor, prompts: list[str], speed: float) -> dict:
+    """Colour and motion of each sample [N, 3, F, H, W] in [-1, 1] against its prompt.
+
+    Foreground = pixels farther from the background colour than half the smallest
+    background-to-shape-colour distance. colour_ok: the mean foreground colour (all frames) is
+    nearest to the prompt's colour. motion_ok: every frame has foreground and the mean
+    per-frame step of its centroid, (c[F-1] - c[0]) / (F-1), is nearest to the prompt's
+    direction x `speed` among the four directions x speed and (0, 0). A sample without
+    foreground fails both.
+    """
+    from videoblade.toy.data import BACKGROUND, COLOURS, DIRECTIONS, parse_prompt
+
+    if samples.ndim != 5 or samples.shape[1] != 3 or samples.shape[0] != len(prompts):
+        raise ValueError(f"need [N, 3, F, H, W] samples with one prompt each; got {tuple(samples.shape)} "
+                         f"and {len(prompts)} prompts")
+    u = ((samples.detach().double().cpu() + 1.0) / 2.0).clamp(0.0, 1.0)
+    N, _, F, H, W = u.shape
+    bg = torch.tensor(BACKGROUND, dtype=torch.float64)
+    names = list(COLOURS)
+    palette = torch.tensor([COLOURS[c] for c in names], dtype=torch.float64)  # [C, 3]
+    threshold = 0.5 * float((palette - bg).norm(dim=1).min())
+    fg = (u - bg.view(1, 3, 1, 1, 1)).norm(dim=1) > threshold  # [N, F, H, W]
+    wfg = fg.double()
+
+    n_px = wfg.sum((1, 2, 3))  # [N]
+    mean_rgb = (u * wfg[:, None]).sum((2, 3, 4)) / n_px.clamp(min=1)[:, None]  # [N, 3]
+    colour_idx = torch.cdist(mean_rgb, palette).argmin(1)
+
+    per_frame = wfg.sum((2, 3))  # [N, F]
+    ys = torch.arange(H, dtype=torch.float64).view(1, 1, H, 1)
+    xs = torch.arange(W, dtype=torch.float64).view(1, 1, 1, W)
+    cy = (wfg * ys).sum((2, 3)) / per_frame.clamp(min=1)
+    cx = (wfg * xs).sum((2, 3)) / per_frame.clamp(min=1)
+    step = torch.stack([cy[:, -1] - cy[:, 0], cx[:, -1] - cx[:, 0]], 1) / max(F - 1, 1)  # [N, 2]
+    moves = list(DIRECTIONS)
+    candidates = torch.tensor([DIRECTIONS[d] for d in moves] + [(0, 0)], dtype=torch.float64) * speed
+    move_idx = torch.cdist(step, candidates).argmin(1)
+
+    colour_ok, motion_ok = [], []
+    for i, p in enumerate(prompts):
+        _, colour, direction = parse_prompt(p)
+        colour_ok.append(bool(n_px[i] > 0) and names[int(colour_idx[i])] == colour)
+        whole = bool((per_frame[i] > 0).all())
+        motion_ok.append(whole and int(move_idx[i]) < len(moves) and moves[int(move_idx[i])] == direction)
+    return {"colour_ok": sum(colour_ok) / N, "motion_ok": sum(motion_ok) / N}

@@ -14,7 +14,9 @@ Stages (each timed, each with a progress bar), all inside one run directory:
 5. evaluation: every method samples the same prompts from the same noise with the shared sampler
    (`videoblade.sampling.sample`): the teacher (dense, CFG) at 50, 8 and 4 steps, each student at
    its K (guidance 1, ASA on for the ASA students, realised density read from ASA's statistics).
-   Precision and coverage against the training clips (`videoblade.toy.metrics`).
+   Precision and coverage against the training clips (`videoblade.toy.metrics`), and two
+   diagnostics of prompt following: the share of samples with the prompt's colour and moving
+   the prompt's way.
 6. report: summary.json, metrics.png (precision and coverage vs steps), grid.mp4 / grid.gif
    (methods side by side), and a text table.
 """
@@ -256,7 +258,7 @@ def evaluate_all(out: Path, prof: DemoProfile, folder: Path, students: dict, cli
     from videoblade.attention import set_adaptive_sparse_attention
     from videoblade.config import ASAConfig
     from videoblade.io.lora import load_lora_into
-    from videoblade.toy.metrics import evaluate
+    from videoblade.toy.metrics import evaluate, prompt_following
 
     ev = eval_inputs(prof, folder, device)
     adapter, geometry, loaded = ev.adapter, ev.geometry, ev.loaded
@@ -264,12 +266,15 @@ def evaluate_all(out: Path, prof: DemoProfile, folder: Path, students: dict, cli
 
     rows: list[dict] = []
     samples: dict[str, torch.Tensor] = {}
-    data_m = evaluate(reference, clips, reference)
-    rows.append({"name": "data", "method": "data", "steps": None, "density": None, "seconds": 0.0, **data_m})
+    def metrics(x):
+        return evaluate(x, clips, reference) | prompt_following(x, ev.prompts, prof.data.speed)
+
+    rows.append({"name": "data", "method": "data", "steps": None, "density": None, "seconds": 0.0,
+                 **metrics(reference)})
     samples["data"] = reference
 
     def record(name, method, steps, x, seconds, density=None, extra=None):
-        m = evaluate(x.cpu(), clips, reference)
+        m = metrics(x.cpu())
         rows.append({"name": name, "method": method, "steps": steps, "density": density,
                      "seconds": round(seconds, 2), **m, **(extra or {})})
         samples[name] = x.cpu()
@@ -309,7 +314,8 @@ def _label(row: dict, prof: DemoProfile) -> str:
 
 
 def format_table(rows: list[dict], prof: DemoProfile) -> str:
-    head = f"{'method':<40} {'steps':>5} {'precision':>9} {'coverage':>8} {'density':>7} {'sample s':>8}"
+    head = (f"{'method':<40} {'steps':>5} {'precision':>9} {'coverage':>8} {'colour':>6} {'motion':>6} "
+            f"{'density':>7} {'sample s':>8}")
     lines = [head, "-" * len(head)]
     for r in rows:
         name = METHOD_LABELS[r["method"]].format(cfg=prof.cfg)
@@ -317,8 +323,8 @@ def format_table(rows: list[dict], prof: DemoProfile) -> str:
         dens = "-" if r["density"] is None else f"{r['density']:.2f}"
         if r["method"] in ("teacher", "tdm") and r["steps"] is not None:
             dens = "1.00"
-        lines.append(f"{name:<40} {steps:>5} {r['precision']:>9.3f} {r['coverage']:>8.3f} {dens:>7} "
-                     f"{r['seconds']:>8.1f}")
+        lines.append(f"{name:<40} {steps:>5} {r['precision']:>9.3f} {r['coverage']:>8.3f} {r['colour_ok']:>6.2f} "
+                     f"{r['motion_ok']:>6.2f} {dens:>7} {r['seconds']:>8.1f}")
     return "\n".join(lines)
 
 
