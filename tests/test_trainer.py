@@ -67,9 +67,10 @@ def _args(tiny, fam, out_dir, **over):
     return [f"{k}={v}" for k, v in base.items()]
 
 
-def _run(args, launcher=(), timeout=600, check=True):
+def _run(args, launcher=(), timeout=600, check=True, env=None):
     cmd = [*launcher] if launcher else [sys.executable, "-m", "videoblade.train"]
-    r = subprocess.run([*cmd, *args], env=_env(), cwd=ROOT, capture_output=True, text=True, timeout=timeout)
+    r = subprocess.run([*cmd, *args], env=_env() | (env or {}), cwd=ROOT, capture_output=True, text=True,
+                       timeout=timeout)
     if check:
         assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-6000:]
     return r
@@ -109,7 +110,8 @@ def _check_trained(out_dir, fake_trained=True):
 @pytest.mark.slow
 def test_single_process_wan_with_validation_video(tiny, tmp_path):
     out = tmp_path / "wan"
-    _run(_args(tiny, "wan", out, **{"train.validation_steps": 3, "train.num_validation_videos": 1}))
+    r = _run(_args(tiny, "wan", out, **{"train.validation_steps": 3, "train.num_validation_videos": 1}))
+    assert "TDM:" in r.stderr  # the progress bar
     summary, rows = _check_trained(out)
     assert not summary["deepspeed"] and summary["shared_base"] and summary["num_processes"] == 1
     assert 0 < rows[-1]["density_student"] < 1  # ASA ran sparse on the student
@@ -130,7 +132,8 @@ def test_single_process_wan_with_validation_video(tiny, tmp_path):
 def test_single_process_cogvideox_and_skipped_fake_steps(tiny, tmp_path):
     # a bound below any loss: every fake step is skipped and counted; the student still trains
     out = tmp_path / "cog"
-    _run(_args(tiny, "cogvideox", out, **{"tdm.max_fake_loss": 1e-12}))
+    r = _run(_args(tiny, "cogvideox", out, **{"tdm.max_fake_loss": 1e-12}), env={"TQDM_DISABLE": "1"})
+    assert "TDM:" not in r.stderr  # tqdm's own switch silences the training bar
     summary, rows = _check_trained(out, fake_trained=False)
     assert summary["skipped_fake_steps"] == summary["fake_steps"] == 6
     assert rows[-1]["skipped_fake_steps"] == 6 and rows[-1]["loss_fake_reg"] > 0

@@ -876,7 +876,8 @@ class TDMTrainer:
         stop = tr.stop_at_step or tr.max_train_steps
         metrics_f = open(self.out / "metrics.jsonl", "a") if acc.is_main_process else None
         bar = tqdm(total=tr.max_train_steps, initial=self.global_step, desc="TDM", unit="step",
-                   disable=not acc.is_local_main_process, dynamic_ncols=True)
+                   disable=not acc.is_local_main_process or os.environ.get("TQDM_DISABLE", "") not in ("", "0"),
+                   dynamic_ncols=True)  # an explicit disable= overrides tqdm's own TQDM_DISABLE reading
         if self.device.type == "cuda":
             torch.cuda.reset_peak_memory_stats(self.device)
         t_prev = time.perf_counter()
