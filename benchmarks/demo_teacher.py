@@ -5,8 +5,14 @@ teacher at 4 steps. That needs a teacher whose 4-step samples are clearly worse 
 ones. This sweep trains the toy teacher (the demo's own `ensure_teacher`, flow matching in
 pixel space) under data, model and training variants, in parallel processes, and samples it with
 the shared eta sampler at 50, 8 and 4 steps (CFG and eta of the demo unless a variant says
-otherwise). It reports precision and coverage (`videoblade.toy.metrics`) and, per setting, the
-fraction of samples whose nearest clip of the full factor grid has the requested prompt.
+otherwise). It reports precision and coverage (`videoblade.toy.metrics`), per setting the
+fraction of samples whose nearest clip of the full factor grid has the requested prompt, and the
+demo's prompt-following diagnostics (colour, motion).
+
+The `heads*`/`rope_hd48` variants ask whether the teacher's failure to learn the motion comes from
+Wan's rotary positions at a tiny head dim: diffusers gives the h and w axes 2 * (head_dim // 6)
+channels each, so the demo's head dim 16 leaves each spatial axis one useful frequency (1 rad per
+patch; the other is 0.01) and no absolute position at all.
 
 `--ideal` adds the ideal denoiser: the exact posterior mean over the training clips of the
 prompt (what a perfectly fitted teacher predicts), sampled the same way. It shows how few
@@ -32,7 +38,7 @@ from pathlib import Path
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from benchmarks.common import env_info, print_table, write_results  # noqa: E402
+from benchmarks.common import carry_over, env_info, print_table, write_results  # noqa: E402
 
 WIDE = {"num_attention_heads": 4, "attention_head_dim": 32, "ffn_dim": 512, "num_layers": 6}
 # name -> overrides of the demo's full profile: data, model (transformer), teacher, top-level fields,
@@ -49,6 +55,10 @@ VARIANTS: dict[str, dict] = {
     "patch1x1x1": {"model": {"patch_size": [1, 1, 1]}},
     "lr1e-3": {"teacher": {"learning_rate": 1e-3}},
     "batch64": {"teacher": {"batch_size": 64}},
+    # spatial rotary channels per axis 16 / 20 / 10 instead of 4 (heads2x24: 8; see the docstring)
+    "rope_hd48": {"model": {"attention_head_dim": 48, "ffn_dim": 384}},
+    "heads1x64": {"model": {"num_attention_heads": 1, "attention_head_dim": 64, "ffn_dim": 256}},
+    "heads4x32_l4": {"model": {"num_attention_heads": 4, "attention_head_dim": 32, "ffn_dim": 256}},
 }
 
 
@@ -74,7 +84,7 @@ def run_variant(name: str, spec: dict, out: str, device: str, threads: int) -> l
     torch.set_num_threads(threads)
     from videoblade.toy import pipeline as P
     from videoblade.toy.data import factor_grid, make_dataset, render
-    from videoblade.toy.metrics import evaluate, to_unit
+    from videoblade.toy.metrics import evaluate, prompt_following, to_unit
 
     prof = _profile(spec)
     run = Path(out) / name
@@ -92,10 +102,12 @@ def run_variant(name: str, spec: dict, out: str, device: str, threads: int) -> l
         x = P._sample(ev.adapter, ev.loaded.transformer, ev.loaded.schedule, ev.emb, ev.neg, ev.geometry, steps,
                       prof.cfg, eta, ev.noise, prof.eval_seed, "", False).cpu()
         m = evaluate(x, clips, ev.reference)
+        pf = prompt_following(x, prompts, prof.data.speed)
         rows.append({"what": "teacher", "variant": name, "spec": spec, "device": device, "steps": steps,
                      "cfg": prof.cfg, "eta": eta, "precision": round(m["precision"], 3),
                      "coverage": round(m["coverage"], 3), "right_prompt": round(_right_prompt(x, grid, grid_unit,
                                                                                               prompts), 3),
+                     "colour_ok": round(pf["colour_ok"], 3), "motion_ok": round(pf["motion_ok"], 3),
                      "teacher_steps": prof.teacher.steps, "teacher_train_s": round(train_s, 1),
                      "final_loss": round(summary["final_loss"], 4)})
     return rows
@@ -150,6 +162,8 @@ def main(argv=None) -> int:
     p.add_argument("--teacher-steps", type=int, default=None, help="override the teacher's training steps")
     p.add_argument("--work", default="runs/demo_teacher", help="where the teacher folders go")
     p.add_argument("--out", default=None, help="results folder (default benchmarks/results)")
+    p.add_argument("--merge-from", default=None,
+                   help="an earlier demo_teacher JSON whose rows for variants not run now are kept")
     args = p.parse_args(argv)
     names = [n for n in args.variants.split(",") if n]
     unknown = set(names) - set(VARIANTS)
@@ -169,7 +183,11 @@ def main(argv=None) -> int:
         for f in as_completed(futs):
             rows += f.result()
             print(f"[demo_teacher] {futs[f]} done", flush=True)
-    print_table(rows, ["what", "variant", "steps", "eta", "precision", "coverage", "right_prompt", "teacher_train_s"])
+    if args.merge_from:
+        redone = set(names) | ({"ideal"} if args.ideal else set())
+        rows = carry_over(args.merge_from, lambda r: r["variant"] not in redone, {}) + rows
+    print_table(rows, ["what", "variant", "steps", "eta", "precision", "coverage", "right_prompt", "colour_ok",
+                       "motion_ok", "teacher_train_s"])
     by = {(r["variant"], r["steps"], r.get("eta")): r for r in rows if r["what"] == "teacher"}
     gaps = [by[(v, 4, e)]["precision"] / by[(v, 50, e)]["precision"] for (v, s, e) in by if s == 50 and (v, 4, e) in by]
     extra = {"environment": env_info() | {"cpu_count": os.cpu_count()},
