@@ -59,6 +59,10 @@ VARIANTS: dict[str, dict] = {
     "rope_hd48": {"model": {"attention_head_dim": 48, "ffn_dim": 384}},
     "heads1x64": {"model": {"num_attention_heads": 1, "attention_head_dim": 64, "ffn_dim": 256}},
     "heads4x32_l4": {"model": {"num_attention_heads": 4, "attention_head_dim": 32, "ffn_dim": 256}},
+    # a background that shows each pixel's position and frame (videoblade.toy.data.background)
+    "ramp": {"data": {"background_ramp": 0.25}},
+    "ramp_wide": {"data": {"background_ramp": 0.25}, "model": WIDE},
+    "ramp_lr1e-3": {"data": {"background_ramp": 0.25}, "teacher": {"learning_rate": 1e-3}},
 }
 
 
@@ -102,7 +106,7 @@ def run_variant(name: str, spec: dict, out: str, device: str, threads: int) -> l
         x = P._sample(ev.adapter, ev.loaded.transformer, ev.loaded.schedule, ev.emb, ev.neg, ev.geometry, steps,
                       prof.cfg, eta, ev.noise, prof.eval_seed, "", False).cpu()
         m = evaluate(x, clips, ev.reference)
-        pf = prompt_following(x, prompts, prof.data.speed)
+        pf = prompt_following(x, prompts, prof.data)
         rows.append({"what": "teacher", "variant": name, "spec": spec, "device": device, "steps": steps,
                      "cfg": prof.cfg, "eta": eta, "precision": round(m["precision"], 3),
                      "coverage": round(m["coverage"], 3), "right_prompt": round(_right_prompt(x, grid, grid_unit,

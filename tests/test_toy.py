@@ -8,7 +8,6 @@ import pytest
 import torch
 
 from videoblade.toy.data import (
-    BACKGROUND,
     COLOURS,
     DIRECTIONS,
     ToyDataConfig,
@@ -18,6 +17,7 @@ from videoblade.toy.data import (
     make_dataset,
     render,
 )
+from videoblade.toy.data import background as data_background
 from videoblade.toy.metrics import (
     coverage_fraction,
     data_spacing,
@@ -65,11 +65,32 @@ def test_clip_shows_its_prompt_colour_moving_in_its_direction(direction):
     assert clip.prompt == f"a red square moving {direction}"
 
 
+def test_ramped_background_shows_position_and_frame():
+    cfg = ToyDataConfig(background_ramp=0.25)
+    bg = data_background(cfg)  # [3, F, H, W]
+    assert bg.shape == (3, cfg.frames, cfg.height, cfg.width)
+    r, g, b = (torch.from_numpy(c) for c in bg)
+    # red grows along x only, green along y only, blue along the frames only, each by the ramp
+    assert torch.all(r.diff(dim=2) > 0) and torch.all(r.diff(dim=1) == 0) and torch.all(r.diff(dim=0) == 0)
+    assert torch.all(g.diff(dim=1) > 0) and torch.all(g.diff(dim=2) == 0) and torch.all(g.diff(dim=0) == 0)
+    assert torch.all(b.diff(dim=0) > 0) and torch.all(b.diff(dim=1) == 0) and torch.all(b.diff(dim=2) == 0)
+    assert float(r.max() - r.min()) == pytest.approx(0.25) and float(b.min()) == pytest.approx(0.12)
+    # every (frame, y, x) has its own background colour
+    assert torch.from_numpy(bg).flatten(1).T.unique(dim=0).shape[0] == cfg.frames * cfg.height * cfg.width
+    # clips keep it wherever no shape is, and the plain config is unchanged
+    x = (render(cfg, factor_grid(cfg)[:3]) + 1) / 2
+    shape_free = (x - torch.from_numpy(bg)).abs().sum(1) < 1e-6
+    assert shape_free.float().mean() > 0.8
+    assert (data_background(ToyDataConfig()) == 0.12).all()
+
+
 def test_bad_data_config_is_rejected():
     with pytest.raises(ValueError, match="does not fit"):
         ToyDataConfig(speed=4)
     with pytest.raises(ValueError, match="n_clips"):
         ToyDataConfig(n_clips=10_000)
+    with pytest.raises(ValueError, match="background_ramp"):
+        ToyDataConfig(background_ramp=0.8)
 
 
 def test_reference_draws_follow_the_prompts():
@@ -107,35 +128,43 @@ def test_metrics_on_known_cases():
 
 
 @pytest.mark.parametrize("cfg", [ToyDataConfig(), ToyDataConfig(height=12, width=12, shape_size=4, speed=1,
-                                                                   n_along=2, n_across=3, n_clips=192)])
+                                                                   n_along=2, n_across=3, n_clips=192),
+                                 ToyDataConfig(background_ramp=0.25)])
 def test_prompt_following_reads_colour_and_motion(cfg):
     grid = factor_grid(cfg)
     x = render(cfg, grid)
     prompts = [c.prompt for c in grid]
-    assert prompt_following(x, prompts, cfg.speed) == {"colour_ok": 1.0, "motion_ok": 1.0}
-    # standing still (every frame = the first) or running backwards: right colour, wrong motion
-    still = x[:, :, :1].expand_as(x)
-    assert prompt_following(still, prompts, cfg.speed) == {"colour_ok": 1.0, "motion_ok": 0.0}
-    assert prompt_following(x.flip(2), prompts, cfg.speed) == {"colour_ok": 1.0, "motion_ok": 0.0}
+    assert prompt_following(x, prompts, cfg) == {"colour_ok": 1.0, "motion_ok": 1.0}
+    background = torch.from_numpy(data_background(cfg))[None] * 2 - 1  # [1, 3, F, H, W]
+    shape = (x - background).abs().sum(1, keepdim=True) > 1e-6  # [N, 1, F, H, W]
+
+    def frames_from(order):  # each frame shows the shape of frame order[f] over its own background
+        return torch.where(shape[:, :, order], x[:, :, order], background)
+
+    # standing still (every frame shows the first one's shape) or running backwards: right
+    # colour, wrong motion
+    still = frames_from([0] * cfg.frames)
+    assert prompt_following(still, prompts, cfg) == {"colour_ok": 1.0, "motion_ok": 0.0}
+    backwards = frames_from(list(range(cfg.frames))[::-1])
+    assert prompt_following(backwards, prompts, cfg) == {"colour_ok": 1.0, "motion_ok": 0.0}
     # the same clips read against the prompts of another colour: motion right, colour wrong
     names = list(COLOURS)
     recoloured = [p.replace(f" {c.colour} ", f" {names[(names.index(c.colour) + 1) % len(names)]} ")
                   for p, c in zip(prompts, grid)]
-    assert prompt_following(x, recoloured, cfg.speed) == {"colour_ok": 0.0, "motion_ok": 1.0}
+    assert prompt_following(x, recoloured, cfg) == {"colour_ok": 0.0, "motion_ok": 1.0}
     # a shape missing from one frame fails motion; an empty clip fails both
-    background = (torch.tensor(BACKGROUND) * 2 - 1).view(1, 3, 1, 1, 1)
     gap = x.clone()
-    gap[:, :, 2:3] = background  # frame 2 shows no shape
-    assert prompt_following(gap, prompts, cfg.speed)["motion_ok"] == 0.0
+    gap[:, :, 2] = background[:, :, 2]  # frame 2 shows no shape
+    assert prompt_following(gap, prompts, cfg)["motion_ok"] == 0.0
     blank = background.expand_as(x)
-    assert prompt_following(blank, prompts, cfg.speed) == {"colour_ok": 0.0, "motion_ok": 0.0}
+    assert prompt_following(blank, prompts, cfg) == {"colour_ok": 0.0, "motion_ok": 0.0}
     # half the clips static: half the score
     mixed = torch.where((torch.arange(len(grid)) % 2 == 0).view(-1, 1, 1, 1, 1), x, still)
-    assert prompt_following(mixed, prompts, cfg.speed)["motion_ok"] == pytest.approx(0.5, abs=1 / len(grid))
+    assert prompt_following(mixed, prompts, cfg)["motion_ok"] == pytest.approx(0.5, abs=1 / len(grid))
     with pytest.raises(ValueError, match="one prompt each"):
-        prompt_following(x[:3], prompts, cfg.speed)
+        prompt_following(x[:3], prompts, cfg)
     with pytest.raises(ValueError, match="not a toy-data prompt"):
-        prompt_following(x[:1], ["a purple cat"], cfg.speed)
+        prompt_following(x[:1], ["a purple cat"], cfg)
 
 
 def test_duplicate_data_is_refused():

@@ -26,7 +26,7 @@ import numpy as np
 import torch
 
 __all__ = ["ToyDataConfig", "ToyClip", "factor_grid", "render", "make_dataset", "draw_reference", "prompt_of",
-           "parse_prompt", "all_prompts", "SHAPES", "COLOURS", "DIRECTIONS", "BACKGROUND"]
+           "parse_prompt", "all_prompts", "background", "SHAPES", "COLOURS", "DIRECTIONS", "BACKGROUND"]
 
 SHAPES = ("square", "diamond", "cross")
 COLOURS = {  # RGB in [0, 1]
@@ -37,6 +37,7 @@ COLOURS = {  # RGB in [0, 1]
 }
 DIRECTIONS = {"left": (0, -1), "right": (0, 1), "up": (-1, 0), "down": (1, 0)}  # (dy, dx) unit steps
 BACKGROUND = (0.12, 0.12, 0.12)
+_MAX_RAMP = 0.3
 
 
 @dataclass(frozen=True)
@@ -52,6 +53,10 @@ class ToyDataConfig:
     n_across: int = 4  # positions across the motion axis
     n_clips: int = 384  # training clips, a subset of the factor grid
     seed: int = 0
+    # 0: a plain grey background. > 0: the background's red, green and blue ramp up by this much
+    # along x, y and the frame index, so every background pixel shows where and when it is (see
+    # `background`)
+    background_ramp: float = 0.0
 
     def __post_init__(self) -> None:
         travel = (self.frames - 1) * self.speed
@@ -63,6 +68,9 @@ class ToyDataConfig:
             )
         if self.n_across < 1 or self.n_across - 1 > room:
             raise ValueError(f"n_across={self.n_across} positions do not fit across {room + 1} pixels")
+        if not 0.0 <= self.background_ramp <= _MAX_RAMP:
+            raise ValueError(f"background_ramp must be in [0, {_MAX_RAMP}] (shapes must stay far from the "
+                             f"background), got {self.background_ramp}")
         n_grid = len(SHAPES) * len(COLOURS) * len(DIRECTIONS) * self.n_along * self.n_across
         if not 1 <= self.n_clips <= n_grid:
             raise ValueError(f"n_clips must be in [1, {n_grid}] (the size of the factor grid), got {self.n_clips}")
@@ -142,11 +150,31 @@ def _positions(cfg: ToyDataConfig, clip: ToyClip) -> list[tuple[int, int]]:
     return [(y0 + dy * cfg.speed * f, x0 + dx * cfg.speed * f) for f in range(cfg.frames)]
 
 
+def background(cfg: ToyDataConfig) -> np.ndarray:
+    """The background every clip shares: float32 [3, F, H, W] in [0, 1].
+
+    Plain grey (`BACKGROUND`) unless `cfg.background_ramp` > 0; then red grows with x, green
+    with y and blue with the frame index, each by up to `background_ramp`. Why: Wan's only
+    positional signal is rotary (relative), so on a plain background a noisy clip says nothing
+    about where a pixel is or which frame it is in, and the toy clips' start positions and
+    motion are absolute.
+    """
+    F, H, W = cfg.frames, cfg.height, cfg.width
+    out = np.empty((3, F, H, W), np.float32)
+    out[:] = np.asarray(BACKGROUND, np.float32)[:, None, None, None]
+    r = np.float32(cfg.background_ramp)
+    if r > 0:
+        out[0] += r * np.linspace(0, 1, W, dtype=np.float32)[None, None, :]
+        out[1] += r * np.linspace(0, 1, H, dtype=np.float32)[None, :, None]
+        out[2] += r * np.linspace(0, 1, F, dtype=np.float32)[:, None, None]
+    return out
+
+
 def render(cfg: ToyDataConfig, clips: list[ToyClip]) -> torch.Tensor:
     """Clips -> float32 [N, 3, F, H, W] in [-1, 1]."""
     n = cfg.shape_size
     out = np.empty((len(clips), 3, cfg.frames, cfg.height, cfg.width), np.float32)
-    out[:] = np.asarray(BACKGROUND, np.float32)[None, :, None, None, None]
+    out[:] = background(cfg)[None]
     for i, clip in enumerate(clips):
         mask = _shape_mask(clip.shape, n)
         colour = np.asarray(COLOURS[clip.colour], np.float32)[:, None]

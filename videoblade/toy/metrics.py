@@ -78,28 +78,31 @@ def evaluate(samples: torch.Tensor, data: torch.Tensor, reference: torch.Tensor)
     }
 
 
-def prompt_following(samples: torch.Tensor, prompts: list[str], speed: float) -> dict:
-    """Colour and motion of each sample [N, 3, F, H, W] in [-1, 1] against its prompt.
+def prompt_following(samples: torch.Tensor, prompts: list[str], cfg) -> dict:
+    """Colour and motion of each sample [N, 3, F, H, W] in [-1, 1] against its prompt, for clips of
+    the toy data config `cfg` (its background and speed).
 
-    Foreground = pixels farther from the background colour than half the smallest
-    background-to-shape-colour distance. colour_ok: the mean foreground colour (all frames) is
-    nearest to the prompt's colour. motion_ok: every frame has foreground and the mean
+    Foreground = pixels farther from the background than half the smallest distance between a
+    shape colour and any background pixel. colour_ok: the mean foreground colour (all frames)
+    is nearest to the prompt's colour. motion_ok: every frame has foreground and the mean
     per-frame step of its centroid, (c[F-1] - c[0]) / (F-1), is nearest to the prompt's
-    direction x `speed` among the four directions x speed and (0, 0). A sample without
-    foreground fails both.
+    direction x speed among the four directions x speed and (0, 0). A sample without foreground
+    fails both.
     """
-    from videoblade.toy.data import BACKGROUND, COLOURS, DIRECTIONS, parse_prompt
+    from videoblade.toy.data import COLOURS, DIRECTIONS, background, parse_prompt
 
     if samples.ndim != 5 or samples.shape[1] != 3 or samples.shape[0] != len(prompts):
         raise ValueError(f"need [N, 3, F, H, W] samples with one prompt each; got {tuple(samples.shape)} "
                          f"and {len(prompts)} prompts")
     u = ((samples.detach().double().cpu() + 1.0) / 2.0).clamp(0.0, 1.0)
     N, _, F, H, W = u.shape
-    bg = torch.tensor(BACKGROUND, dtype=torch.float64)
+    bg = torch.from_numpy(background(cfg)).double()  # [3, F, H, W]
+    if tuple(bg.shape[1:]) != (F, H, W):
+        raise ValueError(f"samples are {F}x{H}x{W} (frames x height x width), the data config {tuple(bg.shape[1:])}")
     names = list(COLOURS)
     palette = torch.tensor([COLOURS[c] for c in names], dtype=torch.float64)  # [C, 3]
-    threshold = 0.5 * float((palette - bg).norm(dim=1).min())
-    fg = (u - bg.view(1, 3, 1, 1, 1)).norm(dim=1) > threshold  # [N, F, H, W]
+    threshold = 0.5 * float(torch.cdist(palette, bg.flatten(1).T).min())
+    fg = (u - bg[None]).norm(dim=1) > threshold  # [N, F, H, W]
     wfg = fg.double()
 
     n_px = wfg.sum((1, 2, 3))  # [N]
@@ -113,7 +116,7 @@ def prompt_following(samples: torch.Tensor, prompts: list[str], speed: float) ->
     cx = (wfg * xs).sum((2, 3)) / per_frame.clamp(min=1)
     step = torch.stack([cy[:, -1] - cy[:, 0], cx[:, -1] - cx[:, 0]], 1) / max(F - 1, 1)  # [N, 2]
     moves = list(DIRECTIONS)
-    candidates = torch.tensor([DIRECTIONS[d] for d in moves] + [(0, 0)], dtype=torch.float64) * speed
+    candidates = torch.tensor([DIRECTIONS[d] for d in moves] + [(0, 0)], dtype=torch.float64) * cfg.speed
     move_idx = torch.cdist(step, candidates).argmin(1)
 
     colour_ok, motion_ok = [], []

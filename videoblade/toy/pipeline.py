@@ -267,7 +267,7 @@ def evaluate_all(out: Path, prof: DemoProfile, folder: Path, students: dict, cli
     rows: list[dict] = []
     samples: dict[str, torch.Tensor] = {}
     def metrics(x):
-        return evaluate(x, clips, reference) | prompt_following(x, ev.prompts, prof.data.speed)
+        return evaluate(x, clips, reference) | prompt_following(x, ev.prompts, prof.data)
 
     rows.append({"name": "data", "method": "data", "steps": None, "density": None, "seconds": 0.0,
                  **metrics(reference)})
