@@ -14,6 +14,9 @@ Wan's rotary positions at a tiny head dim: diffusers gives the h and w axes 2 * 
 channels each, so the demo's head dim 16 leaves each spatial axis one useful frequency (1 rad per
 patch; the other is 0.01) and no absolute position at all.
 
+Per variant a denoising check compares the trained teacher's x0 error on noised training clips
+with the ideal denoiser's, per band of noise levels (`denoise_gap`).
+
 `--ideal` adds the ideal denoiser: the exact posterior mean over the training clips of the
 prompt (what a perfectly fitted teacher predicts), sampled the same way. It shows how few
 steps the data itself needs.
@@ -75,6 +78,49 @@ def _profile(spec: dict):
                    teacher=replace(prof.teacher, **spec.get("teacher", {})), **spec.get("top", {}))
 
 
+def _ideal_x0(x, t, pid, schedule, flat, clip_pid):
+    """The exact posterior mean of x0 given x_t over the training clips of prompt `pid` (flat:
+    the clips as [M, D] float64, clip_pid: each clip's prompt index)."""
+    a, s = schedule.alpha(t).double()[:, None], schedule.sigma(t).double()[:, None]
+    d2 = ((x.flatten(1).double()[:, None, :] - a[:, :, None] * flat[None]) ** 2).sum(-1)  # [B, M]
+    logit = (-d2 / (2 * s**2)).masked_fill(clip_pid[None, :] != pid[:, None], float("-inf"))
+    return (logit.softmax(1) @ flat).float().view_as(x)
+
+
+# noise bands (integer timesteps) of the denoising check; sampling commits to a clip in the middle ones
+BANDS = ((0, 300), (300, 600), (600, 800), (800, 900), (900, 1000))
+
+
+def denoise_gap(adapter, transformer, schedule, geometry, clips, meta, emb_by_prompt, n=192, seed=1) -> list[dict]:
+    """x0 error of the teacher and of the ideal denoiser on noised training clips, per noise band.
+
+    Where the ideal error is ~0 the data identifies the clip; a teacher error far above it there
+    means the teacher has not fitted the data at that noise level."""
+    import torch
+
+    from videoblade.toy.data import all_prompts
+
+    unique = all_prompts()
+    clip_pid = torch.tensor([unique.index(c.prompt) for c in meta])
+    flat = clips.flatten(1).double()
+    device = next(transformer.parameters()).device
+    g = torch.Generator().manual_seed(seed)
+    rows = []
+    for lo, hi in BANDS:
+        idx = torch.randint(0, len(meta), (n,), generator=g)
+        x0, pid = clips[idx], clip_pid[idx]
+        t = torch.randint(lo, hi, (n,), generator=g)
+        x_t = schedule.add_noise(x0, torch.randn(x0.shape, generator=g), t)
+        with torch.no_grad():
+            out = adapter.predict(transformer, x_t.to(device), t.to(device), emb_by_prompt[pid].to(device),
+                                  geometry, schedule=schedule)
+        x0_model = schedule.to_x0_eps(out.cpu(), x_t, t)[0]
+        x0_ideal = _ideal_x0(x_t, t, pid, schedule, flat, clip_pid)
+        rows.append({"t_band": [lo, hi], "x0_mse_teacher": round(float(((x0_model - x0) ** 2).mean()), 5),
+                     "x0_mse_ideal": round(float(((x0_ideal - x0) ** 2).mean()), 5)})
+    return rows
+
+
 def _right_prompt(x, grid, grid_unit, prompts) -> float:
     from videoblade.toy.metrics import nearest, to_unit
 
@@ -114,6 +160,13 @@ def run_variant(name: str, spec: dict, out: str, device: str, threads: int) -> l
                      "colour_ok": round(pf["colour_ok"], 3), "motion_ok": round(pf["motion_ok"], 3),
                      "teacher_steps": prof.teacher.steps, "teacher_train_s": round(train_s, 1),
                      "final_loss": round(summary["final_loss"], 4)})
+    from videoblade.toy.data import all_prompts
+
+    emb_by_prompt = ev.adapter.encode_prompts(ev.loaded.text_encoder, ev.loaded.tokenizer, all_prompts(),
+                                              max_length=ev.adapter.text_max_length(folder)).cpu()
+    for r in denoise_gap(ev.adapter, ev.loaded.transformer.eval(), ev.loaded.schedule, ev.geometry, clips, meta,
+                         emb_by_prompt):
+        rows.append({"what": "denoising check", "variant": name, "spec": spec, "device": device, **r})
     return rows
 
 
@@ -138,11 +191,7 @@ def ideal_rows(steps_list=(50, 8, 4, 2, 1), etas=(0.9,)) -> list[dict]:
     flat = clips.flatten(1).double()
 
     def predict(x, t):
-        a, s = schedule.alpha(t).double()[:, None], schedule.sigma(t).double()[:, None]
-        d2 = ((x.flatten(1).double()[:, None, :] - a[:, :, None] * flat[None]) ** 2).sum(-1)  # [B, N]
-        logit = (-d2 / (2 * s**2)).masked_fill(clip_pid[None, :] != pid[:, None], float("-inf"))
-        x0 = (logit.softmax(1) @ flat).float().view_as(x)
-        return schedule.output_for(x, t, x0)
+        return schedule.output_for(x, t, _ideal_x0(x, t, pid, schedule, flat, clip_pid))
 
     noise = torch.randn((len(prompts), *clips.shape[1:]), generator=torch.Generator().manual_seed(prof.eval_seed))
     rows = []
@@ -190,8 +239,11 @@ def main(argv=None) -> int:
     if args.merge_from:
         redone = set(names) | ({"ideal"} if args.ideal else set())
         rows = carry_over(args.merge_from, lambda r: r["variant"] not in redone, {}) + rows
-    print_table(rows, ["what", "variant", "steps", "eta", "precision", "coverage", "right_prompt", "colour_ok",
-                       "motion_ok", "teacher_train_s"])
+    print_table([r for r in rows if r["what"] != "denoising check"],
+                ["what", "variant", "steps", "eta", "precision", "coverage", "right_prompt", "colour_ok", "motion_ok",
+                 "teacher_train_s"])
+    print_table([r for r in rows if r["what"] == "denoising check"],
+                ["variant", "t_band", "x0_mse_teacher", "x0_mse_ideal"])
     by = {(r["variant"], r["steps"], r.get("eta")): r for r in rows if r["what"] == "teacher"}
     gaps = [by[(v, 4, e)]["precision"] / by[(v, 50, e)]["precision"] for (v, s, e) in by if s == 50 and (v, 4, e) in by]
     extra = {"environment": env_info() | {"cpu_count": os.cpu_count()},
