@@ -66,6 +66,10 @@ VARIANTS: dict[str, dict] = {
     "ramp": {"data": {"background_ramp": 0.25}},
     "ramp_wide": {"data": {"background_ramp": 0.25}, "model": WIDE},
     "ramp_lr1e-3": {"data": {"background_ramp": 0.25}, "teacher": {"learning_rate": 1e-3}},
+    # the flow loss read on x0 (weight sigma^2): less weight on nearly clean inputs
+    "x0loss": {"teacher": {"loss_weighting": "x0"}},
+    "x0loss_wide": {"teacher": {"loss_weighting": "x0"}, "model": WIDE},
+    "x0loss_lr1e-3": {"teacher": {"loss_weighting": "x0", "learning_rate": 1e-3}},
 }
 
 

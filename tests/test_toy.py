@@ -234,3 +234,26 @@ def test_ideal_denoiser_needs_few_steps_on_the_toy_data():
     rows = {r["steps"]: r for r in ideal_rows(steps_list=(4, 1))}
     assert rows[4]["precision"] < 0.01 and rows[4]["coverage"] > 0.8
     assert rows[1]["precision"] > 0.5 and rows[1]["coverage"] < 0.5
+
+
+def test_teacher_x0_loss_is_the_error_of_the_implied_x0():
+    from videoblade.schedules import Schedule
+    from videoblade.toy.teacher import TeacherConfig, teacher_loss
+
+    sch = Schedule.flow(1000, 1.0)
+    g = torch.Generator().manual_seed(0)
+    x0, eps = torch.randn(4, 3, 5, 6, 6, generator=g), torch.randn(4, 3, 5, 6, 6, generator=g)
+    t = torch.tensor([10, 300, 700, 990])
+    x_t = sch.add_noise(x0, eps, t)
+    target = sch.output_for(x_t, t, x0)
+    out = target + 0.1 * torch.randn(target.shape, generator=g)
+    x0_out, _ = sch.to_x0_eps(out, x_t, t)
+    assert torch.allclose(teacher_loss(sch, out, target, t, "x0"), ((x0_out - x0) ** 2).mean(), rtol=1e-5)
+    assert torch.allclose(teacher_loss(sch, out, target, t, "flow"), ((out - target) ** 2).mean())
+    # the x0 reading weighs the noisy samples: the nearly clean one barely counts
+    per = [float(teacher_loss(sch, out[i:i + 1], target[i:i + 1], t[i:i + 1], "x0")) for i in range(4)]
+    assert per[0] < 1e-3 * per[3]
+    with pytest.raises(ValueError, match="loss_weighting"):
+        TeacherConfig(loss_weighting="snr")
+    with pytest.raises(ValueError, match="flow schedule"):
+        teacher_loss(Schedule.v_prediction(torch.linspace(0.999, 0.01, 1000)), out, target, t, "x0")

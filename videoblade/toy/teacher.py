@@ -4,7 +4,7 @@ The teacher is a tiny `WanTransformer3DModel` in a toy-family diffusers folder
 (`videoblade.models.toy`). Training uses the same schedule interface and `adapter.predict` as
 distillation and sampling: x_t = alpha(t) x0 + sigma(t) eps for integer t ~ U[0, T), the target
 is the network output that returns x0 exactly (for flow: v = eps - x0), and the loss is their
-mean squared error. Prompts are dropped (replaced by the empty prompt's embedding) with
+mean squared error (optionally read on the implied x0: `loss_weighting`). Prompts are dropped (replaced by the empty prompt's embedding) with
 probability `cond_dropout` so that classifier-free guidance has an unconditional model. The
 weights saved are an exponential moving average of the trained ones.
 
@@ -24,7 +24,7 @@ from pathlib import Path
 import torch
 from tqdm.auto import tqdm
 
-__all__ = ["TeacherConfig", "train_teacher", "teacher_is_trained", "STAMP"]
+__all__ = ["TeacherConfig", "train_teacher", "teacher_loss", "teacher_is_trained", "STAMP"]
 
 STAMP = "teacher.json"
 
@@ -41,6 +41,14 @@ class TeacherConfig:
     cond_dropout: float = 0.1
     grad_clip: float = 1.0
     seed: int = 0
+    # "flow": mean squared error of the network output (v = eps - x0); "x0": the same error read on
+    # the x0 it implies (x0 = x_t - sigma v, i.e. weighted by sigma(t)^2), which moves the weight
+    # from nearly clean inputs to the noisy ones where sampling commits to a clip
+    loss_weighting: str = "flow"
+
+    def __post_init__(self) -> None:
+        if self.loss_weighting not in ("flow", "x0"):
+            raise ValueError(f"loss_weighting must be 'flow' or 'x0', got {self.loss_weighting!r}")
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -61,6 +69,20 @@ def _lr_at(step: int, cfg: TeacherConfig) -> float:
         return cfg.learning_rate * (step + 1) / cfg.warmup_steps
     p = (step - cfg.warmup_steps) / max(1, cfg.steps - cfg.warmup_steps)
     return cfg.learning_rate * (cfg.min_lr_ratio + (1 - cfg.min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * p)))
+
+
+def teacher_loss(schedule, out: torch.Tensor, target: torch.Tensor, t: torch.Tensor, weighting: str) -> torch.Tensor:
+    """Mean squared error of the network output against the output that returns x0 exactly;
+    weighting "x0" reads the error on the implied x0 instead (flow: x0 = x_t - sigma v, so the
+    per-sample weight is sigma(t)^2)."""
+    if weighting == "flow":
+        return torch.nn.functional.mse_loss(out, target)
+    if weighting != "x0":
+        raise ValueError(f"loss_weighting must be 'flow' or 'x0', got {weighting!r}")
+    if schedule.kind != "flow":
+        raise ValueError("loss_weighting='x0' is written for the flow schedule (x0 = x_t - sigma v)")
+    w = schedule.sigma(t).to(out.dtype).view(-1, *([1] * (out.ndim - 1))) ** 2
+    return (w * (out - target) ** 2).mean()
 
 
 def train_teacher(adapter, loaded, clips: torch.Tensor, prompts: list[str], cfg: TeacherConfig, stamp: dict,
@@ -105,7 +127,7 @@ def train_teacher(adapter, loaded, clips: torch.Tensor, prompts: list[str], cfg:
             g["lr"] = _lr_at(step, cfg)
         x_t, t, emb, target = x_t.to(device), t.to(device), emb.to(device), target.to(device)
         out = adapter.predict(model, x_t, t, emb, geometry, schedule=schedule)
-        loss = torch.nn.functional.mse_loss(out, target)
+        loss = teacher_loss(schedule, out, target, t, cfg.loss_weighting)
         opt.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
