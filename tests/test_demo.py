@@ -12,10 +12,22 @@ from videoblade.io.video import read_video
 
 @pytest.fixture(scope="module")
 def quick_run(tmp_path_factory):
+    import contextlib
+    import io
+    import os
+
     from videoblade import demo
 
     out = tmp_path_factory.mktemp("demo") / "run"
-    return out, demo.run(["--out", str(out), "--quick", "--no-progress"])
+    tqdm_env = os.environ.get("TQDM_DISABLE")
+    err = io.StringIO()
+    with contextlib.redirect_stderr(err):
+        summary = demo.run(["--out", str(out), "--quick", "--no-progress"])
+    # --no-progress hides the bars (teacher, trainer, sampling) without leaving TQDM_DISABLE set
+    # for whatever runs next in the process (it did, and hid later subprocesses' bars)
+    assert "TDM:" not in err.getvalue() and "teacher (flow matching)" not in err.getvalue()
+    assert os.environ.get("TQDM_DISABLE") == tqdm_env
+    return out, summary
 
 
 @pytest.mark.slow

@@ -32,7 +32,7 @@ def _env():
     env = dict(os.environ, HF_HUB_OFFLINE="1", OMP_NUM_THREADS="1", PYTHONUNBUFFERED="1",
                TOKENIZERS_PARALLELISM="false")
     env["PYTHONPATH"] = str(ROOT) + os.pathsep + env.get("PYTHONPATH", "")
-    for k in [k for k in env if k.startswith("ACCELERATE_")]:
+    for k in [k for k in env if k.startswith(("ACCELERATE_", "TQDM_"))]:
         env.pop(k)
     return env
 

@@ -843,7 +843,7 @@ class TDMTrainer:
                 out[name] = float(st["mean"])
         return out
 
-    def run(self) -> dict:
+    def run(self, progress: bool = True) -> dict:
         from tqdm.auto import tqdm
 
         cfg, acc = self.cfg, self.accelerator
@@ -876,7 +876,8 @@ class TDMTrainer:
         stop = tr.stop_at_step or tr.max_train_steps
         metrics_f = open(self.out / "metrics.jsonl", "a") if acc.is_main_process else None
         bar = tqdm(total=tr.max_train_steps, initial=self.global_step, desc="TDM", unit="step",
-                   disable=not acc.is_local_main_process or os.environ.get("TQDM_DISABLE", "") not in ("", "0"),
+                   disable=not (progress and acc.is_local_main_process)
+                   or os.environ.get("TQDM_DISABLE", "") not in ("", "0"),
                    dynamic_ncols=True)  # an explicit disable= overrides tqdm's own TQDM_DISABLE reading
         if self.device.type == "cuda":
             torch.cuda.reset_peak_memory_stats(self.device)
@@ -950,8 +951,9 @@ class TDMTrainer:
         return summary
 
 
-def train(cfg: RunConfig) -> dict:
-    """Validate the request, build the roles, run (or resume) TDM training; returns the summary dict."""
+def train(cfg: RunConfig, progress: bool = True) -> dict:
+    """Validate the request, build the roles, run (or resume) TDM training; returns the summary dict.
+    ``progress=False`` hides the training progress bar (as does tqdm's TQDM_DISABLE=1)."""
     req = validate_request(cfg)
     trainer = TDMTrainer(cfg, req)
-    return trainer.run()
+    return trainer.run(progress=progress)

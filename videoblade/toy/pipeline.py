@@ -204,9 +204,7 @@ def distill(out: Path, prof: DemoProfile, folder: Path, store: Path, teacher_sta
         shutil.rmtree(run_dir)
     run_dir.mkdir(parents=True)
     cfg = load_config(None, overrides, require=("model.path", "train.prompt_store"))
-    if not progress:
-        os.environ["TQDM_DISABLE"] = "1"
-    summary = train(cfg)
+    summary = train(cfg, progress=progress)
     stamp_file.write_text(json.dumps(stamp, indent=2))
     return run_dir, summary
 
