@@ -157,7 +157,8 @@ def background(cfg: ToyDataConfig) -> np.ndarray:
     with y and blue with the frame index, each by up to `background_ramp`. Why: Wan's only
     positional signal is rotary (relative), so on a plain background a noisy clip says nothing
     about where a pixel is or which frame it is in, and the toy clips' start positions and
-    motion are absolute.
+    motion are absolute. Measured (benchmarks/demo_teacher.py, `ramp*` variants): it does not
+    make the teacher learn the motion, so the demo keeps the plain background.
     """
     F, H, W = cfg.frames, cfg.height, cfg.width
     out = np.empty((3, F, H, W), np.float32)
