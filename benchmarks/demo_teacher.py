@@ -82,13 +82,25 @@ def _profile(spec: dict):
                    teacher=replace(prof.teacher, **spec.get("teacher", {})), **spec.get("top", {}))
 
 
-def _ideal_x0(x, t, pid, schedule, flat, clip_pid):
-    """The exact posterior mean of x0 given x_t over the training clips of prompt `pid` (flat:
-    the clips as [M, D] float64, clip_pid: each clip's prompt index)."""
-    a, s = schedule.alpha(t).double()[:, None], schedule.sigma(t).double()[:, None]
-    d2 = ((x.flatten(1).double()[:, None, :] - a[:, :, None] * flat[None]) ** 2).sum(-1)  # [B, M]
-    logit = (-d2 / (2 * s**2)).masked_fill(clip_pid[None, :] != pid[:, None], float("-inf"))
-    return (logit.softmax(1) @ flat).float().view_as(x)
+def _ideal_denoiser(clips, meta, schedule):
+    """x0(x_t, t, pid): the exact posterior mean of x0 given x_t over the training clips of
+    prompt index `pid` (into `all_prompts()`), for the training clips `clips` with `meta`."""
+    import torch
+
+    from videoblade.toy.data import all_prompts
+
+    unique = all_prompts()
+    clip_pid = torch.tensor([unique.index(c.prompt) for c in meta])
+    flat = clips.flatten(1).double()
+
+    def x0(x, t, pid):
+        a, s = schedule.alpha(t).double()[:, None], schedule.sigma(t).double()[:, None]
+        d2 = ((x.flatten(1).double()[:, None, :] - a[:, :, None] * flat[None]) ** 2).sum(-1)  # [B, M]
+        logit = (-d2 / (2 * s**2)).masked_fill(clip_pid[None, :] != pid[:, None], float("-inf"))
+        return (logit.softmax(1) @ flat).float().view_as(x)
+
+    x0.clip_pid = clip_pid
+    return x0
 
 
 # noise bands (integer timesteps) of the denoising check; sampling commits to a clip in the middle ones
@@ -102,24 +114,20 @@ def denoise_gap(adapter, transformer, schedule, geometry, clips, meta, emb_by_pr
     means the teacher has not fitted the data at that noise level."""
     import torch
 
-    from videoblade.toy.data import all_prompts
-
-    unique = all_prompts()
-    clip_pid = torch.tensor([unique.index(c.prompt) for c in meta])
-    flat = clips.flatten(1).double()
+    ideal = _ideal_denoiser(clips, meta, schedule)
     device = next(transformer.parameters()).device
     g = torch.Generator().manual_seed(seed)
     rows = []
     for lo, hi in BANDS:
         idx = torch.randint(0, len(meta), (n,), generator=g)
-        x0, pid = clips[idx], clip_pid[idx]
+        x0, pid = clips[idx], ideal.clip_pid[idx]
         t = torch.randint(lo, hi, (n,), generator=g)
         x_t = schedule.add_noise(x0, torch.randn(x0.shape, generator=g), t)
         with torch.no_grad():
             out = adapter.predict(transformer, x_t.to(device), t.to(device), emb_by_prompt[pid].to(device),
                                   geometry, schedule=schedule)
         x0_model = schedule.to_x0_eps(out.cpu(), x_t, t)[0]
-        x0_ideal = _ideal_x0(x_t, t, pid, schedule, flat, clip_pid)
+        x0_ideal = ideal(x_t, t, pid)
         rows.append({"t_band": [lo, hi], "x0_mse_teacher": round(float(((x0_model - x0) ** 2).mean()), 5),
                      "x0_mse_ideal": round(float(((x0_ideal - x0) ** 2).mean()), 5)})
     return rows
@@ -164,10 +172,8 @@ def run_variant(name: str, spec: dict, out: str, device: str, threads: int) -> l
                      "colour_ok": round(pf["colour_ok"], 3), "motion_ok": round(pf["motion_ok"], 3),
                      "teacher_steps": prof.teacher.steps, "teacher_train_s": round(train_s, 1),
                      "final_loss": round(summary["final_loss"], 4)})
-    from videoblade.toy.data import all_prompts
-
-    emb_by_prompt = ev.adapter.encode_prompts(ev.loaded.text_encoder, ev.loaded.tokenizer, all_prompts(),
-                                              max_length=ev.adapter.text_max_length(folder)).cpu()
+    # the evaluation prompts are all_prompts(), each eval_per_prompt times in a row: one embedding each
+    emb_by_prompt = ev.emb[:: prof.eval_per_prompt].cpu()
     for r in denoise_gap(ev.adapter, ev.loaded.transformer.eval(), ev.loaded.schedule, ev.geometry, clips, meta,
                          emb_by_prompt):
         rows.append({"what": "denoising check", "variant": name, "spec": spec, "device": device, **r})
@@ -187,15 +193,14 @@ def ideal_rows(steps_list=(50, 8, 4, 2, 1), etas=(0.9,)) -> list[dict]:
     prof = P.PROFILES["full"]
     clips, meta = make_dataset(prof.data)
     unique = all_prompts()
-    clip_pid = torch.tensor([unique.index(c.prompt) for c in meta])
     prompts = [p for p in unique for _ in range(prof.eval_per_prompt)]
     pid = torch.tensor([unique.index(p) for p in prompts])
     reference, _ = draw_reference(prof.data, prompts, seed=prof.eval_seed + 1)
     schedule = Schedule.flow(1000, 1.0)  # the toy folder's schedule (flow, shift 1)
-    flat = clips.flatten(1).double()
+    ideal = _ideal_denoiser(clips, meta, schedule)
 
     def predict(x, t):
-        return schedule.output_for(x, t, _ideal_x0(x, t, pid, schedule, flat, clip_pid))
+        return schedule.output_for(x, t, ideal(x, t, pid))
 
     noise = torch.randn((len(prompts), *clips.shape[1:]), generator=torch.Generator().manual_seed(prof.eval_seed))
     rows = []

@@ -264,6 +264,7 @@ def evaluate_all(out: Path, prof: DemoProfile, folder: Path, students: dict, cli
 
     rows: list[dict] = []
     samples: dict[str, torch.Tensor] = {}
+
     def metrics(x):
         return evaluate(x, clips, reference) | prompt_following(x, ev.prompts, prof.data)
 

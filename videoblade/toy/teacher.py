@@ -4,9 +4,10 @@ The teacher is a tiny `WanTransformer3DModel` in a toy-family diffusers folder
 (`videoblade.models.toy`). Training uses the same schedule interface and `adapter.predict` as
 distillation and sampling: x_t = alpha(t) x0 + sigma(t) eps for integer t ~ U[0, T), the target
 is the network output that returns x0 exactly (for flow: v = eps - x0), and the loss is their
-mean squared error (optionally read on the implied x0: `loss_weighting`). Prompts are dropped (replaced by the empty prompt's embedding) with
-probability `cond_dropout` so that classifier-free guidance has an unconditional model. The
-weights saved are an exponential moving average of the trained ones.
+mean squared error (optionally read on the implied x0: `loss_weighting`). Prompts are dropped
+(replaced by the empty prompt's embedding) with probability `cond_dropout` so that
+classifier-free guidance has an unconditional model. The weights saved are an exponential moving
+average of the trained ones.
 
 The result is written back into the folder (`transformer/`) together with `teacher.json`, whose
 stamp (data + model + training config) lets the demo reuse a finished teacher.
@@ -27,6 +28,7 @@ from tqdm.auto import tqdm
 __all__ = ["TeacherConfig", "train_teacher", "teacher_loss", "teacher_is_trained", "STAMP"]
 
 STAMP = "teacher.json"
+LOSS_WEIGHTINGS = ("flow", "x0")  # see TeacherConfig.loss_weighting
 
 
 @dataclass(frozen=True)
@@ -47,8 +49,7 @@ class TeacherConfig:
     loss_weighting: str = "flow"
 
     def __post_init__(self) -> None:
-        if self.loss_weighting not in ("flow", "x0"):
-            raise ValueError(f"loss_weighting must be 'flow' or 'x0', got {self.loss_weighting!r}")
+        _check_weighting(self.loss_weighting)
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -71,14 +72,18 @@ def _lr_at(step: int, cfg: TeacherConfig) -> float:
     return cfg.learning_rate * (cfg.min_lr_ratio + (1 - cfg.min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * p)))
 
 
+def _check_weighting(weighting: str) -> None:
+    if weighting not in LOSS_WEIGHTINGS:
+        raise ValueError(f"loss_weighting must be one of {LOSS_WEIGHTINGS}, got {weighting!r}")
+
+
 def teacher_loss(schedule, out: torch.Tensor, target: torch.Tensor, t: torch.Tensor, weighting: str) -> torch.Tensor:
     """Mean squared error of the network output against the output that returns x0 exactly;
     weighting "x0" reads the error on the implied x0 instead (flow: x0 = x_t - sigma v, so the
     per-sample weight is sigma(t)^2)."""
+    _check_weighting(weighting)
     if weighting == "flow":
         return torch.nn.functional.mse_loss(out, target)
-    if weighting != "x0":
-        raise ValueError(f"loss_weighting must be 'flow' or 'x0', got {weighting!r}")
     if schedule.kind != "flow":
         raise ValueError("loss_weighting='x0' is written for the flow schedule (x0 = x_t - sigma v)")
     w = schedule.sigma(t).to(out.dtype).view(-1, *([1] * (out.ndim - 1))) ** 2
