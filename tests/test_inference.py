@@ -516,6 +516,62 @@ def test_wan_decode_in_chunks_matches_diffusers(tiny_wan, monkeypatch):
         configure_vae(vae, chunk=2)
 
 
+@pytest.mark.parametrize("bias", [True, False])
+@pytest.mark.parametrize("channels_last", [True, False])
+def test_upsample2x_conv_is_upsample_then_conv(bias, channels_last):
+    """The Wan decoder's nearest 2x upsample + 3x3 convolution as one phase convolution at low
+    resolution: the same outputs (odd sizes, borders included), in a channels-last layout."""
+    from videoblade.models.wan import _upsample2x_conv
+
+    g = torch.Generator().manual_seed(0)
+    conv = torch.nn.Conv2d(6, 5, 3, padding=1, bias=bias)
+    with torch.no_grad():
+        for prm in conv.parameters():
+            prm.copy_(torch.randn(prm.shape, generator=g))
+        x = torch.randn(3, 6, 5, 7, generator=g)
+        if channels_last:
+            x = x.contiguous(memory_format=torch.channels_last)
+        ref = conv(torch.nn.functional.interpolate(x, scale_factor=2.0, mode="nearest-exact"))
+        out = _upsample2x_conv(conv, x)
+    assert out.shape == ref.shape == (3, 5, 10, 14)
+    assert out.is_contiguous(memory_format=torch.channels_last)
+    torch.testing.assert_close(out, ref, rtol=1e-5, atol=1e-4)
+    # each phase is used: shuffling the phases (a wrong interleave) would not match
+    assert not torch.allclose(out[..., 0::2, :], ref[..., 1::2, :], atol=1e-2)
+
+
+def test_wan_decode_runs_the_phase_upsampler(tiny_wan, monkeypatch):
+    """videoblade's decode loop runs every upsampler of the tiny Wan VAE (two with a temporal
+    upsample, one spatial only) through ``_upsample2x_conv``, and still gives diffusers' frames."""
+    from videoblade.models import get_adapter
+    from videoblade.models import wan as wan_mod
+
+    ad = get_adapter(tiny_wan)
+    vae = ad.load(tiny_wan, dtype="fp32", components=("vae",)).vae
+    for name, prm in vae.named_parameters():  # non-zero biases, so a dropped bias would show
+        if name.endswith("bias"):
+            prm.data.uniform_(-0.5, 0.5, generator=torch.Generator().manual_seed(len(name)))
+    lat = torch.randn(1, 4, 4, 4, 6, generator=torch.Generator().manual_seed(0))
+    z = ad.denormalize_latents(vae, lat)
+    calls = []
+    real = wan_mod._upsample2x_conv
+
+    def counted(conv, x):
+        calls.append(tuple(x.shape))
+        return real(conv, x)
+
+    monkeypatch.setattr(wan_mod, "_upsample2x_conv", counted)
+    with torch.no_grad():
+        ref = vae.decode(z, return_dict=False)[0]
+        configure_vae(vae, adapter=ad, chunk="all")
+        out = ad.vae_decode(vae, z)
+    torch.testing.assert_close(out, ref, rtol=1e-5, atol=1e-5)
+    # 2 decoder calls (the first latent frame alone, then 3) x 3 upsamplers; the second call's
+    # temporal upsamplers double the frames: 3 -> 6 -> 12 frames at the spatial-only one
+    assert [c[0] for c in calls] == [1, 1, 1, 6, 12, 12]
+    assert out.shape[2] == ref.shape[2] == 13
+
+
 @pytest.mark.gpu
 def test_wan_fast_decode_matches_diffusers_on_the_gpu(tiny_wan):
     """On CUDA (bf16, channels-last, norms compiled) videoblade's Wan decode loop gives diffusers'
