@@ -61,17 +61,17 @@ METHODS = ("baseline", "tdm", "asa", "blade")
 BASELINE_STEPS = 50
 # The VAE decode dtype used when --vae-dtype is not given, chosen by benchmarks/e2e.py's decode comparison
 # (benchmarks/results/e2e_h200.json, one H200, same latents): the fastest eager setting whose PSNR against
-# the fp32 decode stays above 40 dB on both families. Wan 81x480x832: fp32 2.85 s, bf16 1.89 s (48.0 dB),
-# fp16 1.90 s (58.5 dB), bf16 tiled 4.10 s (38.2 dB); CogVideoX 49x480x720: fp32 2.81 s, bf16 2.15 s
-# (51.2 dB), fp16 2.17 s, bf16 tiled 3.20 s. fp16 ties bf16 on speed but risks overflow on trained
+# the fp32 decode stays above 40 dB on both families. Wan 81x480x832 (at b3cd8f9): fp32 2.79 s, bf16 1.82 s
+# (48.0 dB), fp16 1.84 s (58.5 dB), bf16 tiled 4.62 s (38.2 dB); CogVideoX 49x480x720: fp32 2.81 s, bf16
+# 2.15 s (51.2 dB), fp16 2.17 s, bf16 tiled 3.20 s. fp16 ties bf16 on speed but risks overflow on trained
 # activations, so bf16. --vae-compile (off by default; ModelAdapter.compile_vae) takes CogVideoX to 1.09 s
-# after a one-time ~94 s compile of the whole decoder and Wan to 1.40 s after a ~45 s compile of its fused
-# RMS norms (with the conv bias, SiLU and residual add around them in the residual blocks; e2e_h200.json at
-# 1011175; the whole Wan decoder gave 1.80 s after ~88 s): worth it only for large batches. On CPU the
-# decode defaults to fp32. --vae-chunk (Wan) defaults to auto: on CUDA videoblade's decode loop, all latent
-# frames per decoder call, channels-last (e2e_h200.json at 1011175: bf16 1.92 -> 1.45 s, compiled 1.40 ->
-# 0.90 s, for 25-42 GiB of decode memory instead of 4.4), halved while out of memory; diffusers' one frame
-# per call on the CPU.
+# after a one-time ~94 s compile of the whole decoder and Wan to 1.30 s after a ~44 s compile of its fused
+# RMS norms (with the conv bias, SiLU and residual add around them in the residual blocks; the whole Wan
+# decoder gave 1.80 s after ~88 s): worth it only for large batches. On CPU the decode defaults to fp32.
+# --vae-chunk (Wan) defaults to auto: on CUDA videoblade's decode loop, all latent frames per decoder call,
+# channels-last, upsamplers as phase convolutions (e2e_h200.json at b3cd8f9: bf16 1.82 -> 1.23 s,
+# compiled 1.30 -> 0.73 s, for 25-42 GiB of decode memory instead of 4.4), halved while out of memory;
+# diffusers' one frame per call on the CPU.
 VAE_DTYPE_DEFAULT = "bf16"
 REPORT_VERSION = 1
 

@@ -251,8 +251,8 @@ def _prepare_fast_decode(vae) -> None:
     with the norms compiled and all frames per call: 1.29 s without these at 2d7de2e, 1.11 s with
     them at 1a347da, 1.09 s with the one-cat history at 27a3c81, 0.99 s with no history copy for long
     inputs at da822a5; 0.90 s at 1011175 with the residual blocks' passes fused, ``_residual_forward``;
-    0.73 s with the upsamplers as phase convolutions, ``_resample_forward``, and the frames copied
-    out through page-locked memory, PSNR against fp32 49.5 -> 48.5 dB)."""
+    0.73 s at b3cd8f9 with the upsamplers as phase convolutions, ``_resample_forward``, and the frames
+    copied out through page-locked memory; PSNR against fp32 49.5 -> 49.4 dB)."""
     if getattr(vae, _FAST_ATTR, False):
         return
     for m in vae.decoder.modules():
@@ -328,7 +328,8 @@ class WanAdapter(ModelAdapter):
         SiLU, residual add: ``_residual_forward``). The Wan decoder as a whole compiles badly: its
         per-frame feature cache recompiles it per call (Wan 81x480x832 bf16 on an H200, diffusers'
         loop: 1.89 s eager, 1.80 s whole-decoder compiled after ~88 s of compiles, 1.59 s with the
-        norms compiled after ~20 s, 1.40 s with the residual blocks' passes too after ~45 s).
+        norms compiled after ~20 s, 1.40 s with the residual blocks' passes too after ~45 s; 1.30 s
+        at b3cd8f9, whose decode copies the frames out through page-locked memory).
         Returns the number of norms that now run fused."""
         decoder = getattr(vae, "decoder", None)
         if decoder is None:
@@ -356,8 +357,8 @@ class WanAdapter(ModelAdapter):
         """Latent frames per decoder call after the first: an int, "all", or "auto" (all frames on
         CUDA, halved after running out of memory until it fits; 1 elsewhere, diffusers' own loop).
         Anything but 1 runs videoblade's loop (``_decode_in_chunks``, channels-last); 1 is diffusers'
-        own. Wan 81x480x832 bf16 with the norms compiled on an H200 (benchmarks/e2e.py at 1011175):
-        diffusers' loop 1.40 s with 4.4 GiB of decode memory, all 20 frames in one call 0.90 s with
+        own. Wan 81x480x832 bf16 with the norms compiled on an H200 (benchmarks/e2e.py at b3cd8f9):
+        diffusers' loop 1.30 s with 4.4 GiB of decode memory, all 20 frames in one call 0.73 s with
         25 GiB."""
         setattr(vae, _CHUNK_ATTR, self.check_decode_chunk(chunk))
         if hasattr(vae, _CHUNK_CAP_ATTR):
