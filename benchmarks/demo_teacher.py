@@ -17,12 +17,16 @@ patch; the other is 0.01) and no absolute position at all.
 Per variant a denoising check compares the trained teacher's x0 error on noised training clips
 with the ideal denoiser's, per band of noise levels (`denoise_gap`).
 
+`--unipc` also samples every teacher with diffusers' UniPC (deterministic, the solver of the
+inference `--baseline` preset) at 50, 8 and 4 steps: few-step blur would show there first.
+
 `--ideal` adds the ideal denoiser: the exact posterior mean over the training clips of the
-prompt (what a perfectly fitted teacher predicts), sampled the same way. It shows how few
-steps the data itself needs.
+prompt (what a perfectly fitted teacher predicts), sampled the same way (`--ideal-etas`, e.g.
+"0.9,0" for the stochastic and the deterministic eta sampler). It shows how few steps the data
+itself needs.
 
     python benchmarks/demo_teacher.py --variants base,wide --procs 2 --threads 1
-    python benchmarks/demo_teacher.py --ideal --variants ""
+    python benchmarks/demo_teacher.py --ideal --ideal-etas 0.9,0 --variants base --unipc
 
 On a GPU box `--device cuda` trains and samples there (one process per variant, all sharing it).
 """
@@ -140,10 +144,11 @@ def _right_prompt(x, grid, grid_unit, prompts) -> float:
     return sum(grid[int(k)].prompt == prompts[i] for i, k in enumerate(j)) / len(prompts)
 
 
-def run_variant(name: str, spec: dict, out: str, device: str, threads: int) -> list[dict]:
+def run_variant(name: str, spec: dict, out: str, device: str, threads: int, unipc: bool = False) -> list[dict]:
     import torch
 
     torch.set_num_threads(threads)
+    from videoblade.sampling import sample_unipc
     from videoblade.toy import pipeline as P
     from videoblade.toy.data import factor_grid, make_dataset, render
     from videoblade.toy.metrics import evaluate, prompt_following, to_unit
@@ -159,13 +164,20 @@ def run_variant(name: str, spec: dict, out: str, device: str, threads: int) -> l
     grid = factor_grid(prof.data)
     grid_unit = to_unit(render(prof.data, grid))
     settings = [(s, prof.eta) for s in (50, 8, 4)] + [tuple(e) for e in spec.get("extra", [])]
+    settings += [(s, None) for s in (50, 8, 4)] if unipc else []  # eta None: UniPC
     rows = []
     for steps, eta in settings:
-        x = P._sample(ev.adapter, ev.loaded.transformer, ev.loaded.schedule, ev.emb, ev.neg, ev.geometry, steps,
-                      prof.cfg, eta, ev.noise, prof.eval_seed, "", False).cpu()
+        if eta is None:
+            x = sample_unipc(ev.adapter, ev.loaded.transformer, ev.loaded.schedule, ev.emb, ev.geometry, steps=steps,
+                             guidance=prof.cfg, negative_embeds=ev.neg, latents=ev.noise.clone(), progress=False)
+        else:
+            x = P._sample(ev.adapter, ev.loaded.transformer, ev.loaded.schedule, ev.emb, ev.neg, ev.geometry, steps,
+                          prof.cfg, eta, ev.noise, prof.eval_seed, "", False)
+        x = x.cpu()
         m = evaluate(x, clips, ev.reference)
         pf = prompt_following(x, prompts, prof.data)
         rows.append({"what": "teacher", "variant": name, "spec": spec, "device": device, "steps": steps,
+                     "sampler": "eta" if eta is not None else "unipc",
                      "cfg": prof.cfg, "eta": eta, "precision": round(m["precision"], 3),
                      "coverage": round(m["coverage"], 3), "right_prompt": round(_right_prompt(x, grid, grid_unit,
                                                                                               prompts), 3),
@@ -209,7 +221,7 @@ def ideal_rows(steps_list=(50, 8, 4, 2, 1), etas=(0.9,)) -> list[dict]:
             g = torch.Generator().manual_seed(prof.eval_seed)
             x, _ = rollout(predict, schedule, noise.clone(), stage_timesteps(steps, 1000), eta, g)
             m = evaluate(x, clips, reference)
-            rows.append({"what": "ideal denoiser", "variant": "ideal", "steps": steps, "eta": eta,
+            rows.append({"what": "ideal denoiser", "variant": "ideal", "steps": steps, "sampler": "eta", "eta": eta,
                          "precision": round(m["precision"], 3), "coverage": round(m["coverage"], 3)})
     return rows
 
@@ -218,6 +230,8 @@ def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--variants", default=",".join(VARIANTS), help=f"comma list of {sorted(VARIANTS)}")
     p.add_argument("--ideal", action="store_true", help="also sample the ideal (posterior-mean) denoiser")
+    p.add_argument("--ideal-etas", default="0.9", help="comma list of the eta values the ideal denoiser samples with")
+    p.add_argument("--unipc", action="store_true", help="also sample each teacher with UniPC at 50, 8 and 4 steps")
     p.add_argument("--device", default="cpu")
     p.add_argument("--procs", type=int, default=1, help="variants trained in parallel")
     p.add_argument("--threads", type=int, default=2, help="torch threads per process")
@@ -238,9 +252,9 @@ def main(argv=None) -> int:
             spec = VARIANTS[n]
             if args.teacher_steps:  # a quick check of the script, not a measurement
                 spec = dict(spec, teacher=dict(spec.get("teacher", {}), steps=args.teacher_steps))
-            futs[ex.submit(run_variant, n, spec, args.work, args.device, args.threads)] = n
+            futs[ex.submit(run_variant, n, spec, args.work, args.device, args.threads, args.unipc)] = n
         if args.ideal:  # on this process while the variants train
-            rows += ideal_rows()
+            rows += ideal_rows(etas=tuple(float(e) for e in args.ideal_etas.split(",") if e))
             print("[demo_teacher] ideal denoiser done", flush=True)
         for f in as_completed(futs):
             rows += f.result()
@@ -249,7 +263,7 @@ def main(argv=None) -> int:
         redone = set(names) | ({"ideal"} if args.ideal else set())
         rows = carry_over(args.merge_from, lambda r: r["variant"] not in redone, {}) + rows
     print_table([r for r in rows if r["what"] != "denoising check"],
-                ["what", "variant", "steps", "eta", "precision", "coverage", "right_prompt", "colour_ok", "motion_ok",
+                ["what", "variant", "sampler", "steps", "eta", "precision", "coverage", "right_prompt", "colour_ok", "motion_ok",
                  "teacher_train_s"])
     print_table([r for r in rows if r["what"] == "denoising check"],
                 ["variant", "t_band", "x0_mse_teacher", "x0_mse_ideal"])
