@@ -154,10 +154,12 @@ def _causal_conv_forward(m, x: torch.Tensor, cache_x: torch.Tensor | None = None
     return conv3d(x, m.weight, bias, m.stride, (0, pad_h, pad_w), m.dilation, m.groups)
 
 
-# the 3x3 taps of a 2x nearest-upsampled row (or column) that land on each low-resolution tap,
-# per output phase: phase 0 (even rows) reads low-res rows (i-1, i) with taps (0 | 1+2), phase 1
-# (odd rows) rows (i, i+1) with taps (0+1 | 2)
-_PHASE_TAPS = ((1.0, 0.0, 0.0), (0.0, 1.0, 1.0)), ((1.0, 1.0, 0.0), (0.0, 0.0, 1.0))
+def _phase_taps(w: torch.Tensor, dim: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """The 3 taps of ``w`` along ``dim`` as seen by a 2x nearest-upsampled input, per output
+    phase: even outputs read low-resolution positions (i-1, i) with taps (0 | 1+2), odd outputs
+    (i, i+1) with taps (0+1 | 2)."""
+    t0, t1, t2 = w.unbind(dim)
+    return torch.stack((t0, t1 + t2), dim), torch.stack((t0 + t1, t2), dim)
 
 
 def _upsample2x_conv(conv: torch.nn.Conv2d, x: torch.Tensor) -> torch.Tensor:
@@ -169,9 +171,9 @@ def _upsample2x_conv(conv: torch.nn.Conv2d, x: torch.Tensor) -> torch.Tensor:
     rounding (the summed taps are rounded once to the weight dtype)."""
     n, _, h, w = x.shape
     cout = conv.out_channels
-    taps = torch.tensor(_PHASE_TAPS, dtype=torch.float32, device=x.device)  # [phase, low-res tap, 3x3 tap]
-    k = torch.einsum("aur,bvs,oirs->aboiuv", taps, taps, conv.weight.float())
-    k = k.reshape(4 * cout, -1, 2, 2).to(x.dtype).contiguous(memory_format=torch.channels_last)
+    # [O, I, 3, 3] -> 4 phase kernels [O, I, 2, 2], stacked as output channels (2a + b) * O + o
+    k = torch.cat([kb for ka in _phase_taps(conv.weight.float(), 2) for kb in _phase_taps(ka, 3)])
+    k = k.to(x.dtype).contiguous(memory_format=torch.channels_last)
     # padding 1 gives (h+1) x (w+1) outputs; phase (a, b) is the window starting at (a, b)
     phases = torch.nn.functional.conv2d(x, k, None, 1, 1)
     out = x.new_empty((n, h, 2, w, 2, cout))  # the memory of [N, C, 2h, 2w] channels-last
