@@ -129,15 +129,15 @@ class Schedule:
         return self._table_on(table, t.device)[t]
 
     def _table_on(self, table: torch.Tensor, device: torch.device) -> torch.Tensor:
-        """``table`` on ``device``, copied there once (a table replaced later is copied again)."""
+        """``table`` on ``device``, copied there once (a table replaced later is copied again: the
+        cache holds each table it copied, so its id stays its own)."""
         if table.device == device:
             return table
         cache = self.__dict__.setdefault("_device_tables", {})
         key = (id(table), str(device))
-        hit = cache.get(key)
-        if hit is None or hit[0] is not table:
-            hit = cache[key] = (table, table.to(device, non_blocking=True))
-        return hit[1]
+        if key not in cache:
+            cache[key] = (table, table.to(device, non_blocking=True))
+        return cache[key][1]
 
     def alpha(self, t) -> torch.Tensor:
         return self._lookup(self.alphas, t)

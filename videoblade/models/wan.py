@@ -177,14 +177,15 @@ def _upsample2x_conv(conv: torch.nn.Conv2d, x: torch.Tensor) -> torch.Tensor:
     # padding 1 gives (h+1) x (w+1) outputs; phase (a, b) is the window starting at (a, b)
     phases = torch.nn.functional.conv2d(x, k, None, 1, 1)
     out = x.new_empty((n, h, 2, w, 2, cout))  # the memory of [N, C, 2h, 2w] channels-last
+    bias = None if conv.bias is None else conv.bias.to(x.dtype)
     for a in (0, 1):
         for b in (0, 1):
             i = 2 * a + b
             src = phases[:, i * cout:(i + 1) * cout, a:a + h, b:b + w].permute(0, 2, 3, 1)
-            if conv.bias is None:
+            if bias is None:
                 out[:, :, a, :, b].copy_(src)
             else:
-                torch.add(src, conv.bias.to(x.dtype), out=out[:, :, a, :, b])
+                torch.add(src, bias, out=out[:, :, a, :, b])
     return out.view(n, 2 * h, 2 * w, cout).permute(0, 3, 1, 2)
 
 
@@ -217,19 +218,13 @@ def _resample_forward(m, x: torch.Tensor, feat_cache=None, feat_idx=[0]) -> torc
     b, c, t, h, w = x.shape
     if m.mode == "upsample3d" and feat_cache is not None:
         idx = feat_idx[0]
-        cached = feat_cache[idx]
-        if cached is None:  # the first chunk: its one frame is not upsampled in time
+        if feat_cache[idx] is None:  # the first chunk: its one frame is not upsampled in time
             feat_cache[idx] = "Rep"
             feat_idx[0] += 1
         else:
-            rep = isinstance(cached, str)
-            cache_x = x[:, :, -2:].clone()
-            if cache_x.shape[2] < 2:
-                head = torch.zeros_like(cache_x) if rep else cached[:, :, -1:].to(cache_x.device)
-                cache_x = torch.cat([head, cache_x], dim=2)
-            y = _causal_conv_forward(m.time_conv, x, None if rep else cached, with_bias=False)
-            feat_cache[idx] = cache_x
-            feat_idx[0] += 1
+            if isinstance(feat_cache[idx], str):  # "Rep": no history yet, the causal zero padding
+                feat_cache[idx] = None  # (diffusers keeps [zeros, frame]; one frame pads the same)
+            y = _cached_conv(m.time_conv, x, feat_cache, feat_idx)
             # [B, 2C, T] -> [B, C, 2T]: video frame 2i + j is channels j*C:(j+1)*C of frame i
             inter = x.new_empty((b, t, 2, h, w, c))  # the memory of [B, C, 2T, H, W] channels-last
             src = y.unflatten(1, (2, c)).permute(0, 3, 1, 4, 5, 2)
