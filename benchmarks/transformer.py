@@ -273,6 +273,8 @@ def _kernel_kind(name: str) -> str:
         return "block-sparse attention kernel (with compensation)"
     if "_estimate_kernel" in n:
         return "block-importance estimate"
+    if "_select_kernel" in n or "_pool_kernel" in n:
+        return "block selection + compensation pooling (Triton)"
     if not n.startswith("triton_") and any(k in n for k in ("sdpa", "flash", "fmha")):  # (inductor names
         # its fused kernels after the ops they feed, e.g. "..._scaled_dot_product_cudnn_attention_...")
         return "dense attention (cross-attention)"
@@ -408,9 +410,11 @@ def profile_rows(label: str, grid, text: int, heads: int, head_dim: int, pool: i
         ("dense cuDNN attention", dense),
         ("ASA call (ordered, all pieces)", lambda: asa(q, k, v, grid=grid, text_tokens=text, ordered=True)),
         ("  estimate_block_importance", lambda: asa.estimate(q, k)),
-        ("  make_mask", lambda: asa.make_mask(P, text)),
+        ("  make_mask (torch policy)", lambda: asa.make_mask(P, text)),
         ("  mask_to_block_lists", lambda: mask_to_block_lists(mask)),
-        ("  pool_summaries", lambda: pool_summaries(k, v, bs, pool)),
+        ("  make_lists (what the call uses: one Triton launch on CUDA)", lambda: asa.make_lists(P, text)),
+        ("  pool_summaries (what the call uses: Triton on CUDA)", lambda: pool_summaries(k, v, bs, pool)),
+        ("  pool_summaries, torch (eager)", lambda: pool_summaries(k, v, bs, pool, backend="torch")),
         ("  block_sparse_attention, no compensation", lambda: block_sparse_attention(q, k, v, idx, cnt, bs)),
         ("  block_sparse_attention + compensation", lambda: block_sparse_attention(q, k, v, idx, cnt, bs, summary=summ)),
         ("  Gilbert index_select of q,k,v + inverse of out",

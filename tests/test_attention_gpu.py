@@ -25,6 +25,12 @@ def test_triton_and_torch_backends_agree(compensation, text, grid, D):
     torch.testing.assert_close(P_t, P_r, atol=2e-3, rtol=2e-2)
     # on one mask, the Triton kernel equals the fp32 reference to bf16 rounding, forward and backward
     mask = ref.make_mask(P_r, text)
+    # the CUDA call selects its blocks in one Triton launch: the same lists as the policy's mask
+    from videoblade.kernels import mask_to_block_lists
+
+    ki, kc = tri.make_lists(P_r, text)
+    ri, rc = mask_to_block_lists(mask)
+    assert ((ki == ri).all(-1) & (kc == rc)).float().mean() > 0.99
     qg, kg, vg = (t.detach().clone().requires_grad_(True) for t in (q, k, v))
     qr, kr, vr = (t.detach().clone().requires_grad_(True) for t in (q, k, v))
     out_t = tri.sparse_attention(qg, kg, vg, mask)

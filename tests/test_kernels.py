@@ -99,6 +99,87 @@ def test_pool_summaries_partial_block():
         pool_summaries(k, v, 16, 6)
 
 
+@pytest.mark.parametrize("L,bs,pool,D,dtype", [
+    (45, 16, 8, 16, torch.float32),   # partial last block: groups of 8 and 5, one empty group
+    (40, 16, 8, 32, torch.float16),   # the last block's second group is empty
+    (300, 128, 32, 64, torch.float32),
+    (130, 32, 4, 16, torch.float32),  # many groups per program
+    (200, 128, 128, 16, torch.float32),  # one group larger than a program's 64 rows
+], ids=["partial", "empty-group", "block128", "pool4", "pool128"])
+def test_pool_kernel_matches_torch(L, bs, pool, D, dtype):
+    # the Triton forward (interpreter on CPU) against the torch one, on a strided [B, L, H, D] view
+    g = torch.Generator().manual_seed(L)
+    x = torch.randn(2, L, 3, 2, D, generator=g).to(dtype)
+    k, v = x[:, :, :, 0].transpose(1, 2), x[:, :, :, 1].transpose(1, 2)
+    ref = pool_summaries(k, v, bs, pool, backend="torch")
+    tri = pool_summaries(k, v, bs, pool, backend="triton")
+    assert tri.k.dtype == dtype and tri.k.shape == ref.k.shape
+    tol = 1e-6 if dtype == torch.float32 else 1e-3
+    torch.testing.assert_close(tri.k, ref.k, atol=tol, rtol=tol)
+    torch.testing.assert_close(tri.v, ref.v, atol=tol, rtol=tol)
+    assert torch.equal(tri.bias, ref.bias)
+    # the mean of group 1 is the mean of its tokens (not a copy of the torch path's bug-for-bug output)
+    torch.testing.assert_close(tri.k[:, :, 1].float(), k[:, :, pool:2 * pool].float().mean(2), atol=tol, rtol=tol)
+
+
+def test_pool_kernel_gradients_reach_k_and_v():
+    g = torch.Generator().manual_seed(3)
+    k0, v0 = (torch.randn(1, 2, 45, 16, generator=g) for _ in range(2))
+    w = torch.randn(1, 2, 6, 16, generator=g)
+    grads = []
+    for backend in ("torch", "triton"):
+        k, v = k0.clone().requires_grad_(True), v0.clone().requires_grad_(True)
+        s = pool_summaries(k, v, 16, 8, backend=backend)
+        ((s.k * w).sum() + (s.v * w * 2).sum()).backward()
+        grads.append((k.grad, v.grad))
+    torch.testing.assert_close(grads[1][0], grads[0][0])
+    torch.testing.assert_close(grads[1][1], grads[0][1])
+    # token t gets w[t // pool] / count: the partial group (tokens 40..44) divides by 5
+    torch.testing.assert_close(grads[1][0][0, 0, 42], w[0, 0, 5] / 5)
+    with pytest.raises(ValueError):
+        pool_summaries(k0, v0, 16, 8, backend="cuda")
+
+
+@pytest.mark.parametrize("case", ["energy", "energy-text", "energy-tight", "topk-text", "keep-all"])
+def test_select_kernel_equals_policy_lists(case):
+    # the one-launch Triton selection (interpreter) keeps exactly the policy's blocks
+    from videoblade.attention.mask import block_lists, block_mask
+
+    g = torch.Generator().manual_seed(len(case))
+    n = 21 if case != "keep-all" else 12
+    P = torch.softmax(torch.randn(1, 2, n, n, generator=g) * 3, -1)
+    kw = {
+        "energy": dict(mode="energy", energy_threshold=0.9, min_retain=0.1, max_retain=0.5),
+        "energy-text": dict(mode="energy", energy_threshold=0.8, min_retain=0.05, max_retain=0.3, text_blocks=2),
+        "energy-tight": dict(mode="energy", energy_threshold=0.99, min_retain=0.05, max_retain=0.15),
+        "topk-text": dict(mode="topk", topk=0.2, text_blocks=3),
+        "keep-all": dict(mode="energy", min_retain=1.0, max_retain=1.0),
+    }[case]
+    ref_i, ref_c = mask_to_block_lists(block_mask(P, **kw))
+    ki, kc = block_lists(P, **kw, use_kernel=True)
+    assert ki.dtype == torch.int32 and kc.dtype == torch.int32
+    assert torch.equal(kc, ref_c)
+    assert torch.equal(ki, ref_i)  # kept ids ascending, unused slots 0
+    assert torch.equal(block_lists(P, **kw, use_kernel=False)[0], ref_i)
+
+
+def test_select_kernel_ties_and_empty_rows():
+    # equal masses: the kernel breaks ties towards the lower block id, and keeps the same number
+    from videoblade.kernels.select import select_block_lists
+
+    n = 16
+    P = torch.full((1, 1, n, n), 1.0 / n)
+    P[0, 0, 1] = 0.0  # a row with no mass keeps `lo` blocks (and its diagonal)
+    ki, kc = select_block_lists(P, 3, 10, 0.5)
+    assert ki[0, 0, 0, : kc[0, 0, 0]].tolist() == list(range(8))  # 8 equal blocks reach half the mass
+    assert ki[0, 0, 1, : kc[0, 0, 1]].tolist() == [0, 1, 2]  # lo = 3 lowest ids, diagonal 1 among them
+    assert ki[0, 0, 9, : kc[0, 0, 9]].tolist() == [*range(8), 9]  # plus the diagonal
+    ki, kc = select_block_lists(P, 3, 5, 0.5)
+    assert ki[0, 0, 9, : kc[0, 0, 9]].tolist() == [0, 1, 2, 3, 4, 9]  # clamped to hi = 5, plus the diagonal
+    with pytest.raises(ValueError):
+        select_block_lists(P, 0, 5, 0.5)
+
+
 # ------------------------------------------------------------------ reference semantics
 
 

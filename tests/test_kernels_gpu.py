@@ -130,3 +130,36 @@ def test_gpu_estimate_matches_torch():
     torch.testing.assert_close(P.sum(-1), torch.ones_like(P.sum(-1)), rtol=1e-3, atol=1e-3)
     Pm = estimate_block_importance(q, k, 128, mode="mean")
     torch.testing.assert_close(Pm.sum(-1), torch.ones_like(Pm.sum(-1)), rtol=1e-3, atol=1e-3)
+
+
+@pytest.mark.parametrize("L,pool,D", [(32760, 32, 128), (17776, 16, 64), (4097, 32, 128)], ids=["wan", "cog", "odd"])
+def test_gpu_pool_kernel_matches_torch(L, pool, D):
+    # the Triton pooling forward on the strided [B, L, H, D] layout against the torch one (bf16 out of
+    # float32 sums: at most one bf16 rounding apart)
+    g = torch.Generator(device="cuda").manual_seed(5)
+    x = torch.randn(1, L, 2, 4, D, device="cuda", dtype=torch.bfloat16, generator=g)
+    k, v = x[:, :, 0].transpose(1, 2), x[:, :, 1].transpose(1, 2)
+    tri = pool_summaries(k, v, 128, pool)
+    ref = pool_summaries(k, v, 128, pool, backend="torch")
+    for a, b in ((tri.k, ref.k), (tri.v, ref.v)):
+        assert a.dtype == torch.bfloat16
+        torch.testing.assert_close(a.float(), b.float(), atol=1e-2, rtol=1e-2)
+        assert rel_err(a, b) < 2e-3
+    assert torch.equal(tri.bias, ref.bias)
+
+
+@pytest.mark.parametrize("text_blocks", [0, 2])
+def test_gpu_select_kernel_matches_policy(text_blocks):
+    # the one-launch selection keeps exactly the policy's blocks at the Wan block count (random
+    # masses: no ties; rows at the threshold within float rounding may differ by one block)
+    from videoblade.attention.mask import block_lists, block_mask
+
+    g = torch.Generator(device="cuda").manual_seed(6)
+    P = torch.softmax(torch.randn(2, 12, 256, 256, device="cuda", generator=g) * 2, -1)
+    for kw in (dict(mode="energy", energy_threshold=0.95, min_retain=0.05, max_retain=0.15),
+               dict(mode="energy", energy_threshold=0.5, min_retain=0.01, max_retain=0.5),
+               dict(mode="topk", topk=0.1)):
+        ref_i, ref_c = mask_to_block_lists(block_mask(P, **kw, text_blocks=text_blocks))
+        ki, kc = block_lists(P, **kw, text_blocks=text_blocks)
+        rows_equal = (ki == ref_i).all(-1) & (kc == ref_c)
+        assert rows_equal.float().mean() > 0.999, kw

@@ -27,7 +27,7 @@ import torch.nn.functional as F
 
 from ..config import ASAConfig
 from .gilbert import gilbert_order_on
-from .mask import block_mask, num_blocks
+from .mask import block_lists, block_mask, num_blocks
 
 __all__ = ["AdaptiveSparseAttention", "timestep_value"]
 
@@ -131,24 +131,47 @@ class AdaptiveSparseAttention:
             text_blocks=num_blocks(text_tokens, c.block_size) if text_tokens else 0,
         )
 
+    def make_lists(self, P: torch.Tensor, text_tokens: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
+        """The kept blocks of :meth:`make_mask` as block lists (kv_indices, kv_counts); on CUDA
+        one Triton launch (``mask.block_lists``)."""
+        c = self.cfg
+        return block_lists(
+            P,
+            mode=c.mode,
+            energy_threshold=c.energy_threshold,
+            min_retain=c.min_retain,
+            max_retain=c.max_retain,
+            topk=c.topk,
+            text_blocks=num_blocks(text_tokens, c.block_size) if text_tokens else 0,
+            use_kernel=None if self._use_triton(P) else False,
+        )
+
     def sparse_attention(self, q, k, v, mask: torch.Tensor) -> torch.Tensor:
         """Block-sparse attention of q, k, v [B, H, L, D] on a bool block ``mask``
         [B, H, NQ, NK] (+ compensation if configured); same dtype as ``q``."""
-        from ..kernels import mask_to_block_lists, pool_summaries
+        from ..kernels import mask_to_block_lists
 
         c = self.cfg
-        kv_indices, kv_counts = mask_to_block_lists(mask)
-        summary = pool_summaries(k, v, c.block_size, c.pool) if c.compensation else None
+        if not self._use_triton(q) and self.backend == "auto" and c.cpu_backend == "gathered":
+            from ..kernels.gathered import block_sparse_attention_gathered  # CPU, kept blocks only
+
+            return block_sparse_attention_gathered(q, k, v, mask, c.block_size, summary=self._summary(k, v))
+        return self.sparse_attention_lists(q, k, v, *mask_to_block_lists(mask))
+
+    def sparse_attention_lists(self, q, k, v, kv_indices: torch.Tensor, kv_counts: torch.Tensor) -> torch.Tensor:
+        """The same on block lists (the Triton kernel on CUDA, the float32 reference elsewhere)."""
         if self._use_triton(q):
             from ..kernels import block_sparse_attention as attn_fn
-        elif self.backend == "auto" and c.cpu_backend == "gathered":  # CPU, kept blocks only (same semantics)
-            from ..kernels.gathered import block_sparse_attention_gathered
-
-            return block_sparse_attention_gathered(q, k, v, mask, c.block_size, summary=summary)
         else:
             from ..kernels.reference import block_sparse_attention_ref as attn_fn
-        out, _ = attn_fn(q, k, v, kv_indices, kv_counts, block_size=c.block_size, summary=summary)
+        out, _ = attn_fn(q, k, v, kv_indices, kv_counts, block_size=self.cfg.block_size, summary=self._summary(k, v))
         return out.to(q.dtype)
+
+    def _summary(self, k, v):
+        from ..kernels import pool_summaries
+
+        c = self.cfg
+        return pool_summaries(k, v, c.block_size, c.pool) if c.compensation else None
 
     # ------------------------------------------------------------------ call
     def __call__(
@@ -165,8 +188,8 @@ class AdaptiveSparseAttention:
     ) -> torch.Tensor:
         if dense is None:
             dense = self.is_dense(layer_idx, timestep)
-        out, mask = self.attend(q, k, v, grid=grid, text_tokens=text_tokens, ordered=ordered, dense=dense)
-        self._record(layer_idx, mask, q.shape[1], q.device)
+        out, density = self.attend(q, k, v, grid=grid, text_tokens=text_tokens, ordered=ordered, dense=dense)
+        self._record(layer_idx, density, q.shape[1], q.device)
         return out
 
     def attend(
@@ -179,7 +202,8 @@ class AdaptiveSparseAttention:
         ordered: bool = False,
         dense: bool = False,
     ) -> tuple[torch.Tensor, torch.Tensor | None]:
-        """The attention alone: (out, block mask or None when dense); records nothing.
+        """The attention alone: (out, realised density float32 [H] of this call, or None when
+        dense); records nothing. The density is kept blocks / all blocks per head, over the batch.
 
         No layer index or other per-layer Python value enters here, so under ``torch.compile``
         every layer shares one compiled graph (the diffusers processors call this and record
@@ -202,22 +226,31 @@ class AdaptiveSparseAttention:
             perm, inv = gilbert_order_on(grid, text_tokens, q.device)
             q, k, v = (t.index_select(2, perm) for t in (q, k, v))
 
-        mask = self.make_mask(self.estimate(q, k), text_tokens)
-        out = self.sparse_attention(q, k, v, mask)
+        P = self.estimate(q, k)
+        if self._use_triton(q):  # estimate -> block lists -> kernel, no bool mask in between
+            kv_indices, kv_counts = self.make_lists(P, text_tokens)
+            out = self.sparse_attention_lists(q, k, v, kv_indices, kv_counts)
+        else:
+            mask = self.make_mask(P, text_tokens)
+            out = self.sparse_attention(q, k, v, mask)
+            kv_counts = mask.sum(-1)
+        B, H, NQ, NK = P.shape
+        density = kv_counts.sum(dim=(0, 2), dtype=torch.float32) / (B * NQ * NK)
         if inv is not None:
             out = out.index_select(2, inv)
-        return out, mask
+        return out, density
 
     # ------------------------------------------------------------------ stats
     @torch.compiler.disable  # host-side bookkeeping: under torch.compile a graph break, never a recompile
-    def _record(self, layer_idx: int, mask: torch.Tensor | None, heads: int, device) -> None:
+    def _record(self, layer_idx: int, density: torch.Tensor | None, heads: int, device) -> None:
+        # density: float32 [H] from attend(), None for a dense call
         if not self.record_stats or _in_backward_recompute():
             return
         with torch.no_grad():
-            if mask is None:
+            if density is None:
                 d = torch.ones(heads, dtype=torch.float32, device=device)
             else:
-                d = mask.float().mean(dim=(0, 2, 3))
+                d = density.detach().float()
             st = self._stats.get(int(layer_idx))
             if st is None or st.density_sum.shape != d.shape or st.density_sum.device != d.device:
                 self._stats[int(layer_idx)] = _LayerStats(d.clone(), 1)

@@ -17,6 +17,9 @@ Rules (SPEC section 1, step 3):
 
 Everything is batched tensor code (sort, cumsum, scatter): no Python loop over heads or
 blocks, and no host synchronisation, so it runs inside the attention hot path on the GPU.
+``block_lists`` goes straight to the kernels' block lists: on CUDA one Triton launch
+(``videoblade.kernels.select``), elsewhere ``mask_to_block_lists(block_mask(...))``, the
+reference the tests compare the kernel with.
 """
 
 from __future__ import annotations
@@ -31,6 +34,7 @@ __all__ = [
     "mask_from_counts",
     "force_blocks",
     "block_mask",
+    "block_lists",
     "num_blocks",
 ]
 
@@ -84,6 +88,17 @@ def force_blocks(mask: torch.Tensor, text_blocks: int = 0, diagonal: bool = True
     return mask
 
 
+def _mode_bounds(nk: int, mode: str, min_retain: float, max_retain: float, topk: float) -> tuple[int, int]:
+    """(lo, hi) kept blocks per row before the forced ones: energy clamps to the retain bounds,
+    top-k keeps exactly k."""
+    if mode == "energy":
+        return retain_bounds(nk, min_retain, max_retain)
+    if mode == "topk":
+        k = min(nk, max(1, math.ceil(topk * nk - 1e-9)))
+        return k, k
+    raise ValueError(f"unknown mask mode {mode!r}: use 'energy' or 'topk'")
+
+
 def block_mask(
     P: torch.Tensor,
     mode: str = "energy",
@@ -99,21 +114,51 @@ def block_mask(
         raise ValueError(f"block_mask expects P of shape [B, H, NQ, NK], got {tuple(P.shape)}")
     nk = P.shape[-1]
     P = P.float()
+    lo, hi = _mode_bounds(nk, mode, min_retain, max_retain, topk)
     if mode == "energy":
-        lo, hi = retain_bounds(nk, min_retain, max_retain)
         if lo >= nk:
             mask = torch.ones(P.shape, dtype=torch.bool, device=P.device)
         else:
             p_sorted, order = P.sort(dim=-1, descending=True)
             counts = energy_keep_counts(p_sorted, energy_threshold).clamp_(lo, hi)
             mask = mask_from_counts(order, counts)
-    elif mode == "topk":
-        k = min(nk, max(1, math.ceil(topk * nk - 1e-9)))
-        if k >= nk:
+    else:  # topk
+        if hi >= nk:
             mask = torch.ones(P.shape, dtype=torch.bool, device=P.device)
         else:
-            idx = P.topk(k, dim=-1).indices
+            idx = P.topk(hi, dim=-1).indices
             mask = torch.zeros(P.shape, dtype=torch.bool, device=P.device).scatter_(-1, idx, True)
-    else:
-        raise ValueError(f"unknown mask mode {mode!r}: use 'energy' or 'topk'")
     return force_blocks(mask, text_blocks=text_blocks, diagonal=diagonal)
+
+
+def block_lists(
+    P: torch.Tensor,
+    mode: str = "energy",
+    energy_threshold: float = 0.95,
+    min_retain: float = 0.05,
+    max_retain: float = 0.15,
+    topk: float = 0.10,
+    text_blocks: int = 0,
+    diagonal: bool = True,
+    use_kernel: bool | None = None,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """The kept blocks of :func:`block_mask` as the kernels' block lists
+    (kv_indices int32 [B, H, NQ, NK], ascending; kv_counts int32 [B, H, NQ]).
+
+    ``use_kernel`` None: the one-launch Triton selection on CUDA (square maps up to
+    ``MAX_SELECT_BLOCKS`` key blocks), else the torch policy + ``mask_to_block_lists``. Both keep
+    the same blocks, except that ties in mass may be broken differently and a prefix sum within
+    float rounding of the threshold may end one block apart (the kernel sums in another order)."""
+    from ..kernels import mask_to_block_lists
+    from ..kernels.select import MAX_SELECT_BLOCKS, select_block_lists
+
+    if P.dim() != 4:
+        raise ValueError(f"block_lists expects P of shape [B, H, NQ, NK], got {tuple(P.shape)}")
+    nq, nk = P.shape[-2:]
+    if use_kernel is None:
+        use_kernel = P.is_cuda and nq == nk and nk <= MAX_SELECT_BLOCKS
+    if not use_kernel:
+        mask = block_mask(P, mode, energy_threshold, min_retain, max_retain, topk, text_blocks, diagonal)
+        return mask_to_block_lists(mask)
+    lo, hi = _mode_bounds(nk, mode, min_retain, max_retain, topk)
+    return select_block_lists(P, lo, hi, energy_threshold if mode == "energy" else None, text_blocks, diagonal)

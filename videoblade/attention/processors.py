@@ -76,7 +76,7 @@ class _ASAProcessorBase:
 
     def _attend(self, q, k, v, ctx: ASAForwardContext, text_tokens: int) -> torch.Tensor:
         # q, k, v [B, H, L, D] in the order the tokens flow through the blocks
-        out, mask = self.asa.attend(
+        out, density = self.asa.attend(
             q,
             k,
             v,
@@ -85,12 +85,12 @@ class _ASAProcessorBase:
             ordered=ctx.ordered,
             dense=ctx.dense_step or self.dense_layer,
         )
-        self._record(mask, q)
+        self._record(density, q)
         return out
 
     @torch.compiler.disable  # reads self.layer_idx outside any compiled graph (no per-layer guard)
-    def _record(self, mask: torch.Tensor | None, q: torch.Tensor) -> None:
-        self.asa._record(self.layer_idx, mask, q.shape[1], q.device)
+    def _record(self, density: torch.Tensor | None, q: torch.Tensor) -> None:
+        self.asa._record(self.layer_idx, density, q.shape[1], q.device)
 
 
 def _wan_apply_rotary(hidden_states: torch.Tensor, freqs_cos: torch.Tensor, freqs_sin: torch.Tensor):

@@ -1,4 +1,4 @@
-"""Block lists, the transposed index, and compensation summaries (pure torch, no sync).
+"""Block lists, the transposed index, and compensation summaries (no host sync).
 
 Conventions used by every kernel in this package (see CLAUDE.md "Kernels"):
 
@@ -11,13 +11,22 @@ Conventions used by every kernel in this package (see CLAUDE.md "Kernels"):
   ``block_size // pool`` summary keys/values (the mean of ``pool`` consecutive tokens) and
   a float32 logit bias ``log(#tokens averaged)`` (-inf for a group with no token, which
   only happens in a partial last block).
+
+Block lists and the transposed index are torch. The summaries' forward is one Triton kernel
+on CUDA (``_pool_kernel``: k and v read once, both means written in the same launch) and torch
+elsewhere (``_pool_fwd``, the reference the tests compare it with); the backward is torch on
+every device.
 """
 
 from __future__ import annotations
 
+import functools
+import os
 from typing import NamedTuple
 
 import torch
+import triton
+import triton.language as tl
 
 
 class Summary(NamedTuple):
@@ -81,7 +90,13 @@ def transpose_block_lists(
     return q_indices, q_counts, mask
 
 
-def _pool_geometry(L: int, block_size: int, pool: int, device) -> tuple[int, int, int, torch.Tensor]:
+@functools.lru_cache(maxsize=64)
+def _pool_geometry(L: int, block_size: int, pool: int, device) -> tuple[int, int, int, torch.Tensor, torch.Tensor]:
+    """(NS, full groups, tokens in the last partial group, denominators float32 [NS, 1] (counts,
+    at least 1), bias float32 [NS] (log count, -inf for an empty group)).
+
+    Cached per geometry (a pure function of it): the few tiny launches that build the counts and
+    the log bias run once, not in every attention call. Callers must not write into them."""
     nk = num_blocks(L, block_size)
     ns = nk * (block_size // pool)
     n_full = L // pool
@@ -90,7 +105,84 @@ def _pool_geometry(L: int, block_size: int, pool: int, device) -> tuple[int, int
     if rem:
         counts[n_full] = float(rem)
     counts[n_full + (1 if rem else 0) :] = 0.0
-    return ns, n_full, rem, counts
+    bias = torch.where(counts > 0, counts.log(), torch.full_like(counts, float("-inf")))
+    return ns, n_full, rem, counts.clamp(min=1.0)[:, None], bias
+
+
+@triton.jit
+def _pool_kernel(K, V, SK, SV, L, NS, H,
+                 stride_kb, stride_kh, stride_kl, stride_vb, stride_vh, stride_vl,
+                 stride_sb, stride_sh, stride_sl,
+                 POOL: tl.constexpr, G: tl.constexpr, HEAD_DIM: tl.constexpr):
+    # one program: G consecutive summary groups (G * POOL token rows) of one (batch, head), for
+    # k and v; float32 sums over the group's real tokens divided by their count (rows >= L read
+    # as 0; a group with no token writes 0, as the torch version's padding)
+    pid = tl.program_id(0)
+    bh = tl.program_id(1)
+    b = (bh // H).to(tl.int64)
+    h = (bh % H).to(tl.int64)
+    rows = pid * (G * POOL) + tl.arange(0, G * POOL)
+    groups = pid * G + tl.arange(0, G)
+    offs_d = tl.arange(0, HEAD_DIM)
+    rmask = rows[:, None] < L
+    cnt = tl.minimum(tl.maximum(L - groups * POOL, 0), POOL).to(tl.float32)
+    denom = tl.maximum(cnt, 1.0)[:, None]
+    omask = groups[:, None] < NS
+    so = b * stride_sb + h * stride_sh + groups[:, None] * stride_sl + offs_d[None, :]
+    k = tl.load(K + b * stride_kb + h * stride_kh + rows[:, None] * stride_kl + offs_d[None, :], mask=rmask,
+                other=0.0).to(tl.float32)
+    ks = tl.sum(tl.reshape(k, (G, POOL, HEAD_DIM)), 1) / denom
+    tl.store(SK + so, ks.to(SK.dtype.element_ty), mask=omask)
+    v = tl.load(V + b * stride_vb + h * stride_vh + rows[:, None] * stride_vl + offs_d[None, :], mask=rmask,
+                other=0.0).to(tl.float32)
+    vs = tl.sum(tl.reshape(v, (G, POOL, HEAD_DIM)), 1) / denom
+    tl.store(SV + so, vs.to(SV.dtype.element_ty), mask=omask)
+
+
+def _pow2(n: int) -> bool:
+    return n > 0 and n & (n - 1) == 0
+
+
+def pool_kernel_applies(k: torch.Tensor, v: torch.Tensor, pool: int, backend: str = "auto") -> bool:
+    """Whether :func:`pool_summaries` takes the Triton forward: ``backend="auto"`` for CUDA
+    tensors, ``"triton"`` also on CPU under ``TRITON_INTERPRET=1`` (kernel tests), ``"torch"``
+    never; and only when pool and head dim are powers of two with unit stride on D."""
+    if backend not in ("auto", "triton", "torch"):
+        raise ValueError(f"backend must be 'auto', 'triton' or 'torch', got {backend!r}")
+    if backend == "torch" or not (k.is_cuda or (backend == "triton" and os.environ.get("TRITON_INTERPRET") == "1")):
+        return False
+    return _pow2(pool) and _pow2(k.shape[-1]) and k.shape[-1] >= 16 and k.stride(-1) == 1 and v.stride(-1) == 1 \
+        and k.shape == v.shape
+
+
+def pool_summaries_triton(k: torch.Tensor, v: torch.Tensor, block_size: int, pool: int,
+                          ns: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """Forward of the summaries with the Triton kernel: (sk, sv) [B, H, NS, D] in the dtypes of
+    k and v (no bias, no autograd: :func:`pool_summaries` wraps it)."""
+    B, H, L, D = k.shape
+    if ns is None:
+        ns = num_blocks(L, block_size) * (block_size // pool)
+    sk = torch.empty((B, H, ns, D), dtype=k.dtype, device=k.device)
+    sv = torch.empty((B, H, ns, D), dtype=v.dtype, device=v.device)
+    g = max(1, 64 // pool)  # 64 token rows per program (a whole group when pool > 64)
+    grid = (triton.cdiv(ns, g), B * H)
+    _pool_kernel[grid](k, v, sk, sv, L, ns, H, k.stride(0), k.stride(1), k.stride(2),
+                       v.stride(0), v.stride(1), v.stride(2), sk.stride(0), sk.stride(1), sk.stride(2),
+                       POOL=pool, G=g, HEAD_DIM=D, num_warps=4)
+    return sk, sv
+
+
+@torch.library.custom_op("videoblade::pool_summaries_fwd", mutates_args=())
+def _pool_op(k: torch.Tensor, v: torch.Tensor, block_size: int, pool: int) -> tuple[torch.Tensor, torch.Tensor]:
+    # an opaque op for torch.compile (inductor keeps the launch as it is)
+    return pool_summaries_triton(k, v, block_size, pool)
+
+
+@_pool_op.register_fake
+def _(k, v, block_size, pool):
+    B, H, L, D = k.shape
+    ns = num_blocks(L, block_size) * (block_size // pool)
+    return k.new_empty((B, H, ns, D)), v.new_empty((B, H, ns, D))
 
 
 def _pool_fwd(x: torch.Tensor, ns: int, n_full: int, rem: int, pool: int, denom: torch.Tensor) -> torch.Tensor:
@@ -117,39 +209,44 @@ def _pool_bwd(g: torch.Tensor, L: int, pool: int, denom: torch.Tensor, dtype) ->
 class _PoolFn(torch.autograd.Function):
     """Mean pooling of k and v with a hand-written backward.
 
-    Autograd of the plain torch version (slice, reshape, float32 sum, cat, pad, divide,
-    cast) materialises several full-size [B, H, L, D] intermediates in the backward
-    (zero-filled slice gradient, float32 expand, cast); this writes the gradient once.
+    Forward: the Triton kernel where it applies (k and v read once in one launch; the compiled
+    torch version took 0.25 ms per Wan layer, several times what its bytes need), else torch.
+    Backward: autograd of the plain torch version (slice, reshape, float32 sum, cat, pad,
+    divide, cast) materialises several full-size [B, H, L, D] intermediates (zero-filled slice
+    gradient, float32 expand, cast); this writes the gradient once.
     """
 
     @staticmethod
-    def forward(ctx, k, v, block_size, pool):
+    def forward(ctx, k, v, block_size, pool, use_kernel):
         L = k.shape[2]
-        ns, n_full, rem, counts = _pool_geometry(L, block_size, pool, k.device)
-        denom = counts.clamp(min=1.0)[:, None]
-        sk = _pool_fwd(k, ns, n_full, rem, pool, denom)
-        sv = _pool_fwd(v, ns, n_full, rem, pool, denom)
-        bias = torch.where(counts > 0, counts.log(), torch.full_like(counts, float("-inf")))
+        ns, n_full, rem, denom, _ = _pool_geometry(L, block_size, pool, k.device)
+        if use_kernel:
+            sk, sv = _pool_op(k, v, block_size, pool)
+        else:
+            sk = _pool_fwd(k, ns, n_full, rem, pool, denom)
+            sv = _pool_fwd(v, ns, n_full, rem, pool, denom)
         ctx.save_for_backward(denom)
         ctx.L, ctx.pool, ctx.kdt, ctx.vdt = L, pool, k.dtype, v.dtype
-        ctx.mark_non_differentiable(bias)
-        return sk, sv, bias
+        return sk, sv
 
     @staticmethod
-    def backward(ctx, gsk, gsv, gbias):
+    def backward(ctx, gsk, gsv):
         (denom,) = ctx.saved_tensors
         gk = _pool_bwd(gsk, ctx.L, ctx.pool, denom, ctx.kdt) if gsk is not None and ctx.needs_input_grad[0] else None
         gv = _pool_bwd(gsv, ctx.L, ctx.pool, denom, ctx.vdt) if gsv is not None and ctx.needs_input_grad[1] else None
-        return gk, gv, None, None
+        return gk, gv, None, None, None
 
 
-def pool_summaries(k: torch.Tensor, v: torch.Tensor, block_size: int, pool: int) -> Summary:
+def pool_summaries(k: torch.Tensor, v: torch.Tensor, block_size: int, pool: int, backend: str = "auto") -> Summary:
     """Mean of every ``pool`` consecutive keys/values (per key block), with log(count) bias.
 
     Differentiable (custom autograd function) so gradients reaching the summaries flow back
-    to k and v. The sums are taken in float32; the result has the dtype of ``k``.
+    to k and v. The sums are taken in float32; the results have the dtypes of ``k`` and ``v``.
+    The bias is shared by every call with the same geometry: read it, never write into it.
+    The forward is the Triton kernel on CUDA (see :func:`pool_kernel_applies` for ``backend``).
     """
     if block_size % pool != 0:
         raise ValueError(f"pool ({pool}) must divide block_size ({block_size})")
-    sk, sv, bias = _PoolFn.apply(k, v, block_size, pool)
+    sk, sv = _PoolFn.apply(k, v, block_size, pool, pool_kernel_applies(k, v, pool, backend))
+    bias = _pool_geometry(k.shape[2], block_size, pool, k.device)[4]
     return Summary(sk, sv, bias, pool)
