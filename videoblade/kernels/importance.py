@@ -8,8 +8,12 @@ attention mass query block i puts on key block j.
   partial last block is sampled over its own tokens). For each sampled query the softmax
   over all sampled keys is taken (each key sample carries a ``log(n_j / S)`` logit bias,
   so a partial block counts by its real size), sum-pooled over the key samples of each
-  block and averaged over the query samples of each block. One Triton kernel, two passes
-  over the sampled keys (row max/sum, then the normalised pooled mass); no [L, L] matrix.
+  block and averaged over the query samples of each block. Two Triton kernels, one pass over
+  the sampled keys: the first keeps the online softmax state per sampled query and writes
+  each row's mass per key block relative to the running max of its key tile (a float32
+  scratch of [NQ*S, NK] per head, ~50 MB at Wan); the second rescales those by the final
+  max and row sum and averages the S rows of every query block. No [L, L] matrix; half the
+  logits and exponentials of a two-pass version.
 * ``mode="mean"``: mean-pooled q and k per block, softmax over blocks (with a
   ``log(n_j)`` bias), in torch. Cheapest; blurrier.
 
@@ -69,64 +73,75 @@ def block_means(x: torch.Tensor, block_size: int) -> torch.Tensor:
 
 @triton.jit
 def _estimate_kernel(
-    QS, KS, KB, P, qk_scale, NQ, NK,
+    QS, KS, KB, R, M, MF, LF, qk_scale, NQ, NK,
     S: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_Q: tl.constexpr, BLOCK_K: tl.constexpr,
 ):
-    QB: tl.constexpr = BLOCK_Q // S
+    # one pass over the sampled keys: online softmax state (m, l) per sampled query row, and per
+    # key tile the row's mass on each key block relative to the running max at that tile, R[row, kb],
+    # with that max in M[row, tile]; _estimate_fix_kernel rescales and pools the rows afterwards
     KBL: tl.constexpr = BLOCK_K // S
     pid = tl.program_id(0)
-    bh = tl.program_id(1)
+    bh = tl.program_id(1).to(tl.int64)
     NQS = NQ * S
     NKS = NK * S
+    NT = tl.cdiv(NKS, BLOCK_K)
     offs_r = pid * BLOCK_Q + tl.arange(0, BLOCK_Q)
     offs_d = tl.arange(0, HEAD_DIM)
     rmask = offs_r < NQS
-    q = tl.load(QS + bh.to(tl.int64) * NQS * HEAD_DIM + offs_r[:, None] * HEAD_DIM + offs_d[None, :],
+    q = tl.load(QS + bh * NQS * HEAD_DIM + offs_r[:, None] * HEAD_DIM + offs_d[None, :],
                 mask=rmask[:, None], other=0.0)
-    Kp = KS + bh.to(tl.int64) * NKS * HEAD_DIM
+    Kp = KS + bh * NKS * HEAD_DIM
+    Rp = R + bh * NQS * NK + offs_r[:, None] * NK
+    Mp = M + bh * NQS * NT + offs_r * NT
     m = tl.full([BLOCK_Q], float("-inf"), tl.float32)
     l_i = tl.zeros([BLOCK_Q], tl.float32)
-    for k0 in range(0, NKS, BLOCK_K):
-        offs_k = k0 + tl.arange(0, BLOCK_K)
+    for it in range(0, NT):
+        offs_k = it * BLOCK_K + tl.arange(0, BLOCK_K)
         kmask = offs_k < NKS
         k = tl.load(Kp + offs_k[:, None] * HEAD_DIM + offs_d[None, :], mask=kmask[:, None], other=0.0)
         bias = tl.load(KB + offs_k, mask=kmask, other=float("-inf"))
         s = tl.dot(q, tl.trans(k)) * qk_scale + bias[None, :]
-        m_new = tl.maximum(m, tl.max(s, 1))
-        l_i = l_i * tl.math.exp2(m - m_new) + tl.sum(tl.math.exp2(s - m_new[:, None]), 1)
+        m_new = tl.maximum(m, tl.max(s, 1))  # finite: every tile's first key sample is real
+        p = tl.math.exp2(s - m_new[:, None])
+        l_i = l_i * tl.math.exp2(m - m_new) + tl.sum(p, 1)
         m = m_new
-    inv = tl.where(rmask, 1.0 / (l_i * S), 0.0)  # also averages over the S query samples
-    offs_qb = pid * QB + tl.arange(0, QB)
-    Pp = P + bh.to(tl.int64) * NQ * NK
-    for k0 in range(0, NKS, BLOCK_K):
-        offs_k = k0 + tl.arange(0, BLOCK_K)
-        kmask = offs_k < NKS
-        k = tl.load(Kp + offs_k[:, None] * HEAD_DIM + offs_d[None, :], mask=kmask[:, None], other=0.0)
-        bias = tl.load(KB + offs_k, mask=kmask, other=float("-inf"))
-        s = tl.dot(q, tl.trans(k)) * qk_scale + bias[None, :]
-        p = tl.math.exp2(s - m[:, None]) * inv[:, None]
-        mass = tl.sum(tl.sum(tl.reshape(p, (QB, S, KBL, S)), 3), 1)  # [QB, KBL]
-        offs_kb = k0 // S + tl.arange(0, KBL)
-        tl.store(Pp + offs_qb[:, None] * NK + offs_kb[None, :], mass,
-                 mask=(offs_qb[:, None] < NQ) & (offs_kb[None, :] < NK))
+        mass = tl.sum(tl.reshape(p, (BLOCK_Q, KBL, S)), 2)  # [BLOCK_Q, KBL]
+        offs_kb = it * KBL + tl.arange(0, KBL)
+        tl.store(Rp + offs_kb[None, :], mass, mask=rmask[:, None] & (offs_kb[None, :] < NK))
+        tl.store(Mp + it, m, mask=rmask)
+    tl.store(MF + bh * NQS + offs_r, m, mask=rmask)
+    tl.store(LF + bh * NQS + offs_r, l_i, mask=rmask)
 
 
-_EST_CONFIGS = [
-    triton.Config({"BLOCK_Q": bq, "BLOCK_K": bk}, num_warps=w, num_stages=st)
-    for bq, bk, w, st in [(64, 64, 4, 2), (128, 64, 8, 3), (128, 128, 8, 2), (64, 128, 4, 3), (128, 64, 4, 3)]
-]
+@triton.jit
+def _estimate_fix_kernel(R, M, MF, LF, P, NQ, NK, NT, S: tl.constexpr, KBL: tl.constexpr, NKP: tl.constexpr):
+    # P[qb, kb] = 1/S sum over the S sampled rows r of query block qb of
+    #             R[r, kb] * 2^(M[r, tile of kb] - MF[r]) / LF[r]
+    qb = tl.program_id(0)
+    bh = tl.program_id(1).to(tl.int64)
+    NQS = NQ * S
+    rows = qb * S + tl.arange(0, S)
+    offs_kb = tl.arange(0, NKP)
+    kmask = offs_kb[None, :] < NK
+    r = tl.load(R + bh * NQS * NK + rows[:, None] * NK + offs_kb[None, :], mask=kmask, other=0.0)
+    mt = tl.load(M + bh * NQS * NT + rows[:, None] * NT + (offs_kb // KBL)[None, :], mask=kmask, other=0.0)
+    mf = tl.load(MF + bh * NQS + rows)
+    inv = 1.0 / (tl.load(LF + bh * NQS + rows) * S)  # also averages over the S query samples
+    mass = tl.sum(r * tl.math.exp2(mt - mf[:, None]) * inv[:, None], 0)
+    tl.store(P + (bh * NQ + qb) * NK + offs_kb, mass, mask=offs_kb < NK)
 
 
-def _est_prune(configs, named_args, **kwargs):
-    S = {**named_args, **kwargs}["S"]
-    return [c for c in configs if c.kwargs["BLOCK_Q"] >= S and c.kwargs["BLOCK_K"] >= S] or [
-        triton.Config({"BLOCK_Q": S, "BLOCK_K": S}, num_warps=4, num_stages=2)
-    ]
+def _est_block_k(S: int, D: int) -> int:
+    # key tile of the first pass; the autotuner varies the query tile, warps and stages only
+    return max(64, S)
 
 
-_estimate_tuned = triton.autotune(_EST_CONFIGS, key=["S", "HEAD_DIM"], prune_configs_by={"early_config_prune": _est_prune})(
-    _estimate_kernel
-)
+@functools.lru_cache(maxsize=16)
+def _est_launch(S: int, D: int, block_k: int):
+    configs = [triton.Config({"BLOCK_Q": bq, "BLOCK_K": block_k}, num_warps=w, num_stages=st)
+               for bq, w, st in [(64, 4, 2), (128, 8, 3), (128, 4, 3), (64, 4, 3), (128, 8, 2)] if bq >= S]
+    configs = configs or [triton.Config({"BLOCK_Q": S, "BLOCK_K": block_k}, num_warps=4, num_stages=2)]
+    return triton.autotune(configs, key=["S", "HEAD_DIM"])(_estimate_kernel)
 
 
 def _pow2(n: int) -> bool:
@@ -168,17 +183,27 @@ def estimate_block_importance(
 def _estimate_sampled_op(
     qs: torch.Tensor, ks: torch.Tensor, kbias: torch.Tensor, nb: int, S: int, scale: float
 ) -> torch.Tensor:
-    B, H, _, D = qs.shape
+    B, H, nqs, D = qs.shape
     P = torch.empty((B, H, nb, nb), dtype=torch.float32, device=qs.device)
     if os.environ.get("TRITON_INTERPRET", "0") == "1":
-        t = max(16, S)
-        _estimate_kernel[(triton.cdiv(nb * S, t), B * H)](
-            qs, ks, kbias, P, scale * 1.4426950408889634, nb, nb, S=S, HEAD_DIM=D, BLOCK_Q=t, BLOCK_K=t
-        )
+        meta = {"BLOCK_Q": max(16, S), "BLOCK_K": max(16, S)}
     else:
-        _estimate_tuned[lambda M: (triton.cdiv(nb * S, M["BLOCK_Q"]), B * H)](
-            qs, ks, kbias, P, scale * 1.4426950408889634, nb, nb, S=S, HEAD_DIM=D
-        )
+        meta = None
+    # the tile count of the first pass is part of the scratch layout: take it from the config
+    # the autotuner will pick (every config tiles the keys in BLOCK_K columns)
+    bk = meta["BLOCK_K"] if meta else _est_block_k(S, D)
+    nt = triton.cdiv(nb * S, bk)
+    R = torch.empty((B * H, nqs, nb), dtype=torch.float32, device=qs.device)
+    M = torch.empty((B * H, nqs, nt), dtype=torch.float32, device=qs.device)
+    MF = torch.empty((B * H, nqs), dtype=torch.float32, device=qs.device)
+    LF = torch.empty((B * H, nqs), dtype=torch.float32, device=qs.device)
+    args = (qs, ks, kbias, R, M, MF, LF, scale * 1.4426950408889634, nb, nb)
+    if meta is not None:
+        _estimate_kernel[(triton.cdiv(nqs, meta["BLOCK_Q"]), B * H)](*args, S=S, HEAD_DIM=D, **meta)
+    else:
+        _est_launch(S, D, bk)[lambda M_: (triton.cdiv(nqs, M_["BLOCK_Q"]), B * H)](*args, S=S, HEAD_DIM=D)
+    _estimate_fix_kernel[(nb, B * H)](R, M, MF, LF, P, nb, nb, nt, S=S, KBL=bk // S,
+                                     NKP=max(16, triton.next_power_of_2(nb)))
     return P
 
 
