@@ -25,7 +25,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from common import cuda_median_ms, print_table, print_targets, target, write_results  # noqa: E402
+from common import cuda_median_ms, gpu_tag, print_table, print_targets, target, write_results  # noqa: E402
 
 from videoblade.kernels import (  # noqa: E402
     block_sparse_attention,
@@ -262,7 +262,7 @@ def main():
 
     print_table(rows, ["what", "shape", "density", "pass", "median_ms", "tflops", "peer"])
     print_targets(targets)
-    path = write_results("attention_h200", rows, targets, out_dir=args.out,
+    path = write_results(f"attention_{gpu_tag()}", rows, targets, out_dir=args.out,
                          settings={"block": BLOCK, "dtype": "bfloat16", "reps": reps,
                                    "autotune": os.environ.get("VIDEOBLADE_KERNEL_AUTOTUNE", "1")},
                          tuned_configs=tuned_configs())

@@ -59,6 +59,18 @@ def env_info() -> dict:
     }
 
 
+def gpu_tag() -> str:
+    """Short name of the card for result file names: "h200", "h100", ... ("cpu" without CUDA), so
+    that runs on different cards land in different files (ratios are only compared within one)."""
+    if not torch.cuda.is_available():
+        return "cpu"
+    name = torch.cuda.get_device_name().lower()
+    for tag in ("h200", "h100", "h20", "a100", "l40s", "b200", "gb200"):
+        if tag in name:
+            return tag
+    return "".join(c for c in name.split()[-1] if c.isalnum()) or "gpu"
+
+
 def cuda_median_ms(fn: Callable[[], object], warmup: int = 5, reps: int = 30, max_total_ms: float = 4000.0,
                    min_reps: int = 5) -> float:
     """Median time of ``fn()`` in ms, each rep between its own pair of CUDA events.

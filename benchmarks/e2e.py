@@ -52,7 +52,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from common import carry_over, print_table, target, write_results  # noqa: E402
+from common import carry_over, gpu_tag, print_table, target, write_results  # noqa: E402
 
 from videoblade.config import ASAConfig  # noqa: E402
 from videoblade.inference import choose_decode, configure_vae, psnr  # noqa: E402
@@ -60,7 +60,7 @@ from videoblade.models import ModelInfo, attach_schedule, get_adapter  # noqa: E
 from videoblade.sampling import guided, randn, sample, unipc_scheduler  # noqa: E402
 from videoblade.schedules import Schedule  # noqa: E402
 
-RESULTS = Path(__file__).resolve().parent / "results" / "e2e_h200.json"
+RESULTS = Path(__file__).resolve().parent / "results"  # e2e_<card>.json there (common.gpu_tag)
 
 # ---------------------------------------------------------------------------- published configs
 # Wan-AI/Wan2.1-T2V-1.3B-Diffusers: transformer/config.json, vae/config.json, scheduler (UniPC, shift 3 at 480p)
@@ -459,7 +459,7 @@ def _write(out: Path, rows: list[dict], summaries: dict) -> Path:
 
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--out", default=str(RESULTS))
+    p.add_argument("--out", default=None, help="results file (default benchmarks/results/e2e_<card>.json)")
     p.add_argument("--models", default="wan,cogvideox")
     p.add_argument("--tiny", action="store_true", help="tiny configs at the tiny default size (CPU smoke run)")
     p.add_argument("--baseline-steps", type=int, default=50)
@@ -488,7 +488,7 @@ def main(argv=None) -> int:
     specs = {"wan": ("Wan2.1-T2V-1.3B", WAN_1_3B), "cogvideox": ("CogVideoX-5B", COG_5B)}
     rows: list[dict] = []
     summaries = {}
-    out = Path(args.out)
+    out = Path(args.out) if args.out else RESULTS / f"e2e_{gpu_tag()}.json"
     path = None
     fams = [m.strip() for m in args.models.split(",") if m.strip()]
     if args.merge_from:

@@ -33,7 +33,7 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from benchmarks.common import carry_over, print_table, print_targets, target, write_results  # noqa: E402
+from benchmarks.common import carry_over, gpu_tag, print_table, print_targets, target, write_results  # noqa: E402
 
 WAN_VAE = {"_class_name": "AutoencoderKLWan", "base_dim": 96, "z_dim": 16, "dim_mult": [1, 2, 4, 4],
            "num_res_blocks": 2, "attn_scales": [], "temperal_downsample": [False, True, True], "dropout": 0.0}
@@ -188,7 +188,7 @@ def main(argv=None) -> int:
     if a.smoke:
         print("smoke run: nothing written")
         return 0
-    path = write_results("train_h200", rows, targets, out_dir=a.out_dir,
+    path = write_results(f"train_{gpu_tag()}", rows, targets, out_dir=a.out_dir,
                          notes={"memory_shared_vs_separate_gb": [memory["asa"], memory.get("asa_separate_bases")],
                                 "speedup_like_for_like": ratios,
                                 "peak_memory_gb_deepspeed_includes": "one 81x480x832 VAE decode (fp32) at the last step",

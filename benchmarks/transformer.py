@@ -43,6 +43,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from benchmarks.common import (  # noqa: E402
     carry_over,
     cuda_median_ms,
+    gpu_tag,
     print_table,
     print_targets,
     target,
@@ -530,7 +531,7 @@ def main():
     print_table(rows, ["what", "density", "median_ms", "speedup_vs_best_dense", "max_possible_speedup",
                        "ms_per_forward", "rel_l2_error", "pass"])
     print_targets(targets)
-    path = write_results("transformer_h200", rows, targets, out_dir=args.out)
+    path = write_results(f"transformer_{gpu_tag()}", rows, targets, out_dir=args.out)
     print(f"wrote {path}")
 
 
