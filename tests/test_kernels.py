@@ -426,3 +426,26 @@ def test_estimate_runs_inside_torch_compile():
     qs, ks = q[:, :, :64].contiguous(), k[:, :, :64].contiguous()
     torch.library.opcheck(torch.ops.videoblade.estimate_sampled.default,
                           (qs, ks, torch.zeros(64), 8, 8, 0.2), test_utils=("test_schema", "test_faketensor"))
+
+
+def test_selection_and_pooling_run_inside_torch_compile():
+    # both new launches are opaque custom ops (fake implementations give the shapes): a compiled
+    # caller gets the eager lists and summaries, and the ops pass opcheck's schema/fake checks
+    from videoblade.attention.mask import block_lists
+
+    g = torch.Generator().manual_seed(4)
+    P = torch.softmax(torch.randn(1, 2, 12, 12, generator=g) * 3, -1)
+    k, v = torch.randn(1, 2, 90, 16, generator=g), torch.randn(1, 2, 90, 16, generator=g)
+
+    def fn(P, k, v):
+        kvi, kvc = block_lists(P, "energy", 0.9, 0.1, 0.5, use_kernel=True)
+        s = pool_summaries(k, v, 16, 8, backend="triton")
+        return kvi, kvc + 1, s.k * 2.0, s.v
+
+    eager = fn(P, k, v)
+    for a, b in zip(torch.compile(fn)(P, k, v), eager):
+        assert torch.equal(a, b)
+    torch.library.opcheck(torch.ops.videoblade.select_block_lists.default, (P, 2, 6, 0.9, 1, True),
+                          test_utils=("test_schema", "test_faketensor"))
+    torch.library.opcheck(torch.ops.videoblade.pool_summaries_fwd.default, (k, v, 16, 8),
+                          test_utils=("test_schema", "test_faketensor"))
