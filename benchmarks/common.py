@@ -59,6 +59,24 @@ def env_info() -> dict:
     }
 
 
+def cast_like_from_pretrained(model: torch.nn.Module, dtype: torch.dtype) -> torch.nn.Module:
+    """Cast a freshly built diffusers model as ``from_pretrained(torch_dtype=dtype)`` leaves it: the
+    submodules the class lists in ``_keep_in_fp32_modules`` (Wan: rope, time embedder, norms,
+    scale-shift table) keep their float32 parameters and buffers, everything else goes to ``dtype``.
+    A plain ``model.to(dtype)`` would also round Wan's rotary tables to bf16, which is not what a
+    user loading real weights runs."""
+    keep = set(getattr(model, "_keep_in_fp32_modules", None) or [])
+    for name, mod in model.named_modules():
+        # diffusers' rule: kept when any dotted part of the full parameter/buffer name is listed
+        for pname, p in list(mod.named_parameters(recurse=False)):
+            if p.is_floating_point() and not keep.intersection(f"{name}.{pname}".split(".")):
+                p.data = p.data.to(dtype)
+        for bname, b in list(mod.named_buffers(recurse=False)):
+            if b is not None and b.is_floating_point() and not keep.intersection(f"{name}.{bname}".split(".")):
+                setattr(mod, bname, b.to(dtype))
+    return model
+
+
 def gpu_tag() -> str:
     """Short name of the card for result file names: "h200", "h100", ... ("cpu" without CUDA), so
     that runs on different cards land in different files (ratios are only compared within one)."""

@@ -52,7 +52,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from common import carry_over, gpu_tag, print_table, target, write_results  # noqa: E402
+from common import carry_over, cast_like_from_pretrained, gpu_tag, print_table, target, write_results  # noqa: E402
 
 from videoblade.config import ASAConfig  # noqa: E402
 from videoblade.inference import choose_decode, configure_vae, psnr  # noqa: E402
@@ -160,12 +160,8 @@ def build(spec: dict, device, dtype):
     vcfg = {k: v for k, v in spec["vae"].items() if not k.startswith("_")}
     torch.manual_seed(0)
     with torch.device(device):
-        transformer = getattr(diffusers, spec["transformer"]["_class_name"])(**tcfg).to(dtype).eval()
-        # as from_pretrained(torch_dtype=...) does: the modules the class keeps in fp32 stay fp32
-        keep = getattr(transformer, "_keep_in_fp32_modules", None) or []
-        for pname, param in transformer.named_parameters():
-            if any(k in pname.split(".") for k in keep):
-                param.data = param.data.float()
+        transformer = getattr(diffusers, spec["transformer"]["_class_name"])(**tcfg)
+        transformer = cast_like_from_pretrained(transformer, dtype).eval()
         vae = getattr(diffusers, spec["vae"]["_class_name"])(**vcfg).float().eval()
     transformer.requires_grad_(False)
     vae.requires_grad_(False)

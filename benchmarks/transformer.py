@@ -42,6 +42,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from benchmarks.common import (  # noqa: E402
     carry_over,
+    cast_like_from_pretrained,
     cuda_median_ms,
     gpu_tag,
     print_table,
@@ -115,7 +116,7 @@ def build(family: str, dtype=torch.bfloat16):
     torch.manual_seed(0)
     with torch.device(DEVICE):
         model = cls(**cfg)
-    return model.to(dtype).eval().requires_grad_(False)
+    return cast_like_from_pretrained(model, dtype).eval().requires_grad_(False)
 
 
 def make_inputs(family: str, model, frames, height, width, dtype=torch.bfloat16):
