@@ -120,7 +120,9 @@ def build(family: str, dtype=torch.bfloat16):
 
 
 def make_inputs(family: str, model, frames, height, width, dtype=torch.bfloat16):
-    dtype = next(model.parameters()).dtype
+    # the dtype of the model's input projection (its first parameter may be a float32-kept table)
+    proj = model.patch_embedding if family == "wan" else model.patch_embed.proj
+    dtype = proj.weight.dtype
     g = torch.Generator(device=DEVICE).manual_seed(0)
     f, h, w = _latent_fhw(frames, height, width)
     cfg = model.config
