@@ -156,19 +156,20 @@ def pool_kernel_applies(k: torch.Tensor, v: torch.Tensor, pool: int, backend: st
 
 
 def pool_summaries_triton(k: torch.Tensor, v: torch.Tensor, block_size: int, pool: int,
-                          ns: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+                          ns: int | None = None, rows: int = 64, num_warps: int = 2) -> tuple[torch.Tensor, torch.Tensor]:
     """Forward of the summaries with the Triton kernel: (sk, sv) [B, H, NS, D] in the dtypes of
-    k and v (no bias, no autograd: :func:`pool_summaries` wraps it)."""
+    k and v (no bias, no autograd: :func:`pool_summaries` wraps it). ``rows``: token rows per
+    program (rounded up to a whole group)."""
     B, H, L, D = k.shape
     if ns is None:
         ns = num_blocks(L, block_size) * (block_size // pool)
     sk = torch.empty((B, H, ns, D), dtype=k.dtype, device=k.device)
     sv = torch.empty((B, H, ns, D), dtype=v.dtype, device=v.device)
-    g = max(1, 64 // pool)  # 64 token rows per program (a whole group when pool > 64)
+    g = max(1, rows // pool)
     grid = (triton.cdiv(ns, g), B * H)
     _pool_kernel[grid](k, v, sk, sv, L, ns, H, k.stride(0), k.stride(1), k.stride(2),
                        v.stride(0), v.stride(1), v.stride(2), sk.stride(0), sk.stride(1), sk.stride(2),
-                       POOL=pool, G=g, HEAD_DIM=D, num_warps=4)
+                       POOL=pool, G=g, HEAD_DIM=D, num_warps=num_warps)
     return sk, sv
 
 
