@@ -275,7 +275,7 @@ def _kernel_kind(name: str) -> str:
     n = name.lower()
     if "_fwd_kernel" in n:
         return "block-sparse attention kernel (with compensation)"
-    if "_estimate_kernel" in n:
+    if "_estimate_kernel" in n or "_estimate_fix_kernel" in n:
         return "block-importance estimate"
     if "_select_kernel" in n or "_pool_kernel" in n:
         return "block selection + compensation pooling (Triton)"
