@@ -119,32 +119,19 @@ class AdaptiveSparseAttention:
         with torch.no_grad():
             return fn(q.detach(), k.detach(), c.block_size, c.samples_per_block, c.estimate)
 
-    def make_mask(self, P: torch.Tensor, text_tokens: int = 0) -> torch.Tensor:
+    def _policy(self, text_tokens: int) -> dict:
         c = self.cfg
-        return block_mask(
-            P,
-            mode=c.mode,
-            energy_threshold=c.energy_threshold,
-            min_retain=c.min_retain,
-            max_retain=c.max_retain,
-            topk=c.topk,
-            text_blocks=num_blocks(text_tokens, c.block_size) if text_tokens else 0,
-        )
+        return dict(mode=c.mode, energy_threshold=c.energy_threshold, min_retain=c.min_retain,
+                    max_retain=c.max_retain, topk=c.topk,
+                    text_blocks=num_blocks(text_tokens, c.block_size) if text_tokens else 0)
+
+    def make_mask(self, P: torch.Tensor, text_tokens: int = 0) -> torch.Tensor:
+        return block_mask(P, **self._policy(text_tokens))
 
     def make_lists(self, P: torch.Tensor, text_tokens: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
         """The kept blocks of :meth:`make_mask` as block lists (kv_indices, kv_counts); on CUDA
         one Triton launch (``mask.block_lists``)."""
-        c = self.cfg
-        return block_lists(
-            P,
-            mode=c.mode,
-            energy_threshold=c.energy_threshold,
-            min_retain=c.min_retain,
-            max_retain=c.max_retain,
-            topk=c.topk,
-            text_blocks=num_blocks(text_tokens, c.block_size) if text_tokens else 0,
-            use_kernel=None if self._use_triton(P) else False,
-        )
+        return block_lists(P, **self._policy(text_tokens), use_kernel=None if self._use_triton(P) else False)
 
     def sparse_attention(self, q, k, v, mask: torch.Tensor) -> torch.Tensor:
         """Block-sparse attention of q, k, v [B, H, L, D] on a bool block ``mask``
