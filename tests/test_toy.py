@@ -134,7 +134,7 @@ def test_prompt_following_reads_colour_and_motion(cfg):
     grid = factor_grid(cfg)
     x = render(cfg, grid)
     prompts = [c.prompt for c in grid]
-    assert prompt_following(x, prompts, cfg) == {"colour_ok": 1.0, "motion_ok": 1.0}
+    assert prompt_following(x, prompts, cfg) == {"colour_ok": 1.0, "motion_ok": 1.0, "motion_still": 0.0}
     background = torch.from_numpy(data_background(cfg))[None] * 2 - 1  # [1, 3, F, H, W]
     shape = (x - background).abs().sum(1, keepdim=True) > 1e-6  # [N, 1, F, H, W]
 
@@ -144,23 +144,25 @@ def test_prompt_following_reads_colour_and_motion(cfg):
     # standing still (every frame shows the first one's shape) or running backwards: right
     # colour, wrong motion
     still = frames_from([0] * cfg.frames)
-    assert prompt_following(still, prompts, cfg) == {"colour_ok": 1.0, "motion_ok": 0.0}
+    assert prompt_following(still, prompts, cfg) == {"colour_ok": 1.0, "motion_ok": 0.0, "motion_still": 1.0}
     backwards = frames_from(list(range(cfg.frames))[::-1])
-    assert prompt_following(backwards, prompts, cfg) == {"colour_ok": 1.0, "motion_ok": 0.0}
+    assert prompt_following(backwards, prompts, cfg) == {"colour_ok": 1.0, "motion_ok": 0.0, "motion_still": 0.0}
     # the same clips read against the prompts of another colour: motion right, colour wrong
     names = list(COLOURS)
     recoloured = [p.replace(f" {c.colour} ", f" {names[(names.index(c.colour) + 1) % len(names)]} ")
                   for p, c in zip(prompts, grid)]
-    assert prompt_following(x, recoloured, cfg) == {"colour_ok": 0.0, "motion_ok": 1.0}
+    assert prompt_following(x, recoloured, cfg) == {"colour_ok": 0.0, "motion_ok": 1.0, "motion_still": 0.0}
     # a shape missing from one frame fails motion; an empty clip fails both
     gap = x.clone()
     gap[:, :, 2] = background[:, :, 2]  # frame 2 shows no shape
     assert prompt_following(gap, prompts, cfg)["motion_ok"] == 0.0
+    assert prompt_following(gap, prompts, cfg)["motion_still"] == 0.0  # not a whole clip
     blank = background.expand_as(x)
-    assert prompt_following(blank, prompts, cfg) == {"colour_ok": 0.0, "motion_ok": 0.0}
-    # half the clips static: half the score
+    assert prompt_following(blank, prompts, cfg) == {"colour_ok": 0.0, "motion_ok": 0.0, "motion_still": 0.0}
+    # half the clips static: half the score, half standing still
     mixed = torch.where((torch.arange(len(grid)) % 2 == 0).view(-1, 1, 1, 1, 1), x, still)
     assert prompt_following(mixed, prompts, cfg)["motion_ok"] == pytest.approx(0.5, abs=1 / len(grid))
+    assert prompt_following(mixed, prompts, cfg)["motion_still"] == pytest.approx(0.5, abs=1 / len(grid))
     with pytest.raises(ValueError, match="one prompt each"):
         prompt_following(x[:3], prompts, cfg)
     with pytest.raises(ValueError, match="not a toy-data prompt"):
