@@ -234,10 +234,7 @@ class AdaptiveSparseAttention:
         if not self.record_stats or _in_backward_recompute():
             return
         with torch.no_grad():
-            if density is None:
-                d = torch.ones(heads, dtype=torch.float32, device=device)
-            else:
-                d = density.detach().float()
+            d = torch.ones(heads, dtype=torch.float32, device=device) if density is None else density
             st = self._stats.get(int(layer_idx))
             if st is None or st.density_sum.shape != d.shape or st.density_sum.device != d.device:
                 self._stats[int(layer_idx)] = _LayerStats(d.clone(), 1)

@@ -90,6 +90,11 @@ def transpose_block_lists(
     return q_indices, q_counts, mask
 
 
+def num_summaries(L: int, block_size: int, pool: int) -> int:
+    """Summary tokens of a sequence: block_size // pool per (possibly partial) key block."""
+    return num_blocks(L, block_size) * (block_size // pool)
+
+
 @functools.lru_cache(maxsize=64)
 def _pool_geometry(L: int, block_size: int, pool: int, device) -> tuple[int, int, int, torch.Tensor, torch.Tensor]:
     """(NS, full groups, tokens in the last partial group, denominators float32 [NS, 1] (counts,
@@ -97,8 +102,7 @@ def _pool_geometry(L: int, block_size: int, pool: int, device) -> tuple[int, int
 
     Cached per geometry (a pure function of it): the few tiny launches that build the counts and
     the log bias run once, not in every attention call. Callers must not write into them."""
-    nk = num_blocks(L, block_size)
-    ns = nk * (block_size // pool)
+    ns = num_summaries(L, block_size, pool)
     n_full = L // pool
     rem = L - n_full * pool
     counts = torch.full((ns,), float(pool), dtype=torch.float32, device=device)
@@ -156,13 +160,13 @@ def pool_kernel_applies(k: torch.Tensor, v: torch.Tensor, pool: int, backend: st
 
 
 def pool_summaries_triton(k: torch.Tensor, v: torch.Tensor, block_size: int, pool: int,
-                          ns: int | None = None, rows: int = 64, num_warps: int = 2) -> tuple[torch.Tensor, torch.Tensor]:
+                          rows: int = 64, num_warps: int = 2) -> tuple[torch.Tensor, torch.Tensor]:
     """Forward of the summaries with the Triton kernel: (sk, sv) [B, H, NS, D] in the dtypes of
     k and v (no bias, no autograd: :func:`pool_summaries` wraps it). ``rows``: token rows per
-    program (rounded up to a whole group)."""
+    program (rounded up to a whole group); the defaults are the fastest of an H100 probe
+    (benchmarks/NOTES_attention.md)."""
     B, H, L, D = k.shape
-    if ns is None:
-        ns = num_blocks(L, block_size) * (block_size // pool)
+    ns = num_summaries(L, block_size, pool)
     sk = torch.empty((B, H, ns, D), dtype=k.dtype, device=k.device)
     sv = torch.empty((B, H, ns, D), dtype=v.dtype, device=v.device)
     g = max(1, rows // pool)
@@ -182,7 +186,7 @@ def _pool_op(k: torch.Tensor, v: torch.Tensor, block_size: int, pool: int) -> tu
 @_pool_op.register_fake
 def _(k, v, block_size, pool):
     B, H, L, D = k.shape
-    ns = num_blocks(L, block_size) * (block_size // pool)
+    ns = num_summaries(L, block_size, pool)
     return k.new_empty((B, H, ns, D)), v.new_empty((B, H, ns, D))
 
 
@@ -218,9 +222,9 @@ class _PoolFn(torch.autograd.Function):
     """
 
     @staticmethod
-    def forward(ctx, k, v, block_size, pool, use_kernel):
+    def forward(ctx, k, v, block_size, pool, use_kernel, geometry):
         L = k.shape[2]
-        ns, n_full, rem, denom, _ = _pool_geometry(L, block_size, pool, k.device)
+        ns, n_full, rem, denom, _ = geometry
         if use_kernel:
             sk, sv = _pool_op(k, v, block_size, pool)
         else:
@@ -235,7 +239,7 @@ class _PoolFn(torch.autograd.Function):
         (denom,) = ctx.saved_tensors
         gk = _pool_bwd(gsk, ctx.L, ctx.pool, denom, ctx.kdt) if gsk is not None and ctx.needs_input_grad[0] else None
         gv = _pool_bwd(gsv, ctx.L, ctx.pool, denom, ctx.vdt) if gsv is not None and ctx.needs_input_grad[1] else None
-        return gk, gv, None, None, None
+        return gk, gv, None, None, None, None
 
 
 def pool_summaries(k: torch.Tensor, v: torch.Tensor, block_size: int, pool: int, backend: str = "auto") -> Summary:
@@ -248,6 +252,6 @@ def pool_summaries(k: torch.Tensor, v: torch.Tensor, block_size: int, pool: int,
     """
     if block_size % pool != 0:
         raise ValueError(f"pool ({pool}) must divide block_size ({block_size})")
-    sk, sv = _PoolFn.apply(k, v, block_size, pool, pool_kernel_applies(k, v, pool, backend))
-    bias = _pool_geometry(k.shape[2], block_size, pool, k.device)[4]
-    return Summary(sk, sv, bias, pool)
+    geometry = _pool_geometry(k.shape[2], block_size, pool, k.device)
+    sk, sv = _PoolFn.apply(k, v, block_size, pool, pool_kernel_applies(k, v, pool, backend), geometry)
+    return Summary(sk, sv, geometry[4], pool)

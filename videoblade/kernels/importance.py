@@ -30,7 +30,7 @@ import torch
 import triton
 import triton.language as tl
 
-from .blocks import num_blocks
+from .blocks import _pow2, num_blocks
 
 
 @functools.lru_cache(maxsize=64)
@@ -131,21 +131,14 @@ def _estimate_fix_kernel(R, M, MF, LF, P, NQ, NK, NT, S: tl.constexpr, KBL: tl.c
     tl.store(P + (bh * NQ + qb) * NK + offs_kb, mass, mask=offs_kb < NK)
 
 
-def _est_block_k(S: int, D: int) -> int:
-    # key tile of the first pass; the autotuner varies the query tile, warps and stages only
-    return max(64, S)
-
-
 @functools.lru_cache(maxsize=16)
 def _est_launch(S: int, D: int, block_k: int):
+    # the key tile is fixed (it sets the scratch layout); the autotuner varies the query tile,
+    # warps and stages only
     configs = [triton.Config({"BLOCK_Q": bq, "BLOCK_K": block_k}, num_warps=w, num_stages=st)
                for bq, w, st in [(64, 4, 2), (128, 8, 3), (128, 4, 3), (64, 4, 3), (128, 8, 2)] if bq >= S]
     configs = configs or [triton.Config({"BLOCK_Q": S, "BLOCK_K": block_k}, num_warps=4, num_stages=2)]
     return triton.autotune(configs, key=["S", "HEAD_DIM"])(_estimate_kernel)
-
-
-def _pow2(n: int) -> bool:
-    return n > 0 and n & (n - 1) == 0
 
 
 @torch.no_grad()
@@ -185,21 +178,16 @@ def _estimate_sampled_op(
 ) -> torch.Tensor:
     B, H, nqs, D = qs.shape
     P = torch.empty((B, H, nb, nb), dtype=torch.float32, device=qs.device)
-    if os.environ.get("TRITON_INTERPRET", "0") == "1":
-        meta = {"BLOCK_Q": max(16, S), "BLOCK_K": max(16, S)}
-    else:
-        meta = None
-    # the tile count of the first pass is part of the scratch layout: take it from the config
-    # the autotuner will pick (every config tiles the keys in BLOCK_K columns)
-    bk = meta["BLOCK_K"] if meta else _est_block_k(S, D)
+    interpret = os.environ.get("TRITON_INTERPRET", "0") == "1"
+    bk = max(16, S) if interpret else max(64, S)  # key tile of the first pass: sets the scratch layout
     nt = triton.cdiv(nb * S, bk)
     R = torch.empty((B * H, nqs, nb), dtype=torch.float32, device=qs.device)
     M = torch.empty((B * H, nqs, nt), dtype=torch.float32, device=qs.device)
     MF = torch.empty((B * H, nqs), dtype=torch.float32, device=qs.device)
     LF = torch.empty((B * H, nqs), dtype=torch.float32, device=qs.device)
     args = (qs, ks, kbias, R, M, MF, LF, scale * 1.4426950408889634, nb, nb)
-    if meta is not None:
-        _estimate_kernel[(triton.cdiv(nqs, meta["BLOCK_Q"]), B * H)](*args, S=S, HEAD_DIM=D, **meta)
+    if interpret:
+        _estimate_kernel[(triton.cdiv(nqs, bk), B * H)](*args, S=S, HEAD_DIM=D, BLOCK_Q=bk, BLOCK_K=bk)
     else:
         _est_launch(S, D, bk)[lambda M_: (triton.cdiv(nqs, M_["BLOCK_Q"]), B * H)](*args, S=S, HEAD_DIM=D)
     _estimate_fix_kernel[(nb, B * H)](R, M, MF, LF, P, nb, nb, nt, S=S, KBL=bk // S,

@@ -42,17 +42,16 @@ def _select_kernel(P, KVI, KVC, NQ, NK, lo, hi, threshold, TEXT,
     p = tl.maximum(p, 0.0) + 0.0  # masses are >= 0; +0.0 turns a -0.0 into 0.0 (its bits sort first)
     bits = p.to(tl.int32, bitcast=True).to(tl.int64)
     key = tl.where(valid, (bits << 16) | (65535 - offs), -1)  # padding sorts last
-    skey = tl.sort(key, 0, descending=True)
-    rank = offs
+    skey = tl.sort(key, 0, descending=True)  # position in skey = rank
     if ENERGY:
         sval = tl.where(skey >= 0, (skey >> 16).to(tl.int32).to(tl.float32, bitcast=True), 0.0)
         csum = tl.cumsum(sval, 0)
         total = tl.max(csum, 0)
-        n = tl.sum(((csum < threshold * total) & (rank < NK)).to(tl.int32), 0) + 1
-        n = tl.minimum(tl.maximum(tl.minimum(n, NK), lo), hi)
+        n = tl.sum(((csum < threshold * total) & valid).to(tl.int32), 0) + 1
+        n = tl.minimum(tl.maximum(n, lo), hi)  # hi <= NK
     else:
         n = hi
-    kth = tl.sum(tl.where(rank == n - 1, skey, 0), 0)  # the key at rank n-1
+    kth = tl.sum(tl.where(offs == n - 1, skey, 0), 0)  # the key at rank n-1
     keep = valid & (key >= kth)
     if DIAGONAL:
         keep = keep | (offs == i)
