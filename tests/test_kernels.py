@@ -312,6 +312,44 @@ def test_kernel_tma_descriptor_path(case, monkeypatch):
     test_kernel_fwd_bwd_matches_reference(case)
 
 
+@pytest.mark.parametrize("case", [CASES[1], CASES[5]], ids=[_ids(CASES[1]), _ids(CASES[5])])
+def test_kernel_lists_held_in_registers_or_read_per_tile(case, monkeypatch):
+    # the kernels hold a row's block list in registers (IDX_W > 0) unless it is wider than
+    # _MAX_IDX_W; both ways pick the same blocks in the same order, so every output is equal.
+    # Lists narrower than NK (max_blocks) check the masked load of the register copy.
+    from videoblade.kernels import block_sparse as bsmod
+
+    B, H, L, D, bs, dtype, density, pool = case
+    g = torch.Generator().manual_seed(7)
+    n = num_blocks(L, bs)
+    q, k, v = (torch.randn(B, H, L, D, generator=g).to(DEV, dtype) for _ in range(3))
+    mask = random_mask(B, H, n, density, g, full_rows=False)
+    mask[..., n // 2] = False  # no row is full: the lists are narrower than NK
+    width = int(mask.sum(-1).max())
+    kvi, kvc = (t.to(DEV) for t in mask_to_block_lists(mask, max_blocks=width))
+    assert kvi.shape[-1] == width and width < n
+    summ = pool_summaries(k, v, bs, pool) if pool else None
+    sargs = (summ.k, summ.v, summ.bias) if summ else (None, None, None)
+    do = torch.randn(B, H, L, D, generator=g).to(DEV, dtype)
+
+    def run():
+        out, lse = block_sparse_attention_fwd(q, k, v, kvi, kvc, bs, 0.3, *sargs)
+        grads = block_sparse_attention_bwd(do, q, k, v, out, lse, kvi, kvc, bs, 0.3, *sargs)
+        return [out, lse, *(x for x in grads if x is not None)]
+
+    assert bsmod._idx_width(width) > 0
+    held = run()
+    monkeypatch.setattr(bsmod, "_MAX_IDX_W", 0)
+    assert bsmod._idx_width(width) == 0
+    per_tile = run()
+    monkeypatch.undo()
+    monkeypatch.setenv("VIDEOBLADE_KERNEL_LIST_REGS", "0")
+    assert bsmod._idx_width(width) == 0
+    assert len(held) == len(per_tile) == (7 if pool else 5)
+    for a, b in zip(held, per_tile):
+        assert torch.equal(a, b)
+
+
 def test_public_fn_autograd_through_summaries():
     # grads reach k and v through pool_summaries (torch) and the kernel's summary grads
     g = torch.Generator().manual_seed(11)

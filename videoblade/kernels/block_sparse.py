@@ -32,6 +32,11 @@ Backward: probabilities are recomputed from the LSE (no P matrix is stored).
   Wan); each program writes float32 partial sums per chunk, added on the host in a fixed
   order (deterministic). Query blocks that keep a summary's block read -inf in the bias table.
 
+Every program reads its row of the block list once into registers (``_row_list``) and picks the
+next block id from there (``_list_at``), so the K/V (or Q/dO) tile loads depend on no load inside
+the loop and Triton's pipeliner prefetches them ``num_stages - 1`` tiles ahead; with an id load
+per tile the prefetch lands one stage behind that load, i.e. not ahead at all.
+
 The last block may be partial: loads are masked (zeros) and the forward masks logits of
 the padded keys (only in the last key block: the kept list is ascending so that block
 is peeled off the main loop). Rows past L read lse=+inf in the backward, so their
@@ -114,6 +119,30 @@ def _load_rows(X, b, h, start, offs_b, offs_d, L, stride_l, MASK: tl.constexpr, 
 
 
 @triton.jit
+def _row_list(idx_ptr, cnt, IDX_W: tl.constexpr):
+    # the row's block list in registers (IDX_W >= its width; 0: not held, see _list_at)
+    if IDX_W > 0:
+        offs = tl.arange(0, IDX_W)
+        ids = tl.load(idx_ptr + offs, mask=offs < cnt, other=0)
+    else:
+        ids = cnt
+    return ids
+
+
+@triton.jit
+def _list_at(ids, idx_ptr, i, IDX_W: tl.constexpr):
+    # entry i of the row's block list. Picked from the registers, the tile loads that use it
+    # depend on no load inside the loop, so the software pipeliner prefetches them
+    # num_stages - 1 tiles ahead; a load per tile here (IDX_W = 0, lists wider than
+    # _MAX_IDX_W) puts the tile loads one stage behind it, issued after the tile's
+    # matmuls and waited for at the top of the next iteration.
+    if IDX_W > 0:
+        return tl.sum(tl.where(tl.arange(0, IDX_W) == i, ids, 0), axis=0)
+    else:
+        return tl.load(idx_ptr + i)
+
+
+@triton.jit
 def _fwd_tile(acc, l_i, m_i, q, K, V, b, h, start_n, offs_nb, offs_d, stride_kl, stride_vl, L, qk_scale,
               MASK: tl.constexpr, USE_TMA: tl.constexpr, BLOCK_N: tl.constexpr, HEAD_DIM: tl.constexpr):
     k = _load_rows(K, b, h, start_n, offs_nb, offs_d, L, stride_kl, MASK, USE_TMA, BLOCK_N, HEAD_DIM)
@@ -143,7 +172,7 @@ def _fwd_kernel(
     stride_sb, stride_sh, stride_sl,
     H, L, NQ, NK, MAXK, NSP,
     BLOCK: tl.constexpr, HEAD_DIM: tl.constexpr,
-    HAS_SUMMARY: tl.constexpr, EVEN_L: tl.constexpr, USE_TMA: tl.constexpr,
+    HAS_SUMMARY: tl.constexpr, EVEN_L: tl.constexpr, USE_TMA: tl.constexpr, IDX_W: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_S: tl.constexpr,
 ):
     SUB: tl.constexpr = BLOCK // BLOCK_N
@@ -172,6 +201,7 @@ def _fwd_kernel(
 
     cnt = tl.load(KVC + row)
     idx_ptr = KVI + row.to(tl.int64) * MAXK
+    ids = _row_list(idx_ptr, cnt, IDX_W)
     n_tiles = cnt * SUB
     if not EVEN_L:
         # the partial last key block, if kept, is the last list entry: peel it off
@@ -179,7 +209,7 @@ def _fwd_kernel(
         has_last = (cnt > 0) & (last == NK - 1)
         n_tiles = n_tiles - has_last.to(tl.int32) * SUB
     for t in range(0, n_tiles):
-        blk = tl.load(idx_ptr + t // SUB)
+        blk = _list_at(ids, idx_ptr, t // SUB, IDX_W)
         start_n = blk * BLOCK + (t % SUB) * BLOCK_N
         acc, l_i, m_i = _fwd_tile(acc, l_i, m_i, q, Kp, Vp, b, h, start_n, offs_nb, offs_d, stride_kl, stride_vl, L,
                                   qk_scale, False, USE_TMA, BLOCK_N, HEAD_DIM)
@@ -259,7 +289,7 @@ def _bwd_dq_kernel(
     stride_gb, stride_gh, stride_gl,
     H, L, NQ, NK, MAXK, NSP,
     BLOCK: tl.constexpr, HEAD_DIM: tl.constexpr,
-    HAS_SUMMARY: tl.constexpr, EVEN_L: tl.constexpr, USE_TMA: tl.constexpr,
+    HAS_SUMMARY: tl.constexpr, EVEN_L: tl.constexpr, USE_TMA: tl.constexpr, IDX_W: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_S: tl.constexpr,
 ):
     SUB: tl.constexpr = BLOCK // BLOCK_N
@@ -290,8 +320,9 @@ def _bwd_dq_kernel(
 
     cnt = tl.load(KVC + row)
     idx_ptr = KVI + row.to(tl.int64) * MAXK
+    ids = _row_list(idx_ptr, cnt, IDX_W)
     for t in range(0, cnt * SUB):
-        blk = tl.load(idx_ptr + t // SUB)
+        blk = _list_at(ids, idx_ptr, t // SUB, IDX_W)
         start_n = blk * BLOCK + (t % SUB) * BLOCK_N
         # padded keys load as 0: their p is finite and multiplies k = 0 in dq
         k = _load_rows(Kp, b, h, start_n, offs_nb, offs_d, L, stride_kl, not EVEN_L, USE_TMA, BLOCK_N, HEAD_DIM)
@@ -334,7 +365,7 @@ def _bwd_dkv_kernel(
     stride_gb, stride_gh, stride_gl,
     H, L, NQ, NK, MAXQ,
     BLOCK: tl.constexpr, HEAD_DIM: tl.constexpr, EVEN_L: tl.constexpr, USE_TMA: tl.constexpr,
-    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+    IDX_W: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
 ):
     # key-major: program = one key tile; walks the query blocks that keep its key block
     SUB: tl.constexpr = BLOCK // BLOCK_M
@@ -366,8 +397,9 @@ def _bwd_dkv_kernel(
     row = bh * NK + kblk
     cnt = tl.load(QC + row)
     idx_ptr = QI + row.to(tl.int64) * MAXQ
+    ids = _row_list(idx_ptr, cnt, IDX_W)
     for t in range(0, cnt * SUB):
-        qb = tl.load(idx_ptr + t // SUB)
+        qb = _list_at(ids, idx_ptr, t // SUB, IDX_W)
         start_m = qb * BLOCK + (t % SUB) * BLOCK_M
         offs_m = start_m + offs_mb
         q = _load_rows(Qp, b, h, start_m, offs_mb, offs_d, L, stride_ql, not EVEN_L, USE_TMA, BLOCK_M, HEAD_DIM)
@@ -614,6 +646,21 @@ def _summary_operands(sk, sv, sbias, kept, spb):
     return sk, sv, table.contiguous(), nsp
 
 
+# block lists up to this width are held in registers by the kernels (``_list_at``): at 8 warps
+# and 2048 entries that is 8 registers per thread. Wider lists (over 262k tokens at block 128)
+# are read entry by entry.
+_MAX_IDX_W = 2048
+
+
+def _idx_width(width: int) -> int:
+    """The IDX_W constexpr for block lists of ``width`` entries (0: read entry by entry, also
+    with ``VIDEOBLADE_KERNEL_LIST_REGS=0``, the path before lists were held in registers)."""
+    if os.environ.get("VIDEOBLADE_KERNEL_LIST_REGS", "1") == "0":
+        return 0
+    w = triton.next_power_of_2(max(int(width), 1))
+    return w if w <= _MAX_IDX_W else 0
+
+
 _SM_COUNT: dict = {}
 
 
@@ -662,7 +709,8 @@ def block_sparse_attention_fwd(q, k, v, kv_indices, kv_counts, block_size, sm_sc
         *sstr,
         H, L, nq, nk, kvi.shape[-1], nsp,
     )
-    const = {"BLOCK": block_size, "HEAD_DIM": D, "HAS_SUMMARY": has_s, "EVEN_L": L % block_size == 0, "USE_TMA": tma}
+    const = {"BLOCK": block_size, "HEAD_DIM": D, "HAS_SUMMARY": has_s, "EVEN_L": L % block_size == 0, "USE_TMA": tma,
+             "IDX_W": _idx_width(kvi.shape[-1])}
     if meta is not None:
         _fwd_kernel[(triton.cdiv(L, meta["BLOCK_M"]), B * H)](*args, **const, **meta)
     else:
@@ -734,8 +782,9 @@ def block_sparse_attention_bwd(do, q, k, v, out, lse, kv_indices, kv_counts, blo
         dk.stride(0), dk.stride(1), dk.stride(2),
         H, L, nq, nk, qi.shape[-1],
     )
-    dq_const = {"BLOCK": block_size, "HEAD_DIM": D, "HAS_SUMMARY": has_s, "EVEN_L": even, "USE_TMA": tma}
-    dkv_const = {"BLOCK": block_size, "HEAD_DIM": D, "EVEN_L": even, "USE_TMA": tma}
+    dq_const = {"BLOCK": block_size, "HEAD_DIM": D, "HAS_SUMMARY": has_s, "EVEN_L": even, "USE_TMA": tma,
+                "IDX_W": _idx_width(kvi.shape[-1])}
+    dkv_const = {"BLOCK": block_size, "HEAD_DIM": D, "EVEN_L": even, "USE_TMA": tma, "IDX_W": _idx_width(qi.shape[-1])}
     if meta is not None:
         _bwd_dq_kernel[(triton.cdiv(L, meta["BLOCK_M"]), B * H)](*dq_args, **dq_const, **meta)
         _bwd_dkv_kernel[(triton.cdiv(L, meta["BLOCK_N"]), B * H)](
