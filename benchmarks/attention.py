@@ -158,6 +158,16 @@ def bench_shape(name, reps, dens_list, gen, rows, res, flex, t0):
                                  "density": dens, "pass": p_, "median_ms": ms, "peer": "ours", "realized_density": real})
             finally:
                 os.environ.pop("VIDEOBLADE_KERNEL_TMA")
+        if dens in (0.15, 1.0):  # block ids loaded per tile, the kernels' path before 10f54af (A/B, same tiles)
+            os.environ["VIDEOBLADE_KERNEL_LIST_REGS"] = "0"
+            try:
+                for p_, f_ in (("fwd", lambda: ours(q, k, v)), ("fwd+bwd", fwd_bwd(ours))):
+                    ms = cuda_median_ms(f_, reps=reps)
+                    rows.append({"what": "ours block-sparse, block ids loaded per tile (VIDEOBLADE_KERNEL_LIST_REGS=0, "
+                                 "tile configs tuned for the default)", "shape": [B, H, L, D], "density": dens,
+                                 "pass": p_, "median_ms": ms, "peer": "ours", "realized_density": real})
+            finally:
+                os.environ.pop("VIDEOBLADE_KERNEL_LIST_REGS")
         if dens in (0.10, 0.15):
             pool = POOL[name]
 
