@@ -149,25 +149,22 @@ def bench_shape(name, reps, dens_list, gen, rows, res, flex, t0):
                          "pass": "fwd+bwd", "median_ms": ms, "peer": "flex" if label == "ours" else None,
                          "realized_density": real, "tflops": 3.5 * flops / ms / 1e9})
         res[(name, "realdens", dens)] = real
-        if dens in (0.10, 1.0):  # same kernel with TMA tensor-descriptor loads (opt-in)
-            os.environ["VIDEOBLADE_KERNEL_TMA"] = "1"
+        # the same kernel with one switch flipped (an A/B in this process), fwd and fwd+bwd
+        for var, val, dens_set, what in (
+            ("VIDEOBLADE_KERNEL_TMA", "1", (0.10, 1.0), "TMA descriptor loads"),
+            ("VIDEOBLADE_KERNEL_LIST_REGS", "0", (0.15, 1.0), "block ids loaded per tile (VIDEOBLADE_KERNEL_LIST_REGS"
+             "=0, the path before 10f54af; tile configs tuned for the default)"),
+        ):
+            if dens not in dens_set:
+                continue
+            os.environ[var] = val
             try:
                 for p_, f_ in (("fwd", lambda: ours(q, k, v)), ("fwd+bwd", fwd_bwd(ours))):
                     ms = cuda_median_ms(f_, reps=reps)
-                    rows.append({"what": "ours block-sparse, TMA descriptor loads", "shape": [B, H, L, D],
-                                 "density": dens, "pass": p_, "median_ms": ms, "peer": "ours", "realized_density": real})
-            finally:
-                os.environ.pop("VIDEOBLADE_KERNEL_TMA")
-        if dens in (0.15, 1.0):  # block ids loaded per tile, the kernels' path before 10f54af (A/B, same tiles)
-            os.environ["VIDEOBLADE_KERNEL_LIST_REGS"] = "0"
-            try:
-                for p_, f_ in (("fwd", lambda: ours(q, k, v)), ("fwd+bwd", fwd_bwd(ours))):
-                    ms = cuda_median_ms(f_, reps=reps)
-                    rows.append({"what": "ours block-sparse, block ids loaded per tile (VIDEOBLADE_KERNEL_LIST_REGS=0, "
-                                 "tile configs tuned for the default)", "shape": [B, H, L, D], "density": dens,
+                    rows.append({"what": f"ours block-sparse, {what}", "shape": [B, H, L, D], "density": dens,
                                  "pass": p_, "median_ms": ms, "peer": "ours", "realized_density": real})
             finally:
-                os.environ.pop("VIDEOBLADE_KERNEL_LIST_REGS")
+                os.environ.pop(var)
         if dens in (0.10, 0.15):
             pool = POOL[name]
 

@@ -131,11 +131,8 @@ def _row_list(idx_ptr, cnt, IDX_W: tl.constexpr):
 
 @triton.jit
 def _list_at(ids, idx_ptr, i, IDX_W: tl.constexpr):
-    # entry i of the row's block list. Picked from the registers, the tile loads that use it
-    # depend on no load inside the loop, so the software pipeliner prefetches them
-    # num_stages - 1 tiles ahead; a load per tile here (IDX_W = 0, lists wider than
-    # _MAX_IDX_W) puts the tile loads one stage behind it, issued after the tile's
-    # matmuls and waited for at the top of the next iteration.
+    # entry i of the row's block list: picked from the registers, or loaded (IDX_W = 0); why
+    # the registers, see the module docstring
     if IDX_W > 0:
         return tl.sum(tl.where(tl.arange(0, IDX_W) == i, ids, 0), axis=0)
     else:
