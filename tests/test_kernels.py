@@ -313,10 +313,12 @@ def test_kernel_tma_descriptor_path(case, monkeypatch):
 
 
 @pytest.mark.parametrize("case", [CASES[1], CASES[5]], ids=[_ids(CASES[1]), _ids(CASES[5])])
-def test_kernel_lists_held_in_registers_or_read_per_tile(case, monkeypatch):
-    # the kernels hold a row's block list in registers (IDX_W > 0) unless it is wider than
-    # _MAX_IDX_W; both ways pick the same blocks in the same order, so every output is equal.
-    # Lists narrower than NK (max_blocks) check the masked load of the register copy.
+def test_kernel_block_id_walks_are_equal(case, monkeypatch):
+    # the three ways the kernels walk a row's block list (VIDEOBLADE_KERNEL_IDS: the id loaded one
+    # tile ahead, picked from registers, loaded per tile) visit the same tiles in the same order,
+    # so every output is bit-equal. Lists narrower than NK (max_blocks) check the masked load of
+    # the register copy and the clamp of the look-ahead at the end of each list; an empty row and
+    # several tiles per block (block 32, 16-row interpreter tiles) are in the cases.
     from videoblade.kernels import block_sparse as bsmod
 
     B, H, L, D, bs, dtype, density, pool = case
@@ -325,6 +327,7 @@ def test_kernel_lists_held_in_registers_or_read_per_tile(case, monkeypatch):
     q, k, v = (torch.randn(B, H, L, D, generator=g).to(DEV, dtype) for _ in range(3))
     mask = random_mask(B, H, n, density, g, full_rows=False)
     mask[..., n // 2] = False  # no row is full: the lists are narrower than NK
+    mask[0, 0, 0] = False  # an empty row
     width = int(mask.sum(-1).max())
     kvi, kvc = (t.to(DEV) for t in mask_to_block_lists(mask, max_blocks=width))
     assert kvi.shape[-1] == width and width < n
@@ -332,22 +335,32 @@ def test_kernel_lists_held_in_registers_or_read_per_tile(case, monkeypatch):
     sargs = (summ.k, summ.v, summ.bias) if summ else (None, None, None)
     do = torch.randn(B, H, L, D, generator=g).to(DEV, dtype)
 
-    def run():
+    def run(mode):
+        monkeypatch.setenv("VIDEOBLADE_KERNEL_IDS", mode)
         out, lse = block_sparse_attention_fwd(q, k, v, kvi, kvc, bs, 0.3, *sargs)
         grads = block_sparse_attention_bwd(do, q, k, v, out, lse, kvi, kvc, bs, 0.3, *sargs)
         return [out, lse, *(x for x in grads if x is not None)]
 
-    assert bsmod._idx_width(width) > 0
-    held = run()
-    monkeypatch.setattr(bsmod, "_MAX_IDX_W", 0)
-    assert bsmod._idx_width(width) == 0
-    per_tile = run()
-    monkeypatch.undo()
-    monkeypatch.setenv("VIDEOBLADE_KERNEL_LIST_REGS", "0")
-    assert bsmod._idx_width(width) == 0
-    assert len(held) == len(per_tile) == (7 if pool else 5)
-    for a, b in zip(held, per_tile):
-        assert torch.equal(a, b)
+    widths = {}
+    results = {}
+    for mode in ("prefetch", "regs", "load"):
+        monkeypatch.setenv("VIDEOBLADE_KERNEL_IDS", mode)
+        widths[mode] = bsmod._idx_width(width)
+        results[mode] = run(mode)
+    assert widths["prefetch"] == -1 and widths["regs"] >= width and widths["load"] == 0
+    monkeypatch.setattr(bsmod, "_MAX_IDX_W", 1)  # a list too wide for the registers prefetches
+    monkeypatch.setenv("VIDEOBLADE_KERNEL_IDS", "regs")
+    assert bsmod._idx_width(width) == -1
+    monkeypatch.setenv("VIDEOBLADE_KERNEL_IDS", "bogus")
+    with pytest.raises(ValueError, match="VIDEOBLADE_KERNEL_IDS"):
+        bsmod._idx_width(width)
+    for mode in ("regs", "load"):
+        assert len(results[mode]) == (7 if pool else 5)
+        for a, b in zip(results["prefetch"], results[mode]):
+            assert torch.equal(a, b), mode
+    # and the walk is the right one, not merely the same in all three
+    ref = block_sparse_attention_ref(q, k, v, kvi, kvc, bs, 0.3, summ)[0]
+    assert rel_err(results["prefetch"][0], ref) < 1e-2
 
 
 def test_public_fn_autograd_through_summaries():

@@ -32,10 +32,14 @@ Backward: probabilities are recomputed from the LSE (no P matrix is stored).
   Wan); each program writes float32 partial sums per chunk, added on the host in a fixed
   order (deterministic). Query blocks that keep a summary's block read -inf in the bias table.
 
-Every program reads its row of the block list once into registers (``_row_list``) and picks the
-next block id from there (``_list_at``), so the K/V (or Q/dO) tile loads depend on no load inside
-the loop and Triton's pipeliner prefetches them ``num_stages - 1`` tiles ahead; with an id load
-per tile the prefetch lands one stage behind that load, i.e. not ahead at all.
+The walk over a row's block list (``_ids_step``) loads the block id of tile t + 1 in iteration
+t, so the K/V (or Q/dO) tile loads of an iteration depend on no load issued in it, and Triton's
+pipeliner issues them ``num_stages - 1`` tiles ahead (TTGIR: ``async_wait {num = 2}`` at three
+stages). With the id loaded in the tile's own iteration the pipeliner spends a stage on that load
+and the tile copies land one stage later: in effect no prefetch (``async_wait {num = 0}``).
+Holding the row in registers and picking each id with a masked sum gets the same prefetch with a
+cross-warp reduction per tile. ``VIDEOBLADE_KERNEL_IDS`` = prefetch (default) / regs / load
+selects the three for A/B runs (``benchmarks/attention.py``).
 
 The last block may be partial: loads are masked (zeros) and the forward masks logits of
 the padded keys (only in the last key block: the kept list is ascending so that block
@@ -119,24 +123,32 @@ def _load_rows(X, b, h, start, offs_b, offs_d, L, stride_l, MASK: tl.constexpr, 
 
 
 @triton.jit
-def _row_list(idx_ptr, cnt, IDX_W: tl.constexpr):
-    # the row's block list in registers (IDX_W >= its width; 0: not held, see _list_at)
+def _ids_start(idx_ptr, cnt, IDX_W: tl.constexpr):
+    # the state the walk over a row's block list starts from (see _ids_step): the row in
+    # registers (IDX_W > 0, its width rounded up), else the first entry (index 0 always exists)
     if IDX_W > 0:
         offs = tl.arange(0, IDX_W)
         ids = tl.load(idx_ptr + offs, mask=offs < cnt, other=0)
     else:
-        ids = cnt
+        ids = tl.load(idx_ptr)
     return ids
 
 
 @triton.jit
-def _list_at(ids, idx_ptr, i, IDX_W: tl.constexpr):
-    # entry i of the row's block list: picked from the registers, or loaded (IDX_W = 0); why
-    # the registers, see the module docstring
+def _ids_step(ids, idx_ptr, t, cnt, SUB: tl.constexpr, IDX_W: tl.constexpr):
+    # (block id of tile t, the state for tile t + 1); SUB tiles per block. IDX_W < 0: the id
+    # loaded one tile ahead (the default); > 0: picked from the registers; 0: loaded for the
+    # tile itself. Why it matters, see the module docstring.
     if IDX_W > 0:
-        return tl.sum(tl.where(tl.arange(0, IDX_W) == i, ids, 0), axis=0)
+        blk = tl.sum(tl.where(tl.arange(0, IDX_W) == t // SUB, ids, 0), axis=0)
+        nxt = ids
+    elif IDX_W == 0:
+        blk = tl.load(idx_ptr + t // SUB)
+        nxt = ids
     else:
-        return tl.load(idx_ptr + i)
+        blk = ids
+        nxt = tl.load(idx_ptr + tl.minimum((t + 1) // SUB, tl.maximum(cnt - 1, 0)))
+    return blk, nxt
 
 
 @triton.jit
@@ -198,7 +210,7 @@ def _fwd_kernel(
 
     cnt = tl.load(KVC + row)
     idx_ptr = KVI + row.to(tl.int64) * MAXK
-    ids = _row_list(idx_ptr, cnt, IDX_W)
+    ids = _ids_start(idx_ptr, cnt, IDX_W)
     n_tiles = cnt * SUB
     if not EVEN_L:
         # the partial last key block, if kept, is the last list entry: peel it off
@@ -206,7 +218,7 @@ def _fwd_kernel(
         has_last = (cnt > 0) & (last == NK - 1)
         n_tiles = n_tiles - has_last.to(tl.int32) * SUB
     for t in range(0, n_tiles):
-        blk = _list_at(ids, idx_ptr, t // SUB, IDX_W)
+        blk, ids = _ids_step(ids, idx_ptr, t, cnt, SUB, IDX_W)
         start_n = blk * BLOCK + (t % SUB) * BLOCK_N
         acc, l_i, m_i = _fwd_tile(acc, l_i, m_i, q, Kp, Vp, b, h, start_n, offs_nb, offs_d, stride_kl, stride_vl, L,
                                   qk_scale, False, USE_TMA, BLOCK_N, HEAD_DIM)
@@ -317,9 +329,9 @@ def _bwd_dq_kernel(
 
     cnt = tl.load(KVC + row)
     idx_ptr = KVI + row.to(tl.int64) * MAXK
-    ids = _row_list(idx_ptr, cnt, IDX_W)
+    ids = _ids_start(idx_ptr, cnt, IDX_W)
     for t in range(0, cnt * SUB):
-        blk = _list_at(ids, idx_ptr, t // SUB, IDX_W)
+        blk, ids = _ids_step(ids, idx_ptr, t, cnt, SUB, IDX_W)
         start_n = blk * BLOCK + (t % SUB) * BLOCK_N
         # padded keys load as 0: their p is finite and multiplies k = 0 in dq
         k = _load_rows(Kp, b, h, start_n, offs_nb, offs_d, L, stride_kl, not EVEN_L, USE_TMA, BLOCK_N, HEAD_DIM)
@@ -394,9 +406,9 @@ def _bwd_dkv_kernel(
     row = bh * NK + kblk
     cnt = tl.load(QC + row)
     idx_ptr = QI + row.to(tl.int64) * MAXQ
-    ids = _row_list(idx_ptr, cnt, IDX_W)
+    ids = _ids_start(idx_ptr, cnt, IDX_W)
     for t in range(0, cnt * SUB):
-        qb = _list_at(ids, idx_ptr, t // SUB, IDX_W)
+        qb, ids = _ids_step(ids, idx_ptr, t, cnt, SUB, IDX_W)
         start_m = qb * BLOCK + (t % SUB) * BLOCK_M
         offs_m = start_m + offs_mb
         q = _load_rows(Qp, b, h, start_m, offs_mb, offs_d, L, stride_ql, not EVEN_L, USE_TMA, BLOCK_M, HEAD_DIM)
@@ -643,19 +655,24 @@ def _summary_operands(sk, sv, sbias, kept, spb):
     return sk, sv, table.contiguous(), nsp
 
 
-# block lists up to this width are held in registers by the kernels (``_list_at``): at 8 warps
-# and 2048 entries that is 8 registers per thread. Wider lists (over 262k tokens at block 128)
-# are read entry by entry.
+# How the kernels walk a row's block list (``_ids_step``; ``VIDEOBLADE_KERNEL_IDS``):
+# "prefetch" (default) loads the id of the next tile one iteration ahead, "regs" holds the row in
+# registers and picks each id with a masked sum (lists up to _MAX_IDX_W entries; wider ones
+# prefetch), "load" loads each tile's id in its own iteration (the path before 10f54af).
+_ID_MODES = ("prefetch", "regs", "load")
 _MAX_IDX_W = 2048
 
 
 def _idx_width(width: int) -> int:
-    """The IDX_W constexpr for block lists of ``width`` entries (0: read entry by entry, also
-    with ``VIDEOBLADE_KERNEL_LIST_REGS=0``, the path before lists were held in registers)."""
-    if os.environ.get("VIDEOBLADE_KERNEL_LIST_REGS", "1") == "0":
+    """The IDX_W constexpr for block lists of ``width`` entries: -1 prefetch, 0 load per tile,
+    > 0 the register copy's width (a power of two)."""
+    mode = os.environ.get("VIDEOBLADE_KERNEL_IDS", "prefetch")
+    if mode not in _ID_MODES:
+        raise ValueError(f"VIDEOBLADE_KERNEL_IDS must be one of {_ID_MODES}, got {mode!r}")
+    if mode == "load":
         return 0
     w = triton.next_power_of_2(max(int(width), 1))
-    return w if w <= _MAX_IDX_W else 0
+    return w if mode == "regs" and w <= _MAX_IDX_W else -1
 
 
 _SM_COUNT: dict = {}
