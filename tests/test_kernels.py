@@ -335,18 +335,16 @@ def test_kernel_block_id_walks_are_equal(case, monkeypatch):
     sargs = (summ.k, summ.v, summ.bias) if summ else (None, None, None)
     do = torch.randn(B, H, L, D, generator=g).to(DEV, dtype)
 
-    def run(mode):
-        monkeypatch.setenv("VIDEOBLADE_KERNEL_IDS", mode)
+    def run():  # under the VIDEOBLADE_KERNEL_IDS set by the caller
         out, lse = block_sparse_attention_fwd(q, k, v, kvi, kvc, bs, 0.3, *sargs)
         grads = block_sparse_attention_bwd(do, q, k, v, out, lse, kvi, kvc, bs, 0.3, *sargs)
         return [out, lse, *(x for x in grads if x is not None)]
 
-    widths = {}
-    results = {}
+    widths, results = {}, {}
     for mode in ("prefetch", "regs", "load"):
         monkeypatch.setenv("VIDEOBLADE_KERNEL_IDS", mode)
         widths[mode] = bsmod._idx_width(width)
-        results[mode] = run(mode)
+        results[mode] = run()
     assert widths["prefetch"] == -1 and widths["regs"] >= width and widths["load"] == 0
     monkeypatch.setattr(bsmod, "_MAX_IDX_W", 1)  # a list too wide for the registers prefetches
     monkeypatch.setenv("VIDEOBLADE_KERNEL_IDS", "regs")

@@ -655,10 +655,8 @@ def _summary_operands(sk, sv, sbias, kept, spb):
     return sk, sv, table.contiguous(), nsp
 
 
-# How the kernels walk a row's block list (``_ids_step``; ``VIDEOBLADE_KERNEL_IDS``):
-# "prefetch" (default) loads the id of the next tile one iteration ahead, "regs" holds the row in
-# registers and picks each id with a masked sum (lists up to _MAX_IDX_W entries; wider ones
-# prefetch), "load" loads each tile's id in its own iteration (the path before 10f54af).
+# VIDEOBLADE_KERNEL_IDS: how the kernels walk a row's block list (module docstring, _ids_step);
+# "regs" holds lists up to _MAX_IDX_W entries in registers, wider ones prefetch
 _ID_MODES = ("prefetch", "regs", "load")
 _MAX_IDX_W = 2048
 
