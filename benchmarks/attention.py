@@ -152,10 +152,8 @@ def bench_shape(name, reps, dens_list, gen, rows, res, flex, t0):
         # the same kernel with one switch flipped (an A/B in this process), fwd and fwd+bwd
         for var, val, dens_set, what in (
             ("VIDEOBLADE_KERNEL_TMA", "1", (0.10, 1.0), "TMA descriptor loads"),
-            ("VIDEOBLADE_KERNEL_IDS", "regs", (0.15, 1.0), "block ids picked from registers (VIDEOBLADE_KERNEL_IDS"
-             "=regs, 10f54af; tile configs tuned for the default)"),
             ("VIDEOBLADE_KERNEL_IDS", "load", (0.15, 1.0), "block ids loaded per tile (VIDEOBLADE_KERNEL_IDS"
-             "=load, the path before 10f54af; tile configs tuned for the default)"),
+             "=load, the walk before 10f54af; tile configs tuned for the default)"),
         ):
             if dens not in dens_set:
                 continue

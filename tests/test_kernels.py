@@ -314,11 +314,11 @@ def test_kernel_tma_descriptor_path(case, monkeypatch):
 
 @pytest.mark.parametrize("case", [CASES[1], CASES[5]], ids=[_ids(CASES[1]), _ids(CASES[5])])
 def test_kernel_block_id_walks_are_equal(case, monkeypatch):
-    # the three ways the kernels walk a row's block list (VIDEOBLADE_KERNEL_IDS: the id loaded one
-    # tile ahead, picked from registers, loaded per tile) visit the same tiles in the same order,
-    # so every output is bit-equal. Lists narrower than NK (max_blocks) check the masked load of
-    # the register copy and the clamp of the look-ahead at the end of each list; an empty row and
-    # several tiles per block (block 32, 16-row interpreter tiles) are in the cases.
+    # the two ways the kernels walk a row's block list (VIDEOBLADE_KERNEL_IDS: the id loaded one
+    # tile ahead, or per tile) visit the same tiles in the same order, so every output is
+    # bit-equal. Lists narrower than NK (max_blocks) check the clamp of the look-ahead at the end
+    # of each list; an empty row and several tiles per block (block 32, 16-row interpreter
+    # tiles) are in the cases.
     from videoblade.kernels import block_sparse as bsmod
 
     B, H, L, D, bs, dtype, density, pool = case
@@ -340,22 +340,18 @@ def test_kernel_block_id_walks_are_equal(case, monkeypatch):
         grads = block_sparse_attention_bwd(do, q, k, v, out, lse, kvi, kvc, bs, 0.3, *sargs)
         return [out, lse, *(x for x in grads if x is not None)]
 
-    widths, results = {}, {}
-    for mode in ("prefetch", "regs", "load"):
+    ahead, results = {}, {}
+    for mode in ("prefetch", "load"):
         monkeypatch.setenv("VIDEOBLADE_KERNEL_IDS", mode)
-        widths[mode] = bsmod._idx_width(width)
+        ahead[mode] = bsmod._ids_ahead()
         results[mode] = run()
-    assert widths["prefetch"] == -1 and widths["regs"] >= width and widths["load"] == 0
-    monkeypatch.setattr(bsmod, "_MAX_IDX_W", 1)  # a list too wide for the registers prefetches
-    monkeypatch.setenv("VIDEOBLADE_KERNEL_IDS", "regs")
-    assert bsmod._idx_width(width) == -1
+    assert ahead == {"prefetch": True, "load": False}
     monkeypatch.setenv("VIDEOBLADE_KERNEL_IDS", "bogus")
     with pytest.raises(ValueError, match="VIDEOBLADE_KERNEL_IDS"):
-        bsmod._idx_width(width)
-    for mode in ("regs", "load"):
-        assert len(results[mode]) == (7 if pool else 5)
-        for a, b in zip(results["prefetch"], results[mode]):
-            assert torch.equal(a, b), mode
+        bsmod._ids_ahead()
+    assert len(results["load"]) == (7 if pool else 5)
+    for a, b in zip(results["prefetch"], results["load"]):
+        assert torch.equal(a, b)
     # and the walk is the right one, not merely the same in all three
     ref = block_sparse_attention_ref(q, k, v, kvi, kvc, bs, 0.3, summ)[0]
     assert rel_err(results["prefetch"][0], ref) < 1e-2

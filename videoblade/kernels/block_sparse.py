@@ -37,9 +37,10 @@ t, so the K/V (or Q/dO) tile loads of an iteration depend on no load issued in i
 pipeliner issues them ``num_stages - 1`` tiles ahead (TTGIR: ``async_wait {num = 2}`` at three
 stages). With the id loaded in the tile's own iteration the pipeliner spends a stage on that load
 and the tile copies land one stage later: in effect no prefetch (``async_wait {num = 0}``).
-Holding the row in registers and picking each id with a masked sum gets the same prefetch with a
-cross-warp reduction per tile. ``VIDEOBLADE_KERNEL_IDS`` = prefetch (default) / regs / load
-selects the three for A/B runs (``benchmarks/attention.py``).
+On an H100 (benchmarks/results/attention_h100.json, autotuned tiles) the one-ahead walk is 12 %
+faster than the per-tile load on the dense Wan forward and 15 % on its forward + backward, and
+within noise at density 0.15. ``VIDEOBLADE_KERNEL_IDS=load`` keeps the per-tile load for A/B runs
+(``benchmarks/attention.py``): the gain rests on Triton's pipeliner, which may change.
 
 The last block may be partial: loads are masked (zeros) and the forward masks logits of
 the padded keys (only in the last key block: the kept list is ascending so that block
@@ -123,31 +124,17 @@ def _load_rows(X, b, h, start, offs_b, offs_d, L, stride_l, MASK: tl.constexpr, 
 
 
 @triton.jit
-def _ids_start(idx_ptr, cnt, IDX_W: tl.constexpr):
-    # the state the walk over a row's block list starts from (see _ids_step): the row in
-    # registers (IDX_W > 0, its width rounded up), else the first entry (index 0 always exists)
-    if IDX_W > 0:
-        offs = tl.arange(0, IDX_W)
-        ids = tl.load(idx_ptr + offs, mask=offs < cnt, other=0)
-    else:
-        ids = tl.load(idx_ptr)
-    return ids
-
-
-@triton.jit
-def _ids_step(ids, idx_ptr, t, cnt, SUB: tl.constexpr, IDX_W: tl.constexpr):
-    # (block id of tile t, the state for tile t + 1); SUB tiles per block. IDX_W < 0: the id
-    # loaded one tile ahead (the default); > 0: picked from the registers; 0: loaded for the
-    # tile itself. Why it matters, see the module docstring.
-    if IDX_W > 0:
-        blk = tl.sum(tl.where(tl.arange(0, IDX_W) == t // SUB, ids, 0), axis=0)
-        nxt = ids
-    elif IDX_W == 0:
-        blk = tl.load(idx_ptr + t // SUB)
-        nxt = ids
-    else:
+def _ids_step(ids, idx_ptr, t, cnt, SUB: tl.constexpr, IDS_AHEAD: tl.constexpr):
+    # (block id of tile t, the walk's state for tile t + 1); SUB tiles per block; the walk starts
+    # from ids = the list's first entry (index 0 always exists). IDS_AHEAD (the default): the id
+    # of tile t + 1 is loaded in iteration t, so no tile load waits on a load of its own
+    # iteration; else the id is loaded for the tile itself. Why it matters: module docstring.
+    if IDS_AHEAD:
         blk = ids
         nxt = tl.load(idx_ptr + tl.minimum((t + 1) // SUB, tl.maximum(cnt - 1, 0)))
+    else:
+        blk = tl.load(idx_ptr + t // SUB)
+        nxt = ids
     return blk, nxt
 
 
@@ -181,7 +168,7 @@ def _fwd_kernel(
     stride_sb, stride_sh, stride_sl,
     H, L, NQ, NK, MAXK, NSP,
     BLOCK: tl.constexpr, HEAD_DIM: tl.constexpr,
-    HAS_SUMMARY: tl.constexpr, EVEN_L: tl.constexpr, USE_TMA: tl.constexpr, IDX_W: tl.constexpr,
+    HAS_SUMMARY: tl.constexpr, EVEN_L: tl.constexpr, USE_TMA: tl.constexpr, IDS_AHEAD: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_S: tl.constexpr,
 ):
     SUB: tl.constexpr = BLOCK // BLOCK_N
@@ -210,7 +197,7 @@ def _fwd_kernel(
 
     cnt = tl.load(KVC + row)
     idx_ptr = KVI + row.to(tl.int64) * MAXK
-    ids = _ids_start(idx_ptr, cnt, IDX_W)
+    ids = tl.load(idx_ptr)
     n_tiles = cnt * SUB
     if not EVEN_L:
         # the partial last key block, if kept, is the last list entry: peel it off
@@ -218,7 +205,7 @@ def _fwd_kernel(
         has_last = (cnt > 0) & (last == NK - 1)
         n_tiles = n_tiles - has_last.to(tl.int32) * SUB
     for t in range(0, n_tiles):
-        blk, ids = _ids_step(ids, idx_ptr, t, cnt, SUB, IDX_W)
+        blk, ids = _ids_step(ids, idx_ptr, t, cnt, SUB, IDS_AHEAD)
         start_n = blk * BLOCK + (t % SUB) * BLOCK_N
         acc, l_i, m_i = _fwd_tile(acc, l_i, m_i, q, Kp, Vp, b, h, start_n, offs_nb, offs_d, stride_kl, stride_vl, L,
                                   qk_scale, False, USE_TMA, BLOCK_N, HEAD_DIM)
@@ -298,7 +285,7 @@ def _bwd_dq_kernel(
     stride_gb, stride_gh, stride_gl,
     H, L, NQ, NK, MAXK, NSP,
     BLOCK: tl.constexpr, HEAD_DIM: tl.constexpr,
-    HAS_SUMMARY: tl.constexpr, EVEN_L: tl.constexpr, USE_TMA: tl.constexpr, IDX_W: tl.constexpr,
+    HAS_SUMMARY: tl.constexpr, EVEN_L: tl.constexpr, USE_TMA: tl.constexpr, IDS_AHEAD: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_S: tl.constexpr,
 ):
     SUB: tl.constexpr = BLOCK // BLOCK_N
@@ -329,9 +316,9 @@ def _bwd_dq_kernel(
 
     cnt = tl.load(KVC + row)
     idx_ptr = KVI + row.to(tl.int64) * MAXK
-    ids = _ids_start(idx_ptr, cnt, IDX_W)
+    ids = tl.load(idx_ptr)
     for t in range(0, cnt * SUB):
-        blk, ids = _ids_step(ids, idx_ptr, t, cnt, SUB, IDX_W)
+        blk, ids = _ids_step(ids, idx_ptr, t, cnt, SUB, IDS_AHEAD)
         start_n = blk * BLOCK + (t % SUB) * BLOCK_N
         # padded keys load as 0: their p is finite and multiplies k = 0 in dq
         k = _load_rows(Kp, b, h, start_n, offs_nb, offs_d, L, stride_kl, not EVEN_L, USE_TMA, BLOCK_N, HEAD_DIM)
@@ -374,7 +361,7 @@ def _bwd_dkv_kernel(
     stride_gb, stride_gh, stride_gl,
     H, L, NQ, NK, MAXQ,
     BLOCK: tl.constexpr, HEAD_DIM: tl.constexpr, EVEN_L: tl.constexpr, USE_TMA: tl.constexpr,
-    IDX_W: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+    IDS_AHEAD: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
 ):
     # key-major: program = one key tile; walks the query blocks that keep its key block
     SUB: tl.constexpr = BLOCK // BLOCK_M
@@ -406,9 +393,9 @@ def _bwd_dkv_kernel(
     row = bh * NK + kblk
     cnt = tl.load(QC + row)
     idx_ptr = QI + row.to(tl.int64) * MAXQ
-    ids = _ids_start(idx_ptr, cnt, IDX_W)
+    ids = tl.load(idx_ptr)
     for t in range(0, cnt * SUB):
-        qb, ids = _ids_step(ids, idx_ptr, t, cnt, SUB, IDX_W)
+        qb, ids = _ids_step(ids, idx_ptr, t, cnt, SUB, IDS_AHEAD)
         start_m = qb * BLOCK + (t % SUB) * BLOCK_M
         offs_m = start_m + offs_mb
         q = _load_rows(Qp, b, h, start_m, offs_mb, offs_d, L, stride_ql, not EVEN_L, USE_TMA, BLOCK_M, HEAD_DIM)
@@ -655,22 +642,15 @@ def _summary_operands(sk, sv, sbias, kept, spb):
     return sk, sv, table.contiguous(), nsp
 
 
-# VIDEOBLADE_KERNEL_IDS: how the kernels walk a row's block list (module docstring, _ids_step);
-# "regs" holds lists up to _MAX_IDX_W entries in registers, wider ones prefetch
-_ID_MODES = ("prefetch", "regs", "load")
-_MAX_IDX_W = 2048
+_ID_MODES = ("prefetch", "load")  # VIDEOBLADE_KERNEL_IDS (module docstring, _ids_step)
 
 
-def _idx_width(width: int) -> int:
-    """The IDX_W constexpr for block lists of ``width`` entries: -1 prefetch, 0 load per tile,
-    > 0 the register copy's width (a power of two)."""
+def _ids_ahead() -> bool:
+    """The IDS_AHEAD constexpr: True unless VIDEOBLADE_KERNEL_IDS=load."""
     mode = os.environ.get("VIDEOBLADE_KERNEL_IDS", "prefetch")
     if mode not in _ID_MODES:
         raise ValueError(f"VIDEOBLADE_KERNEL_IDS must be one of {_ID_MODES}, got {mode!r}")
-    if mode == "load":
-        return 0
-    w = triton.next_power_of_2(max(int(width), 1))
-    return w if mode == "regs" and w <= _MAX_IDX_W else -1
+    return mode == "prefetch"
 
 
 _SM_COUNT: dict = {}
@@ -722,7 +702,7 @@ def block_sparse_attention_fwd(q, k, v, kv_indices, kv_counts, block_size, sm_sc
         H, L, nq, nk, kvi.shape[-1], nsp,
     )
     const = {"BLOCK": block_size, "HEAD_DIM": D, "HAS_SUMMARY": has_s, "EVEN_L": L % block_size == 0, "USE_TMA": tma,
-             "IDX_W": _idx_width(kvi.shape[-1])}
+             "IDS_AHEAD": _ids_ahead()}
     if meta is not None:
         _fwd_kernel[(triton.cdiv(L, meta["BLOCK_M"]), B * H)](*args, **const, **meta)
     else:
@@ -795,8 +775,8 @@ def block_sparse_attention_bwd(do, q, k, v, out, lse, kv_indices, kv_counts, blo
         H, L, nq, nk, qi.shape[-1],
     )
     dq_const = {"BLOCK": block_size, "HEAD_DIM": D, "HAS_SUMMARY": has_s, "EVEN_L": even, "USE_TMA": tma,
-                "IDX_W": _idx_width(kvi.shape[-1])}
-    dkv_const = {"BLOCK": block_size, "HEAD_DIM": D, "EVEN_L": even, "USE_TMA": tma, "IDX_W": _idx_width(qi.shape[-1])}
+                "IDS_AHEAD": _ids_ahead()}
+    dkv_const = {"BLOCK": block_size, "HEAD_DIM": D, "EVEN_L": even, "USE_TMA": tma, "IDS_AHEAD": _ids_ahead()}
     if meta is not None:
         _bwd_dq_kernel[(triton.cdiv(L, meta["BLOCK_M"]), B * H)](*dq_args, **dq_const, **meta)
         _bwd_dkv_kernel[(triton.cdiv(L, meta["BLOCK_N"]), B * H)](
