@@ -137,6 +137,57 @@ def denoise_gap(adapter, transformer, schedule, geometry, clips, meta, emb_by_pr
     return rows
 
 
+def frame_order_check(adapter, transformer, schedule, geometry, emb_by_prompt, n=32, t=700, seed=2) -> dict:
+    """Does the teacher know which way time runs? On noise-level-t inputs, the relative change of
+    its output when the input is mirrored along one axis and the output mirrored back (0 = the
+    model is equivariant to that mirror). Mirroring time changes nothing a model blind to the
+    order of frames computes; mirroring height or width also reorders the pixels inside each
+    2x2 patch, so those stay large for any model. Then, per noise level, how much the x0
+    prediction moves when the prompt's direction is swapped for the opposite one or for a
+    perpendicular one (relative to the prediction's own spread). A model that cannot tell
+    left from right answers both prompts the same.
+    """
+    import torch
+
+    from videoblade.toy.data import DIRECTIONS, all_prompts, parse_prompt
+
+    device = next(transformer.parameters()).device
+    g = torch.Generator().manual_seed(seed)
+    prompts = all_prompts()
+    x = torch.randn((n, *geometry.latent_shape), generator=g)
+    pid = torch.randint(0, len(prompts), (n,), generator=g)
+    opposite = {"left": "right", "right": "left", "up": "down", "down": "up"}
+    across = {"left": "up", "right": "down", "up": "left", "down": "right"}
+
+    def swap(table):
+        out = []
+        for i in pid.tolist():
+            d = parse_prompt(prompts[i])[2]
+            out.append(prompts.index(prompts[i].replace(f"moving {d}", f"moving {table[d]}")))
+        return torch.tensor(out)
+
+    def x0(inp, tt, ids):
+        with torch.no_grad():
+            out = adapter.predict(transformer, inp.to(device), tt.to(device), emb_by_prompt[ids].to(device), geometry,
+                                  schedule=schedule)
+        return schedule.to_x0_eps(out.cpu(), inp, tt)[0]
+
+    row = {}
+    tt = torch.full((n,), t)
+    base = x0(x, tt, pid)
+    for name, dim in (("time", 2), ("height", 3), ("width", 4)):
+        mirrored = x0(x.flip(dim), tt, pid).flip(dim)
+        row[f"mirror_{name}_rel_change"] = round(float((mirrored - base).norm() / base.norm()), 4)
+    assert set(DIRECTIONS) == set(opposite)
+    for level in (500, 800, 950):
+        tl_ = torch.full((n,), level)
+        ref = x0(x, tl_, pid)
+        spread = float((ref - ref.mean(0, keepdim=True)).norm())
+        for name, table in (("opposite", opposite), ("perpendicular", across)):
+            row[f"prompt_{name}_rel_change_t{level}"] = round(float((x0(x, tl_, swap(table)) - ref).norm()) / spread, 4)
+    return row
+
+
 def _right_prompt(x, grid, grid_unit, prompts) -> float:
     from videoblade.toy.metrics import nearest, to_unit
 
@@ -182,6 +233,7 @@ def run_variant(name: str, spec: dict, out: str, device: str, threads: int, unip
                      "coverage": round(m["coverage"], 3), "right_prompt": round(_right_prompt(x, grid, grid_unit,
                                                                                               prompts), 3),
                      "colour_ok": round(pf["colour_ok"], 3), "motion_ok": round(pf["motion_ok"], 3),
+                     "motion_reversed": round(pf["motion_reversed"], 3),
                      "teacher_steps": prof.teacher.steps, "teacher_train_s": round(train_s, 1),
                      "final_loss": round(summary["final_loss"], 4)})
     # the evaluation prompts are all_prompts(), each eval_per_prompt times in a row: one embedding each
@@ -189,6 +241,8 @@ def run_variant(name: str, spec: dict, out: str, device: str, threads: int, unip
     for r in denoise_gap(ev.adapter, ev.loaded.transformer.eval(), ev.loaded.schedule, ev.geometry, clips, meta,
                          emb_by_prompt):
         rows.append({"what": "denoising check", "variant": name, "spec": spec, "device": device, **r})
+    rows.append({"what": "frame order check", "variant": name, "spec": spec, "device": device,
+                 **frame_order_check(ev.adapter, ev.loaded.transformer, ev.loaded.schedule, ev.geometry, emb_by_prompt)})
     return rows
 
 
@@ -262,11 +316,14 @@ def main(argv=None) -> int:
     if args.merge_from:
         redone = set(names) | ({"ideal"} if args.ideal else set())
         rows = carry_over(args.merge_from, lambda r: r["variant"] not in redone, {}) + rows
-    print_table([r for r in rows if r["what"] != "denoising check"],
+    print_table([r for r in rows if r["what"] not in ("denoising check", "frame order check")],
                 ["what", "variant", "sampler", "steps", "eta", "precision", "coverage", "right_prompt", "colour_ok", "motion_ok",
+                 "motion_reversed",
                  "teacher_train_s"])
     print_table([r for r in rows if r["what"] == "denoising check"],
                 ["variant", "t_band", "x0_mse_teacher", "x0_mse_ideal"])
+    order = [r for r in rows if r["what"] == "frame order check"]
+    print_table(order, ["variant"] + [k for k in (order[0] if order else {}) if k.startswith(("mirror", "prompt"))])
     by = {(r["variant"], r["steps"], r.get("eta")): r for r in rows if r["what"] == "teacher"}
     gaps = [by[(v, 4, e)]["precision"] / by[(v, 50, e)]["precision"] for (v, s, e) in by if s == 50 and (v, 4, e) in by]
     extra = {"environment": env_info() | {"cpu_count": os.cpu_count()},

@@ -134,7 +134,8 @@ def test_prompt_following_reads_colour_and_motion(cfg):
     grid = factor_grid(cfg)
     x = render(cfg, grid)
     prompts = [c.prompt for c in grid]
-    assert prompt_following(x, prompts, cfg) == {"colour_ok": 1.0, "motion_ok": 1.0, "motion_still": 0.0}
+    assert prompt_following(x, prompts, cfg) == {"colour_ok": 1.0, "motion_ok": 1.0, "motion_still": 0.0,
+                                                  "motion_reversed": 0.0}
     background = torch.from_numpy(data_background(cfg))[None] * 2 - 1  # [1, 3, F, H, W]
     shape = (x - background).abs().sum(1, keepdim=True) > 1e-6  # [N, 1, F, H, W]
 
@@ -144,21 +145,26 @@ def test_prompt_following_reads_colour_and_motion(cfg):
     # standing still (every frame shows the first one's shape) or running backwards: right
     # colour, wrong motion
     still = frames_from([0] * cfg.frames)
-    assert prompt_following(still, prompts, cfg) == {"colour_ok": 1.0, "motion_ok": 0.0, "motion_still": 1.0}
+    assert prompt_following(still, prompts, cfg) == {"colour_ok": 1.0, "motion_ok": 0.0, "motion_still": 1.0,
+                                                      "motion_reversed": 0.0}
     backwards = frames_from(list(range(cfg.frames))[::-1])
-    assert prompt_following(backwards, prompts, cfg) == {"colour_ok": 1.0, "motion_ok": 0.0, "motion_still": 0.0}
+    assert prompt_following(backwards, prompts, cfg) == {"colour_ok": 1.0, "motion_ok": 0.0, "motion_still": 0.0,
+                                                          "motion_reversed": 1.0}
     # the same clips read against the prompts of another colour: motion right, colour wrong
     names = list(COLOURS)
     recoloured = [p.replace(f" {c.colour} ", f" {names[(names.index(c.colour) + 1) % len(names)]} ")
                   for p, c in zip(prompts, grid)]
-    assert prompt_following(x, recoloured, cfg) == {"colour_ok": 0.0, "motion_ok": 1.0, "motion_still": 0.0}
+    assert prompt_following(x, recoloured, cfg) == {"colour_ok": 0.0, "motion_ok": 1.0, "motion_still": 0.0,
+                                                      "motion_reversed": 0.0}
     # a shape missing from one frame fails motion; an empty clip fails both
     gap = x.clone()
     gap[:, :, 2] = background[:, :, 2]  # frame 2 shows no shape
     assert prompt_following(gap, prompts, cfg)["motion_ok"] == 0.0
     assert prompt_following(gap, prompts, cfg)["motion_still"] == 0.0  # not a whole clip
+    assert prompt_following(gap[:, :, list(range(cfg.frames))[::-1]], prompts, cfg)["motion_reversed"] == 0.0
     blank = background.expand_as(x)
-    assert prompt_following(blank, prompts, cfg) == {"colour_ok": 0.0, "motion_ok": 0.0, "motion_still": 0.0}
+    assert prompt_following(blank, prompts, cfg) == {"colour_ok": 0.0, "motion_ok": 0.0, "motion_still": 0.0,
+                                                      "motion_reversed": 0.0}
     # half the clips static: half the score, half standing still
     mixed = torch.where((torch.arange(len(grid)) % 2 == 0).view(-1, 1, 1, 1, 1), x, still)
     assert prompt_following(mixed, prompts, cfg)["motion_ok"] == pytest.approx(0.5, abs=1 / len(grid))
@@ -236,6 +242,38 @@ def test_ideal_denoiser_needs_few_steps_on_the_toy_data():
     rows = {r["steps"]: r for r in ideal_rows(steps_list=(4, 1))}
     assert rows[4]["precision"] < 0.01 and rows[4]["coverage"] > 0.8
     assert rows[1]["precision"] > 0.5 and rows[1]["coverage"] < 0.5
+
+
+def test_frame_order_check_tells_a_frame_order_blind_model_from_one_that_reads_it():
+    """benchmarks/demo_teacher.py's check on two stand-in models: one whose output mixes each
+    frame with the mean over frames and ignores the prompt (blind to the order of frames and to
+    left/right), one that weights frames by their index and shifts by the prompt's direction."""
+    from types import SimpleNamespace
+
+    from benchmarks.demo_teacher import frame_order_check
+    from videoblade.schedules import Schedule
+    from videoblade.toy.data import all_prompts, parse_prompt
+
+    prompts = all_prompts()
+    sign = torch.tensor([{"left": -1.0, "right": 1.0, "up": 0.0, "down": 0.0}[parse_prompt(p)[2]] for p in prompts])
+    emb = sign.view(-1, 1, 1).expand(-1, 2, 4).contiguous()  # the prompt's horizontal sign in its embedding
+    geometry = SimpleNamespace(latent_shape=(3, 5, 6, 6))
+    ramp = torch.linspace(-1, 1, 5).view(1, 1, 5, 1, 1)
+
+    def blind(model, x, t, e, geo, schedule=None):
+        return x + x.mean(2, keepdim=True)
+
+    def ordered(model, x, t, e, geo, schedule=None):
+        return x * (1 + ramp) + e[:, 0, 0].view(-1, 1, 1, 1, 1) * ramp
+
+    sch, net = Schedule.flow(1000, 1.0), torch.nn.Linear(1, 1)
+    rows = {name: frame_order_check(SimpleNamespace(predict=fn), net, sch, geometry, emb)
+            for name, fn in (("blind", blind), ("ordered", ordered))}
+    assert rows["blind"]["mirror_time_rel_change"] < 1e-6
+    assert rows["ordered"]["mirror_time_rel_change"] > 0.1
+    for level in (500, 800, 950):
+        assert rows["blind"][f"prompt_opposite_rel_change_t{level}"] == 0.0
+        assert rows["ordered"][f"prompt_opposite_rel_change_t{level}"] > 0.01
 
 
 def test_teacher_x0_loss_is_the_error_of_the_implied_x0():

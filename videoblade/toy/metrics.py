@@ -88,7 +88,10 @@ def prompt_following(samples: torch.Tensor, prompts: list[str], cfg) -> dict:
     per-frame step of its centroid, (c[F-1] - c[0]) / (F-1), is nearest to the prompt's
     direction x speed among the four directions x speed and (0, 0). A sample without foreground
     fails both. motion_still: every frame has foreground and that step is nearest to (0, 0) (the
-    shape stands still: the teacher's usual failure on the demo data).
+    shape stands still: the teacher's usual failure on the demo data). motion_reversed: every
+    frame has foreground and the step is nearest to the opposite of the prompt's direction. A
+    model blind to the order of frames moves a shape the prompt's way and the opposite way
+    equally often, so motion_reversed ~ motion_ok.
     """
     from videoblade.toy.data import COLOURS, DIRECTIONS, background, parse_prompt
 
@@ -120,11 +123,16 @@ def prompt_following(samples: torch.Tensor, prompts: list[str], cfg) -> dict:
     candidates = torch.tensor([DIRECTIONS[d] for d in moves] + [(0, 0)], dtype=torch.float64) * cfg.speed
     move_idx = torch.cdist(step, candidates).argmin(1)
 
-    colour_ok, motion_ok, still = [], [], []
+    opposite = {d: next(e for e in moves if tuple(-c for c in DIRECTIONS[d]) == tuple(DIRECTIONS[e]))
+                for d in moves}
+    colour_ok, motion_ok, still, reversed_ = [], [], [], []
     for i, p in enumerate(prompts):
         _, colour, direction = parse_prompt(p)
         colour_ok.append(bool(n_px[i] > 0) and names[int(colour_idx[i])] == colour)
         whole = bool((per_frame[i] > 0).all())
-        motion_ok.append(whole and int(move_idx[i]) < len(moves) and moves[int(move_idx[i])] == direction)
+        moved = moves[int(move_idx[i])] if whole and int(move_idx[i]) < len(moves) else None
+        motion_ok.append(moved == direction)
+        reversed_.append(moved == opposite[direction])
         still.append(whole and int(move_idx[i]) == len(moves))
-    return {"colour_ok": sum(colour_ok) / N, "motion_ok": sum(motion_ok) / N, "motion_still": sum(still) / N}
+    return {"colour_ok": sum(colour_ok) / N, "motion_ok": sum(motion_ok) / N, "motion_still": sum(still) / N,
+            "motion_reversed": sum(reversed_) / N}

@@ -314,7 +314,7 @@ def _label(row: dict, prof: DemoProfile) -> str:
 
 def format_table(rows: list[dict], prof: DemoProfile) -> str:
     head = (f"{'method':<40} {'steps':>5} {'precision':>9} {'coverage':>8} {'colour':>6} {'motion':>6} "
-            f"{'still':>6} {'density':>7} {'sample s':>8}")
+            f"{'still':>6} {'rev':>6} {'density':>7} {'sample s':>8}")
     lines = [head, "-" * len(head)]
     for r in rows:
         name = METHOD_LABELS[r["method"]].format(cfg=prof.cfg)
@@ -323,7 +323,8 @@ def format_table(rows: list[dict], prof: DemoProfile) -> str:
         if r["method"] in ("teacher", "tdm") and r["steps"] is not None:
             dens = "1.00"
         lines.append(f"{name:<40} {steps:>5} {r['precision']:>9.3f} {r['coverage']:>8.3f} {r['colour_ok']:>6.2f} "
-                     f"{r['motion_ok']:>6.2f} {r.get('motion_still', float('nan')):>6.2f} {dens:>7} {r['seconds']:>8.1f}")
+                     f"{r['motion_ok']:>6.2f} {r.get('motion_still', float('nan')):>6.2f} "
+                     f"{r.get('motion_reversed', float('nan')):>6.2f} {dens:>7} {r['seconds']:>8.1f}")
     return "\n".join(lines)
 
 
