@@ -149,12 +149,10 @@ def frame_order_check(adapter, transformer, schedule, geometry, emb_by_prompt, n
     """
     import torch
 
-    from videoblade.toy.data import all_prompts
-
     device = next(transformer.parameters()).device
     g = torch.Generator().manual_seed(seed)
     x = torch.randn((n, *geometry.latent_shape), generator=g)
-    emb = emb_by_prompt[torch.randint(0, len(all_prompts()), (n,), generator=g)].to(device)
+    emb = emb_by_prompt[torch.randint(0, emb_by_prompt.shape[0], (n,), generator=g)].to(device)
 
     def x0(inp, tt):
         with torch.no_grad():

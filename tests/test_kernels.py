@@ -352,7 +352,7 @@ def test_kernel_block_id_walks_are_equal(case, monkeypatch):
     assert len(results["load"]) == (7 if pool else 5)
     for a, b in zip(results["prefetch"], results["load"]):
         assert torch.equal(a, b)
-    # and the walk is the right one, not merely the same in all three
+    # and the walk is the right one, not merely the same in both
     ref = block_sparse_attention_ref(q, k, v, kvi, kvc, bs, 0.3, summ)[0]
     assert rel_err(results["prefetch"][0], ref) < 1e-2
 

@@ -774,9 +774,10 @@ def block_sparse_attention_bwd(do, q, k, v, out, lse, kv_indices, kv_counts, blo
         dk.stride(0), dk.stride(1), dk.stride(2),
         H, L, nq, nk, qi.shape[-1],
     )
+    ahead = _ids_ahead()
     dq_const = {"BLOCK": block_size, "HEAD_DIM": D, "HAS_SUMMARY": has_s, "EVEN_L": even, "USE_TMA": tma,
-                "IDS_AHEAD": _ids_ahead()}
-    dkv_const = {"BLOCK": block_size, "HEAD_DIM": D, "EVEN_L": even, "USE_TMA": tma, "IDS_AHEAD": _ids_ahead()}
+                "IDS_AHEAD": ahead}
+    dkv_const = {"BLOCK": block_size, "HEAD_DIM": D, "EVEN_L": even, "USE_TMA": tma, "IDS_AHEAD": ahead}
     if meta is not None:
         _bwd_dq_kernel[(triton.cdiv(L, meta["BLOCK_M"]), B * H)](*dq_args, **dq_const, **meta)
         _bwd_dkv_kernel[(triton.cdiv(L, meta["BLOCK_N"]), B * H)](
