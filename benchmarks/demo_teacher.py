@@ -66,6 +66,10 @@ VARIANTS: dict[str, dict] = {
     "rope_hd48": {"model": {"attention_head_dim": 48, "ffn_dim": 384}},
     "heads1x64": {"model": {"num_attention_heads": 1, "attention_head_dim": 64, "ffn_dim": 256}},
     "heads4x32_l4": {"model": {"num_attention_heads": 4, "attention_head_dim": 32, "ffn_dim": 256}},
+    "heads2x32": {"model": {"attention_head_dim": 32, "ffn_dim": 256}},
+    # a temporal patch of 2 (8 frames): each token's input holds two frames in order, so the
+    # patch embedding alone breaks the symmetry under mirroring time (`frame_order_check`)
+    "patch2x2x2_f8": {"model": {"patch_size": [2, 2, 2]}, "data": {"frames": 8}},
     # a background that shows each pixel's position and frame (videoblade.toy.data.background)
     "ramp": {"data": {"background_ramp": 0.25}},
     "ramp_wide": {"data": {"background_ramp": 0.25}, "model": WIDE},
