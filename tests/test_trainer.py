@@ -258,6 +258,27 @@ def test_ddp_two_processes_gloo_through_the_launch_script(tiny, tmp_path):
     assert (cfg.tdm.cfg, cfg.tdm.lambda_reg, cfg.asa.pool) == (3.5, 0.5, 8)  # the YAML recipe + overrides
 
 
+def test_entry_point_destroys_the_process_group_after_a_finished_run(monkeypatch):
+    # left to interpreter exit, gloo's threads can abort a finished rank (SIGABRT): the entry
+    # point destroys the group itself once training has returned
+    import torch.distributed as dist
+
+    from videoblade import train as entry
+
+    monkeypatch.setenv("MASTER_ADDR", "127.0.0.1")
+    monkeypatch.setenv("MASTER_PORT", str(_port()))
+    monkeypatch.setattr(entry, "load_config", lambda *a, **k: object())
+    monkeypatch.setattr("videoblade.distill.trainer.train",
+                        lambda cfg: {"step": 1, "max_train_steps": 1, "loras": {}})
+    dist.init_process_group("gloo", rank=0, world_size=1)
+    try:
+        assert entry.main(["model.path=x"]) == 0
+        assert not dist.is_initialized()
+    finally:
+        if dist.is_initialized():
+            dist.destroy_process_group()
+
+
 def test_validate_request_fails_before_loading(tiny, tmp_path):
     from videoblade.distill.trainer import TrainRequestError, validate_request
 

@@ -27,8 +27,23 @@ def main(argv: list[str] | None = None) -> int:
     except (ConfigError, TrainRequestError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
+    close_process_group()
     print(f"done: step {summary['step']}/{summary['max_train_steps']}, LoRA: {summary['loras'].get('student', '-')}")
     return 0
+
+
+def close_process_group() -> None:
+    """Destroy the default process group once a run has finished.
+
+    Left to interpreter exit, gloo's worker threads can be torn down after the interpreter and
+    abort a finished run with SIGABRT ("terminate called without an active exception",
+    pytorch/pytorch#190489): seen once in the 2-process gloo test. Only after success, as
+    torchtitan does: after an error another rank may still wait in a collective, and destroying
+    the group there can hang instead of exiting."""
+    import torch.distributed as dist
+
+    if dist.is_available() and dist.is_initialized():
+        dist.destroy_process_group()
 
 
 if __name__ == "__main__":
