@@ -1,7 +1,7 @@
 """End-to-end speed: the dense 50-step CFG baseline against the 8-step sparse student, one GPU, one process.
 
     python benchmarks/e2e.py                         # H200: writes benchmarks/results/e2e_h200.json
-    python benchmarks/e2e.py --tiny --out /tmp/e2e.json   # CPU smoke run on the tiny models
+    python benchmarks/e2e.py --tiny --out /tmp/e2e        # CPU smoke run on the tiny models (-> /tmp/e2e/e2e_cpu.json)
 
 What is measured (full size, random weights, bf16 transformers; the configs are the published
 ones, written below, so nothing downloads):
@@ -453,9 +453,19 @@ def _write(out: Path, rows: list[dict], summaries: dict) -> Path:
         "figures use the same decode setting; targets: the better of eager-vs-eager and compiled-vs-compiled"))
 
 
+def results_path(out: str | None) -> Path:
+    """--out: a folder (like the other benchmarks' --out) or, ending in .json, the file itself."""
+    name = f"e2e_{gpu_tag()}.json"
+    if not out:
+        return RESULTS / name
+    return Path(out) if out.endswith(".json") else Path(out) / name
+
+
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--out", default=None, help="results file (default benchmarks/results/e2e_<card>.json)")
+    p.add_argument("--out", default=None,
+                   help="results folder, as the other benchmarks take it (default benchmarks/results; the file "
+                        "is e2e_<card>.json there), or a path ending in .json for the file itself")
     p.add_argument("--models", default="wan,cogvideox")
     p.add_argument("--tiny", action="store_true", help="tiny configs at the tiny default size (CPU smoke run)")
     p.add_argument("--baseline-steps", type=int, default=50)
@@ -484,7 +494,7 @@ def main(argv=None) -> int:
     specs = {"wan": ("Wan2.1-T2V-1.3B", WAN_1_3B), "cogvideox": ("CogVideoX-5B", COG_5B)}
     rows: list[dict] = []
     summaries = {}
-    out = Path(args.out) if args.out else RESULTS / f"e2e_{gpu_tag()}.json"
+    out = results_path(args.out)
     path = None
     fams = [m.strip() for m in args.models.split(",") if m.strip()]
     if args.merge_from:

@@ -121,16 +121,21 @@ def _variant(row: dict) -> str:
     return row.get("variant") or row["what"].split("(", 1)[1].split(")", 1)[0]
 
 
-def main(argv=None) -> int:
+def parser() -> argparse.ArgumentParser:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--steps", type=int, default=4, help="TDM iterations per variant (the first is warm-up)")
     ap.add_argument("--smoke", action="store_true", help="toy sizes on the CPU: checks the script only")
     ap.add_argument("--work-dir", default=None)
-    ap.add_argument("--out-dir", default=None, help="results folder (default benchmarks/results)")
+    ap.add_argument("--out-dir", "--out", dest="out_dir", default=None,
+                    help="results folder (default benchmarks/results); --out as in the other benchmarks")
     ap.add_argument("--variants", default=None, help="comma-separated subset of the variants (default: all)")
     ap.add_argument("--merge-from", default=None,
                     help="earlier train results JSON: keep its rows for the variants this run skips")
-    a = ap.parse_args(argv)
+    return ap
+
+
+def main(argv=None) -> int:
+    a = parser().parse_args(argv)
     if not a.smoke and not torch.cuda.is_available():
         raise SystemExit("needs a CUDA GPU (or --smoke)")
     work = Path(a.work_dir or tempfile.mkdtemp(prefix="vb-train-bench-"))
