@@ -1,7 +1,7 @@
 """End-to-end speed: the dense 50-step CFG baseline against the 8-step sparse student, one GPU, one process.
 
     python benchmarks/e2e.py                         # H200: writes benchmarks/results/e2e_h200.json
-    python benchmarks/e2e.py --tiny --out /tmp/e2e        # CPU smoke run on the tiny models (-> /tmp/e2e/e2e_cpu.json)
+    python benchmarks/e2e.py --tiny --out /tmp/e2e   # CPU smoke run on the tiny models: /tmp/e2e/e2e_cpu.json
 
 What is measured (full size, random weights, bf16 transformers; the configs are the published
 ones, written below, so nothing downloads):
