@@ -73,6 +73,35 @@ def test_block_lists_roundtrip():
     assert torch.equal(block_lists_to_mask(kvi3, kvc, 7), mask)
 
 
+@pytest.mark.parametrize("nk,spb,ns_pad", [(40, 4, 0), (7, 1, 5), (9, 8, 0)])
+def test_summary_table_from_block_lists(nk, spb, ns_pad):
+    # the kernels' bias table, built from the block lists in one launch, against the same table
+    # written out in torch: log2(count) per summary, -inf on the kept blocks' summaries and on
+    # the padding. nk=40 walks a row's list in more than one chunk of ids; spb=1 masks the
+    # summary lane; a partial last group (ns_pad) gives a different count and -inf groups
+    from videoblade.kernels.block_sparse import _S_PAD, _summary_operands
+
+    g = torch.Generator().manual_seed(nk)
+    mask = random_mask(2, 3, nk, 0.5, g)
+    kvi, kvc = mask_to_block_lists(mask)
+    ns = nk * spb
+    sk = torch.randn(2, 3, ns, 16, generator=g)
+    sv = torch.randn(2, 3, ns, 16, generator=g)
+    counts = torch.full((ns,), 8.0)
+    if ns_pad:
+        counts[-ns_pad:] = 0.0
+        counts[-ns_pad - 1] = 3.0
+    sbias = torch.where(counts > 0, counts.log(), torch.full_like(counts, float("-inf")))
+    skp, svp, table, nsp = _summary_operands(sk.to(DEV), sv.to(DEV), sbias.to(DEV), kvi.to(DEV), kvc.to(DEV), spb)
+    assert nsp % _S_PAD == 0 and nsp >= ns and table.shape == (2, 3, nk, nsp)
+    want = torch.full((2, 3, nk, nsp), float("-inf"))
+    want[..., :ns] = torch.where(mask.repeat_interleave(spb, -1), float("-inf"), sbias * math.log2(math.e))
+    assert torch.equal(torch.isinf(table.cpu()), torch.isinf(want))
+    torch.testing.assert_close(table.cpu(), want, rtol=1e-6, atol=0)
+    assert torch.equal(skp[:, :, :ns].cpu(), sk) and torch.equal(svp[:, :, :ns].cpu(), sv)
+    assert not skp[:, :, ns:].any() and not svp[:, :, ns:].any()
+
+
 def test_transpose_block_lists():
     g = torch.Generator().manual_seed(1)
     mask = random_mask(1, 2, 6, 0.5, g)

@@ -57,7 +57,7 @@ import torch
 import triton
 import triton.language as tl
 
-from .blocks import Summary, block_lists_to_mask, num_blocks, transpose_block_lists
+from .blocks import Summary, num_blocks, transpose_block_lists
 
 try:  # host-side TMA descriptors (triton >= 3.4)
     from triton.tools.tensor_descriptor import TensorDescriptor
@@ -623,23 +623,48 @@ def _last_unit(x: torch.Tensor) -> torch.Tensor:
 _S_PAD = 128
 
 
-def _summary_operands(sk, sv, sbias, kept, spb):
+@triton.jit
+def _summary_table_kernel(KVI, KVC, SB, TAB, MAXK, NS, NSP,
+                          SPB: tl.constexpr, SPB_P: tl.constexpr, CHUNK: tl.constexpr, IDS: tl.constexpr):
+    # one program per (batch, head, query block) row of the table: first every entry gets its
+    # summary's log2 count (-inf on the padding), then the summaries of the row's kept key blocks
+    # are overwritten with -inf. The barrier orders the two phases' stores to the same addresses
+    # across the program's threads.
+    row = tl.program_id(0).to(tl.int64)
+    trow = TAB + row * NSP
+    for s0 in range(0, NSP, CHUNK):
+        offs = s0 + tl.arange(0, CHUNK)
+        b = tl.load(SB + offs, mask=offs < NS, other=float("-inf"))
+        tl.store(trow + offs, b * 1.4426950408889634, mask=offs < NSP)
+    tl.debug_barrier()
+    cnt = tl.load(KVC + row)
+    offs_j = tl.arange(0, SPB_P)
+    ninf = tl.full([IDS, SPB_P], float("-inf"), tl.float32)
+    for i0 in range(0, cnt, IDS):
+        offs_i = i0 + tl.arange(0, IDS)
+        ok = offs_i < cnt
+        ids = tl.load(KVI + row * MAXK + offs_i, mask=ok, other=0)
+        tl.store(trow + ids[:, None] * SPB + offs_j[None, :], ninf, mask=ok[:, None] & (offs_j[None, :] < SPB))
+
+
+def _summary_operands(sk, sv, sbias, kvi, kvc, spb):
     """(sk, sv) padded to NSP = ceil(NS / 128) * 128 rows and the float32 bias table
     [B, H, NQ, NSP] in log2 units: log(count) * log2(e), -inf where the query block keeps
-    the summary's key block (it sees the exact tokens) and on the padding. Built with a few
-    torch ops on [B, H, NQ, NK] (no per-element masking left in the kernels)."""
+    the summary's key block (it sees the exact tokens) and on the padding. The table comes
+    from the block lists (int32 ``kvi`` [B, H, NQ, MAXK], ``kvc`` [B, H, NQ]) in one launch
+    (``_summary_table_kernel``; no per-element masking left in the attention kernels)."""
     B, H, ns, D = sk.shape
     nsp = -(-ns // _S_PAD) * _S_PAD
     sk, sv = sk.contiguous(), sv.contiguous()
     if nsp != ns:
         sk = torch.nn.functional.pad(sk, (0, 0, 0, nsp - ns))
         sv = torch.nn.functional.pad(sv, (0, 0, 0, nsp - ns))
-    b2 = sbias.to(device=sk.device, dtype=torch.float32) * LOG2E
-    kept_s = kept[..., None].expand(*kept.shape, spb).reshape(*kept.shape[:-1], kept.shape[-1] * spb)
-    table = torch.where(kept_s, float("-inf"), b2)
-    if nsp != ns:
-        table = torch.nn.functional.pad(table, (0, nsp - ns), value=float("-inf"))
-    return sk, sv, table.contiguous(), nsp
+    sb = sbias.to(device=sk.device, dtype=torch.float32).contiguous()
+    table = torch.empty((*kvc.shape, nsp), dtype=torch.float32, device=sk.device)
+    _summary_table_kernel[(kvc.numel(),)](kvi, kvc, sb, table, kvi.shape[-1], ns, nsp, SPB=spb,
+                                          SPB_P=max(2, triton.next_power_of_2(spb)), CHUNK=_S_PAD,
+                                          IDS=16, num_warps=4)
+    return sk, sv, table, nsp
 
 
 _ID_MODES = ("prefetch", "load")  # VIDEOBLADE_KERNEL_IDS (module docstring, _ids_step)
@@ -682,8 +707,7 @@ def block_sparse_attention_fwd(q, k, v, kv_indices, kv_counts, block_size, sm_sc
         lse = torch.empty((B, H, L), dtype=torch.float32, device=q.device)
     has_s = sk is not None
     if has_s:
-        kept = block_lists_to_mask(kvi, kvc, nk)
-        sk, sv, stab, nsp = _summary_operands(sk, sv, sbias, kept, sk.shape[2] // nk)
+        sk, sv, stab, nsp = _summary_operands(sk, sv, sbias, kvi, kvc, sk.shape[2] // nk)
     else:
         sk = sv = stab = kvc  # unused placeholders
         nsp = 0
@@ -734,11 +758,11 @@ def block_sparse_attention_bwd(do, q, k, v, out, lse, kv_indices, kv_counts, blo
         out, do, delta, out.stride(0), out.stride(1), out.stride(2), do.stride(0), do.stride(1), do.stride(2),
         H, L, HEAD_DIM=D, BLOCK_M=pre_m,
     )
-    qi, qc, kept = transpose_block_lists(kvi, kvc, nk)
+    qi, qc, _ = transpose_block_lists(kvi, kvc, nk)
     has_s = sk is not None
     if has_s:
         ns = sk.shape[2]
-        skp, svp, stab, nsp = _summary_operands(sk, sv, sbias, kept, ns // nk)
+        skp, svp, stab, nsp = _summary_operands(sk, sv, sbias, kvi, kvc, ns // nk)
         sstr = (skp.stride(0), skp.stride(1), skp.stride(2))
     else:
         skp = svp = stab = kvc  # unused placeholders
