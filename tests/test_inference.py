@@ -148,6 +148,7 @@ def test_blade_sparse_eval_dir(tiny_wan, trained, asa_yaml, tmp_path):
     st = report["settings"]
     assert st["method"] == "blade" and st["attention"] == "sparse" and st["steps"] == 2 and st["guidance"] == 1.0
     assert st["lora"]["layout"] == "diffusers" and st["lora"]["rank"] == 4 and st["lora"]["family"] == "wan"
+    assert st["lora"]["fused"] is True  # merged into the weights by default (--no-fuse-lora keeps adapters)
     assert st["asa"]["block_size"] == 16 and st["sampler"] == "tdm"
     # 72 tokens in blocks of 16 with at most 40 % of key blocks kept (+ the diagonal): really sparse
     for v in (v for e in report["prompts"] for v in e["videos"]):
@@ -441,25 +442,45 @@ def test_cli_dispatch(capsys):
     assert "--eval-dir" in capsys.readouterr().out
 
 
-def test_lora_is_applied_with_its_scale(tiny_wan, trained, tmp_path):
-    """The loaded student differs from the base model, and --lora-scale 0 gives the base back."""
+def _student_prediction(tiny_wan, tmp_path, *extra):
+    """The loaded transformer and its prediction on fixed inputs, for a dense plan with ``extra``."""
     from videoblade.inference import load_components
 
-    def out_of(*extra):
-        plan = plan_from_args(build_parser().parse_args(_common(tiny_wan, "--dense", "--prompt", "x", "--out",
-                                                                str(tmp_path), *extra)))
-        comps = load_components(plan)
-        g = torch.Generator().manual_seed(0)
-        x = torch.randn(1, *plan.geometry.latent_shape, generator=g)
-        emb = torch.randn(1, plan.text_max_length, 32, generator=g)
-        with torch.no_grad():
-            return plan.adapter.predict(comps.transformer, x, torch.tensor([500]), emb, plan.geometry)
+    plan = plan_from_args(build_parser().parse_args(_common(tiny_wan, "--dense", "--prompt", "x", "--out",
+                                                            str(tmp_path), *extra)))
+    comps = load_components(plan)
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(1, *plan.geometry.latent_shape, generator=g)
+    emb = torch.randn(1, plan.text_max_length, 32, generator=g)
+    with torch.no_grad():
+        return comps.transformer, plan.adapter.predict(comps.transformer, x, torch.tensor([500]), emb, plan.geometry)
 
-    base = out_of()
-    student = out_of("--lora", str(trained))
-    off = out_of("--lora", str(trained), "--lora-scale", "0")
+
+def test_lora_is_applied_with_its_scale(tiny_wan, trained, tmp_path):
+    """The loaded student differs from the base model, and --lora-scale 0 gives the base back."""
+    base = _student_prediction(tiny_wan, tmp_path)[1]
+    student = _student_prediction(tiny_wan, tmp_path, "--lora", str(trained))[1]
+    off = _student_prediction(tiny_wan, tmp_path, "--lora", str(trained), "--lora-scale", "0")[1]
     assert (student - base).abs().max() > 1e-6
     assert torch.allclose(off, base, atol=1e-6)
+
+
+def test_lora_is_merged_into_the_weights_unless_kept_apart(tiny_wan, trained, tmp_path):
+    """By default the LoRA is merged after loading (no adapter layers left to run), at its scale;
+    --no-fuse-lora keeps the adapter layers. Both give the same student."""
+    from peft.tuners.tuners_utils import BaseTunerLayer
+
+    def adapters(t):
+        return sum(isinstance(m, BaseTunerLayer) for m in t.modules())
+
+    for scale in ("1", "0.5"):
+        merged_t, merged = _student_prediction(tiny_wan, tmp_path, "--lora", str(trained), "--lora-scale", scale)
+        kept_t, kept = _student_prediction(tiny_wan, tmp_path, "--lora", str(trained), "--lora-scale", scale,
+                                           "--no-fuse-lora")
+        assert adapters(merged_t) == 0 and adapters(kept_t) > 0
+        assert torch.allclose(merged, kept, atol=1e-5, rtol=1e-5), (merged - kept).abs().max()
+    base = _student_prediction(tiny_wan, tmp_path)[1]
+    assert (merged - base).abs().max() > 1e-6  # the merge changed the weights
 
 
 def test_wan_decode_in_chunks_matches_diffusers(tiny_wan, monkeypatch):

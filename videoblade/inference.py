@@ -92,6 +92,9 @@ def build_parser(prog: str = "videoblade generate") -> argparse.ArgumentParser:
                    help="student LoRA: pytorch_lora_weights.safetensors (diffusers) or the original-Wan/ComfyUI "
                         "export, or a folder holding one")
     p.add_argument("--lora-scale", type=float, default=1.0, help="LoRA strength (default 1.0)")
+    p.add_argument("--no-fuse-lora", dest="fuse_lora", action="store_false",
+                   help="keep the LoRA as separate adapter layers (default: merged into the base weights once "
+                        "after loading, so sampling runs no extra LoRA matmuls)")
     p.add_argument("--lora-rank", type=int, default=None,
                    help="expected LoRA rank; the run stops before loading if the file's rank differs")
     g = p.add_mutually_exclusive_group(required=True)
@@ -366,6 +369,7 @@ class Plan:
     lora_scale: float
     out_dir: Path
     report_path: Path
+    fuse_lora: bool = True
     progress: bool = True
     notes: list[str] = field(default_factory=list)
 
@@ -376,7 +380,8 @@ class Plan:
             "model": str(self.model), "family": self.family, "method": self.method,
             "lora": None if self.lora is None else {
                 "path": str(self.lora.path), "layout": self.lora.layout, "rank": self.lora.rank,
-                "alpha": self.lora.alpha, "family": self.lora.family, "scale": self.lora_scale},
+                "alpha": self.lora.alpha, "family": self.lora.family, "scale": self.lora_scale,
+                "fused": self.fuse_lora},
             "height": g.height, "width": g.width, "frames": g.frames,
             "latent_shape": list(g.latent_shape), "token_grid": list(g.token_grid),
             "text_tokens_in_self_attention": g.text_tokens,
@@ -580,7 +585,7 @@ def plan_from_args(args: argparse.Namespace) -> Plan:
                 seed=int(args.seed), dtype=dtype, vae_dtype=vae_dtype, vae_tiling=bool(args.vae_tiling),
                 vae_chunk=vae_chunk, vae_compile=bool(args.vae_compile), compile=bool(args.compile), device=device, fps=int(fps),
                 text_max_length=int(text_max_length), lora_scale=float(args.lora_scale), out_dir=out_dir,
-                report_path=report_path, progress=bool(args.progress), notes=notes)
+                report_path=report_path, fuse_lora=bool(args.fuse_lora), progress=bool(args.progress), notes=notes)
 
 
 # ---------------------------------------------------------------------------- load
@@ -601,10 +606,18 @@ def _sync(device) -> None:
 
 
 def _apply_lora(transformer, plan: Plan):
+    """Load the plan's LoRA into the transformer at its scale; then, unless ``--no-fuse-lora``,
+    merge it into the base weights and drop the adapter layers. Unmerged, every adapted linear
+    layer runs two more (rank-r) matmuls plus a scale-and-add pass over its full-size output on
+    every step; merged, a sampling step costs what the base model's does."""
     from videoblade.io import lora as lora_io
 
-    return lora_io.load_lora_into(transformer, plan.lora.path, family=plan.family, rank=plan.lora.rank,
+    info = lora_io.load_lora_into(transformer, plan.lora.path, family=plan.family, rank=plan.lora.rank,
                                   scale=plan.lora_scale if plan.lora_scale != 1.0 else None)
+    if plan.fuse_lora:
+        transformer.fuse_lora()  # W += scale * B @ A, in the weights' dtype
+        transformer.unload_lora()  # the adapter layers go; the merged base layers stay
+    return info
 
 
 def configure_vae(vae, tiling: bool = False, compile: bool = False, adapter=None, chunk="auto"):
