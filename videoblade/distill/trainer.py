@@ -47,6 +47,7 @@ import re
 import shutil
 import socket
 import time
+import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -463,7 +464,11 @@ class TDMTrainer:
         def prepare_module(module, adapters: list[str]):
             module.requires_grad_(False)
             for name in adapters:
-                module.add_adapter(lora(name), adapter_name=name)
+                with warnings.catch_warnings():
+                    # the shared base carries two named adapters on purpose (student and fake score);
+                    # peft warns about the second one on every launch
+                    warnings.filterwarnings("ignore", message="Already found a `peft_config` attribute")
+                    module.add_adapter(lora(name), adapter_name=name)
             for n, p in module.named_parameters():
                 if ".lora_" in n:
                     p.requires_grad_(True)
