@@ -6,6 +6,8 @@ Rows:
   text tokens), with (a) diffusers' default attention, (b) dense cuDNN SDPA
   (``sdpa_kernel(CUDNN_ATTENTION)``), (c) ASA at the default ``ASAConfig`` (CogVideoX with
   pool 16, SPEC 1.5); the realised density of (c) is read from the installed ASA.
+* ``forward, ASA + rank-64 LoRA`` (compiled rows): the student as inference loads it, with the LoRA
+  kept as peft adapter layers (``--no-fuse-lora``) and merged into the base weights (the default).
 * ``attn_error``: relative L2 error of ASA's attention output against fp32 dense attention on
   q/k/v with 3D locality (``videoblade.attention.synthetic.local_qkv``) at density 0.15
   (top-k), for raster order / Gilbert reordering / reordering + compensation.
@@ -267,7 +269,49 @@ def compiled_rows(family, name, model, fwd, shape, dense_out, asa_cfg, reps, bes
                      compile_s=comp_a, rel_l2_vs_dense_output=rel, asa_config=dataclasses.asdict(asa_cfg),
                      **{"pass": bool(torch.isfinite(out).all())}))
     rows.append(kernel_breakdown(f"{name} forward, ASA defaults, compiled blocks{tag}", fwd, model, shape))
+    rows += lora_rows(family, name, model, fwd, shape, t_asa, dens["mean"], out, tag)
     unset_adaptive_sparse_attention(model)
+    return rows
+
+
+LORA_RANK = 64
+
+
+def lora_rows(family, name, model, fwd, shape, t_asa, density, asa_out, tag) -> list[dict]:
+    """The student as inference loads it: ASA + a rank-64 LoRA on the family's trained targets, kept as
+    peft adapter layers (``--no-fuse-lora``) and merged into the base weights (the default). The LoRA has
+    random non-zero up and down weights; the model's own weights are restored afterwards."""
+    from peft import LoraConfig
+
+    from videoblade.models import get_adapter
+
+    targets = list(get_adapter("wan" if family == "wan" else "cogvideox").lora_target_modules)
+    torch.manual_seed(0)
+    model.add_adapter(LoraConfig(r=LORA_RANK, lora_alpha=LORA_RANK, target_modules=targets, init_lora_weights="gaussian"))
+    for n, p in model.named_parameters():
+        if "lora_B" in n:  # gaussian init leaves B at zero; a non-zero B makes the merge check mean something
+            torch.nn.init.normal_(p, std=2e-2)
+    rows = []
+    try:
+        outs = {}
+        for merged in (False, True):
+            if merged:
+                model.fuse_lora()
+            outs[merged] = fwd().float()  # recompiles the blocks for the changed modules
+            t = _timer(fwd, warmup=1, reps=10, min_reps=3, max_total_ms=4000)
+            how = "merged into the base weights (inference default)" if merged else "unmerged peft layers (--no-fuse-lora)"
+            rows.append(dict(what=f"{name} forward, ASA + rank-{LORA_RANK} LoRA {how}, compiled blocks{tag}", shape=shape,
+                             density=density, median_ms=t, peer=f"ASA compiled without LoRA {t_asa:.1f} ms", overhead_vs_no_lora=t / t_asa,
+                             lora_targets=targets, **{"pass": bool(torch.isfinite(outs[merged]).all())}))
+        rel = float((outs[True] - outs[False]).norm() / outs[False].norm())
+        effect = float((outs[False] - asa_out).norm() / asa_out.norm())  # what the LoRA changes at all
+        rows[-1].update(rel_l2_vs_unmerged=rel, lora_effect_rel_l2=effect,
+                        speedup_vs_unmerged=rows[0]["median_ms"] / rows[-1]["median_ms"])
+        rows[-1]["pass"] = rows[-1]["pass"] and rel < 2e-2 and rel < effect / 4
+    finally:
+        if any(getattr(m, "merged", False) for m in model.modules()):
+            model.unfuse_lora()
+        model.unload_lora()
     return rows
 
 
