@@ -184,7 +184,7 @@ def forward_rows(family: str, frames, height, width, asa_cfg: ASAConfig, reps: i
                      peer=None, **{"pass": bool(torch.isfinite(dense_out).all())}))
     cud_out = fwd_cudnn().float()
     t_cud = _timer(fwd_cudnn, warmup=1, reps=reps, min_reps=3, max_total_ms=4000)
-    rel_cud = float((cud_out - dense_out).norm() / dense_out.norm())
+    rel_cud = _rel_l2(cud_out, dense_out)
     rows.append(dict(what=f"{name} forward, dense (cuDNN SDPA)", shape=shape, density=1.0, median_ms=t_cud,
                      peer="dense default", rel_l2_vs_default=rel_cud, **{"pass": rel_cud < 2e-2}))
 
@@ -209,7 +209,7 @@ def forward_rows(family: str, frames, height, width, asa_cfg: ASAConfig, reps: i
         asa.reset_stats()
         t_asa = _timer(fwd, warmup=1, reps=reps, min_reps=3, max_total_ms=4000)
         dens = asa.density_stats()
-        rel_asa = float((asa_out - dense_out).norm() / dense_out.norm())
+        rel_asa = _rel_l2(asa_out, dense_out)
         rows.append(dict(what=label, shape=shape, density=dens["mean"], median_ms=t_asa,
                          peer=f"best dense {best:.1f} ms", speedup_vs_best_dense=best / t_asa,
                          rel_l2_vs_dense_output=rel_asa, asa_config=dataclasses.asdict(cfg),
@@ -227,9 +227,7 @@ def compiled_rows(family, name, model, fwd, shape, dense_out, asa_cfg, reps, bes
     the non-attention floor, and ASA. The compile time of the first call is reported."""
     import time
 
-    from videoblade.models import get_adapter
-
-    get_adapter("wan" if family == "wan" else "cogvideox").compile_blocks(model, mode=COMPILE_MODE)
+    _adapter(family).compile_blocks(model, mode=COMPILE_MODE)
     rows = []
 
     def first_call():
@@ -241,7 +239,7 @@ def compiled_rows(family, name, model, fwd, shape, dense_out, asa_cfg, reps, bes
 
     out, comp_s = first_call()
     t_dense = _timer(fwd, warmup=1, reps=reps, min_reps=3, max_total_ms=4000)
-    rel = float((out - dense_out).norm() / dense_out.norm())
+    rel = _rel_l2(out, dense_out)
     tag = f", mode {COMPILE_MODE}" if COMPILE_MODE else ""
     rows.append(dict(what=f"{name} forward, dense, compiled blocks{tag}", shape=shape, density=1.0, median_ms=t_dense,
                      peer=f"best eager dense {best_eager:.1f} ms", compile_s=comp_s, rel_l2_vs_dense_output=rel,
@@ -262,7 +260,7 @@ def compiled_rows(family, name, model, fwd, shape, dense_out, asa_cfg, reps, bes
     asa.reset_stats()
     t_asa = _timer(fwd, warmup=1, reps=reps, min_reps=3, max_total_ms=4000)
     dens = asa.density_stats()
-    rel = float((out - dense_out).norm() / dense_out.norm())
+    rel = _rel_l2(out, dense_out)
     rows.append(dict(what=f"{name} forward, ASA defaults, compiled blocks{tag}", shape=shape, density=dens["mean"],
                      median_ms=t_asa, peer=f"best dense {best:.1f} ms (compiled {t_dense:.1f})",
                      speedup_vs_best_dense=best / t_asa, speedup_vs_compiled_dense=t_dense / t_asa,
@@ -279,15 +277,17 @@ LORA_RANK = 64
 
 def lora_rows(family, name, model, fwd, shape, t_asa, density, asa_out, tag) -> list[dict]:
     """The student as inference loads it: ASA + a rank-64 LoRA on the family's trained targets, kept as
-    peft adapter layers (``--no-fuse-lora``) and merged into the base weights (the default). The LoRA has
-    random non-zero up and down weights; the model's own weights are restored afterwards."""
+    peft adapter layers (``--no-fuse-lora``) and merged the way inference merges it (the default). The LoRA
+    has random non-zero up and down weights; the model's own weights are restored afterwards."""
     from peft import LoraConfig
 
-    from videoblade.models import get_adapter
+    from videoblade.inference import merge_lora
 
-    targets = list(get_adapter("wan" if family == "wan" else "cogvideox").lora_target_modules)
+    targets = list(_adapter(family).lora_target_modules)
     torch.manual_seed(0)
     model.add_adapter(LoraConfig(r=LORA_RANK, lora_alpha=LORA_RANK, target_modules=targets, init_lora_weights="gaussian"))
+    # the adapted layers' own weights, by their names once the adapter layers are gone
+    base = {n.replace(".base_layer", ""): p.detach().clone() for n, p in model.named_parameters() if ".base_layer." in n}
     # gaussian init leaves B at zero; B is drawn large enough that the LoRA changes the output well past
     # bf16 rounding of the merged weights (at std 2e-2 the change was 6 % against 1.5 % merged-vs-unmerged
     # on an H100), so the merge check means something
@@ -299,23 +299,36 @@ def lora_rows(family, name, model, fwd, shape, t_asa, density, asa_out, tag) -> 
         outs = {}
         for merged in (False, True):
             if merged:
-                model.fuse_lora()
+                merge_lora(model)
             outs[merged] = fwd().float()  # recompiles the blocks for the changed modules
             t = _timer(fwd, warmup=1, reps=10, min_reps=3, max_total_ms=4000)
             how = "merged into the base weights (inference default)" if merged else "unmerged peft layers (--no-fuse-lora)"
             rows.append(dict(what=f"{name} forward, ASA + rank-{LORA_RANK} LoRA {how}, compiled blocks{tag}", shape=shape,
                              density=density, median_ms=t, peer=f"ASA compiled without LoRA {t_asa:.1f} ms", overhead_vs_no_lora=t / t_asa,
                              lora_targets=targets, **{"pass": bool(torch.isfinite(outs[merged]).all())}))
-        rel = float((outs[True] - outs[False]).norm() / outs[False].norm())
-        effect = float((outs[False] - asa_out).norm() / asa_out.norm())  # what the LoRA changes at all
+        rel = _rel_l2(outs[True], outs[False])
+        effect = _rel_l2(outs[False], asa_out)  # what the LoRA changes at all
         rows[-1].update(rel_l2_vs_unmerged=rel, lora_effect_rel_l2=effect,
                         speedup_vs_unmerged=rows[0]["median_ms"] / rows[-1]["median_ms"])
         rows[-1]["pass"] = rows[-1]["pass"] and rel < 2e-2 and rel < effect / 4
     finally:
-        if any(getattr(m, "merged", False) for m in model.modules()):
-            model.unfuse_lora()
-        model.unload_lora()
+        if getattr(model, "peft_config", None):  # not merged: the adapter layers are still there
+            model.unload_lora()
+        params = dict(model.named_parameters())
+        with torch.no_grad():
+            for n, w in base.items():
+                params[n].copy_(w)
     return rows
+
+
+def _adapter(family: str):
+    from videoblade.models import get_adapter
+
+    return get_adapter("wan" if family == "wan" else "cogvideox")
+
+
+def _rel_l2(x: torch.Tensor, ref: torch.Tensor) -> float:
+    return float((x - ref).norm() / ref.norm())
 
 
 def _kernel_kind(name: str) -> str:
@@ -412,7 +425,7 @@ def error_rows(label: str, grid, text: int, heads: int, head_dim: int, pool: int
         asa = AdaptiveSparseAttention(ASAConfig(mode="topk", topk=0.15, reorder=reorder, compensation=comp, pool=pool))
         with torch.no_grad():
             out = asa(q, k, v, grid=grid, text_tokens=text)
-        err = float((out.float() - ref).norm() / ref.norm())
+        err = _rel_l2(out.float(), ref)
         rows.append(dict(what=f"attn_error {label}: {variant}", shape=list(q.shape), density=asa.density_stats()["mean"],
                          rel_l2_error=err, median_ms=None, peer="fp32 dense attention",
                          **{"pass": bool(math.isfinite(err))}))

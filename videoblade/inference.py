@@ -615,9 +615,15 @@ def _apply_lora(transformer, plan: Plan):
     info = lora_io.load_lora_into(transformer, plan.lora.path, family=plan.family, rank=plan.lora.rank,
                                   scale=plan.lora_scale if plan.lora_scale != 1.0 else None)
     if plan.fuse_lora:
-        transformer.fuse_lora()  # W += scale * B @ A, in the weights' dtype
-        transformer.unload_lora()  # the adapter layers go; the merged base layers stay
+        merge_lora(transformer)
     return info
+
+
+def merge_lora(transformer) -> None:
+    """Merge the loaded peft LoRA into the base weights (W += scale * B @ A, in the weights' dtype)
+    and drop the adapter layers: the transformer is left with plain linear layers."""
+    transformer.fuse_lora()
+    transformer.unload_lora()
 
 
 def configure_vae(vae, tiling: bool = False, compile: bool = False, adapter=None, chunk="auto"):
