@@ -26,6 +26,7 @@ from videoblade.kernels import (
     pool_summaries,
     transpose_block_lists,
 )
+from videoblade.kernels.importance import _sample_plan
 
 on_cpu = not torch.cuda.is_available()
 DEV = "cuda" if torch.cuda.is_available() else "cpu"
@@ -454,10 +455,16 @@ def test_custom_op_opcheck():
 
 
 @pytest.mark.parametrize("L,bs,S", [(100, 16, 4), (128, 32, 16), (75, 16, 8)])
-def test_estimate_sample_matches_torch(L, bs, S):
+@pytest.mark.parametrize("layout", ["bhld", "blhd"])
+def test_estimate_sample_matches_torch(L, bs, S, layout):
+    # the kernel reads the samples in place through the strides: the processors' [B, L, H, D]
+    # projections seen as [B, H, L, D] views give the same map as contiguous tensors
     g = torch.Generator().manual_seed(L)
     B, H, D = 2, 2, 32
-    q, k = (torch.randn(B, H, L, D, generator=g).to(DEV) for _ in range(2))
+    if layout == "bhld":
+        q, k = (torch.randn(B, H, L, D, generator=g).to(DEV) for _ in range(2))
+    else:
+        q, k = (torch.randn(B, L, H, D, generator=g).to(DEV).transpose(1, 2) for _ in range(2))
     P = estimate_block_importance(q, k, bs, S, mode="sample")
     P_ref = estimate_block_importance_ref(q, k, bs, S, mode="sample")
     n = num_blocks(L, bs)
@@ -497,9 +504,9 @@ def test_estimate_runs_inside_torch_compile():
     eager = estimate_block_importance(q, k, block_size=32, samples_per_block=8)
     compiled = torch.compile(lambda a, b: estimate_block_importance(a, b, block_size=32, samples_per_block=8) * 2.0)
     torch.testing.assert_close(compiled(q, k), eager * 2.0)
-    qs, ks = q[:, :, :64].contiguous(), k[:, :, :64].contiguous()
+    pos, kbias = _sample_plan(200, 32, 8, q.device)
     torch.library.opcheck(torch.ops.videoblade.estimate_sampled.default,
-                          (qs, ks, torch.zeros(64), 8, 8, 0.2), test_utils=("test_schema", "test_faketensor"))
+                          (q, k, pos, kbias, 7, 8, 0.2), test_utils=("test_schema", "test_faketensor"))
 
 
 def test_selection_and_pooling_run_inside_torch_compile():

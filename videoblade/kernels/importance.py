@@ -9,7 +9,7 @@ attention mass query block i puts on key block j.
   over all sampled keys is taken (each key sample carries a ``log(n_j / S)`` logit bias,
   so a partial block counts by its real size), sum-pooled over the key samples of each
   block and averaged over the query samples of each block. Two Triton kernels, one pass over
-  the sampled keys: the first keeps the online softmax state per sampled query and writes
+  the sampled keys (read in place from k, as the sampled queries from q): the first keeps the online softmax state per sampled query and writes
   each row's mass per key block relative to the running max of its key tile (a float32
   scratch of [NQ*S, NK] per head, ~50 MB at Wan); the second rescales those by the final
   max and row sum and averages the S rows of every query block. No [L, L] matrix; half the
@@ -73,24 +73,30 @@ def block_means(x: torch.Tensor, block_size: int) -> torch.Tensor:
 
 @triton.jit
 def _estimate_kernel(
-    QS, KS, KB, R, M, MF, LF, qk_scale, NQ, NK,
+    Q, K, POS, KB, R, M, MF, LF, qk_scale, H, NQ, NK,
+    stride_qb, stride_qh, stride_ql, stride_kb, stride_kh, stride_kl,
     S: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_Q: tl.constexpr, BLOCK_K: tl.constexpr,
 ):
     # one pass over the sampled keys: online softmax state (m, l) per sampled query row, and per
     # key tile the row's mass on each key block relative to the running max at that tile, R[row, kb],
-    # with that max in M[row, tile]; _estimate_fix_kernel rescales and pools the rows afterwards
+    # with that max in M[row, tile]; _estimate_fix_kernel rescales and pools the rows afterwards.
+    # The samples are read in place: row r of the sampled q (k) is token POS[r] of head (b, h), so
+    # no gathered copy of q and k is written first (any [B, H, L, D] strides, unit last stride)
     KBL: tl.constexpr = BLOCK_K // S
     pid = tl.program_id(0)
     bh = tl.program_id(1).to(tl.int64)
+    b = bh // H
+    h = bh % H
     NQS = NQ * S
     NKS = NK * S
     NT = tl.cdiv(NKS, BLOCK_K)
     offs_r = pid * BLOCK_Q + tl.arange(0, BLOCK_Q)
     offs_d = tl.arange(0, HEAD_DIM)
     rmask = offs_r < NQS
-    q = tl.load(QS + bh * NQS * HEAD_DIM + offs_r[:, None] * HEAD_DIM + offs_d[None, :],
+    pos_q = tl.load(POS + offs_r, mask=rmask, other=0).to(tl.int64)
+    q = tl.load(Q + b * stride_qb + h * stride_qh + pos_q[:, None] * stride_ql + offs_d[None, :],
                 mask=rmask[:, None], other=0.0)
-    Kp = KS + bh * NKS * HEAD_DIM
+    Kp = K + b * stride_kb + h * stride_kh
     Rp = R + bh * NQS * NK + offs_r[:, None] * NK
     Mp = M + bh * NQS * NT + offs_r * NT
     m = tl.full([BLOCK_Q], float("-inf"), tl.float32)
@@ -98,7 +104,8 @@ def _estimate_kernel(
     for it in range(0, NT):
         offs_k = it * BLOCK_K + tl.arange(0, BLOCK_K)
         kmask = offs_k < NKS
-        k = tl.load(Kp + offs_k[:, None] * HEAD_DIM + offs_d[None, :], mask=kmask[:, None], other=0.0)
+        pos_k = tl.load(POS + offs_k, mask=kmask, other=0).to(tl.int64)
+        k = tl.load(Kp + pos_k[:, None] * stride_kl + offs_d[None, :], mask=kmask[:, None], other=0.0)
         bias = tl.load(KB + offs_k, mask=kmask, other=float("-inf"))
         s = tl.dot(q, tl.trans(k)) * qk_scale + bias[None, :]
         m_new = tl.maximum(m, tl.max(s, 1))  # finite: every tile's first key sample is real
@@ -162,30 +169,37 @@ def estimate_block_importance(
         raise ValueError(f"samples_per_block must be a power of two <= block_size, got {S}")
     nb = num_blocks(L, block_size)
     pos, kbias = _sample_plan(L, block_size, S, q.device)
-    qs = q.index_select(2, pos).contiguous()
-    ks = k.index_select(2, pos).contiguous()
     if q.device.type == "cpu" and os.environ.get("TRITON_INTERPRET", "0") != "1":
-        return _estimate_sample_torch(qs, ks, kbias, nb, S, scale)
-    return _estimate_sampled_op(qs, ks, kbias, nb, S, scale)
+        return _estimate_sample_torch(q.index_select(2, pos), k.index_select(2, pos), kbias, nb, S, scale)
+    return _estimate_sampled_op(_unit_last(q), _unit_last(k), pos, kbias, nb, S, scale)
+
+
+def _unit_last(x: torch.Tensor) -> torch.Tensor:
+    # the kernel reads rows in place through the strides; it needs contiguous rows
+    return x if x.stride(-1) == 1 else x.contiguous()
 
 
 # A custom op, so torch.compile treats the launch as one opaque call (inductor's own tracing
 # of user Triton kernels re-typed the float scale as fp64 and failed on this kernel's
-# loop-carried fp32 state); the samples/bias gathers around it still compile.
+# loop-carried fp32 state). q and k are the full [B, H, L, D] tensors; ``pos`` [nb * S] are the
+# sampled token positions, read by the kernel in place.
 @torch.library.custom_op("videoblade::estimate_sampled", mutates_args=())
 def _estimate_sampled_op(
-    qs: torch.Tensor, ks: torch.Tensor, kbias: torch.Tensor, nb: int, S: int, scale: float
+    q: torch.Tensor, k: torch.Tensor, pos: torch.Tensor, kbias: torch.Tensor, nb: int, S: int, scale: float
 ) -> torch.Tensor:
-    B, H, nqs, D = qs.shape
-    P = torch.empty((B, H, nb, nb), dtype=torch.float32, device=qs.device)
+    B, H, _, D = q.shape
+    nqs = pos.numel()
+    P = torch.empty((B, H, nb, nb), dtype=torch.float32, device=q.device)
     interpret = os.environ.get("TRITON_INTERPRET", "0") == "1"
     bk = max(16, S) if interpret else max(64, S)  # key tile of the first pass: sets the scratch layout
     nt = triton.cdiv(nb * S, bk)
-    R = torch.empty((B * H, nqs, nb), dtype=torch.float32, device=qs.device)
-    M = torch.empty((B * H, nqs, nt), dtype=torch.float32, device=qs.device)
-    MF = torch.empty((B * H, nqs), dtype=torch.float32, device=qs.device)
-    LF = torch.empty((B * H, nqs), dtype=torch.float32, device=qs.device)
-    args = (qs, ks, kbias, R, M, MF, LF, scale * 1.4426950408889634, nb, nb)
+    dev = q.device
+    R = torch.empty((B * H, nqs, nb), dtype=torch.float32, device=dev)
+    M = torch.empty((B * H, nqs, nt), dtype=torch.float32, device=dev)
+    MF = torch.empty((B * H, nqs), dtype=torch.float32, device=dev)
+    LF = torch.empty((B * H, nqs), dtype=torch.float32, device=dev)
+    args = (q, k, pos, kbias, R, M, MF, LF, scale * 1.4426950408889634, H, nb, nb,
+            q.stride(0), q.stride(1), q.stride(2), k.stride(0), k.stride(1), k.stride(2))
     if interpret:
         _estimate_kernel[(triton.cdiv(nqs, bk), B * H)](*args, S=S, HEAD_DIM=D, BLOCK_Q=bk, BLOCK_K=bk)
     else:
@@ -196,8 +210,8 @@ def _estimate_sampled_op(
 
 
 @_estimate_sampled_op.register_fake
-def _(qs, ks, kbias, nb, S, scale):
-    return qs.new_empty((qs.shape[0], qs.shape[1], nb, nb), dtype=torch.float32)
+def _(q, k, pos, kbias, nb, S, scale):
+    return q.new_empty((q.shape[0], q.shape[1], nb, nb), dtype=torch.float32)
 
 
 def _estimate_mean(q, k, block_size, scale):
