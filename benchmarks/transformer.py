@@ -337,8 +337,8 @@ def _kernel_kind(name: str) -> str:
         return "block-sparse attention kernel (with compensation)"
     if "_estimate_kernel" in n or "_estimate_fix_kernel" in n:
         return "block-importance estimate"
-    if "_select_kernel" in n or "_pool_kernel" in n:
-        return "block selection + compensation pooling (Triton)"
+    if any(k in n for k in ("_select_kernel", "_pool_kernel", "_summary_table_kernel")):
+        return "block selection + compensation pooling and table (Triton)"
     if not n.startswith("triton_") and any(k in n for k in ("sdpa", "flash", "fmha")):  # (inductor names
         # its fused kernels after the ops they feed, e.g. "..._scaled_dot_product_cudnn_attention_...")
         return "dense attention (cross-attention)"
