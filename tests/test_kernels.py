@@ -26,7 +26,6 @@ from videoblade.kernels import (
     pool_summaries,
     transpose_block_lists,
 )
-from videoblade.kernels.importance import _sample_plan
 
 on_cpu = not torch.cuda.is_available()
 DEV = "cuda" if torch.cuda.is_available() else "cpu"
@@ -504,9 +503,22 @@ def test_estimate_runs_inside_torch_compile():
     eager = estimate_block_importance(q, k, block_size=32, samples_per_block=8)
     compiled = torch.compile(lambda a, b: estimate_block_importance(a, b, block_size=32, samples_per_block=8) * 2.0)
     torch.testing.assert_close(compiled(q, k), eager * 2.0)
-    pos, kbias = _sample_plan(200, 32, 8, q.device)
     torch.library.opcheck(torch.ops.videoblade.estimate_sampled.default,
-                          (q, k, pos, kbias, 7, 8, 0.2), test_utils=("test_schema", "test_faketensor"))
+                          (q, k, 32, 8, 0.2), test_utils=("test_schema", "test_faketensor"))
+    # the cached sampling plan is looked up inside the op: the traced graph holds the op and the
+    # multiply only, no rebuilt positions (arange, repeat_interleave) in every compiled call
+    graphs = []
+
+    def record(gm, example_inputs):
+        graphs.append(gm)
+        return gm.forward
+
+    fn = torch.compile(lambda a, b: estimate_block_importance(a, b, block_size=32, samples_per_block=8) * 2.0,
+                       backend=record)
+    torch.testing.assert_close(fn(q, k), eager * 2.0)
+    calls = [str(n.target) for gm in graphs for n in gm.graph.nodes if n.op in ("call_function", "call_method")]
+    assert any("estimate_sampled" in c for c in calls), calls
+    assert not any(("arange" in c) or ("repeat_interleave" in c) or ("index_select" in c) for c in calls), calls
 
 
 def test_selection_and_pooling_run_inside_torch_compile():

@@ -167,11 +167,11 @@ def estimate_block_importance(
     S = int(samples_per_block)
     if not _pow2(S) or S > block_size:
         raise ValueError(f"samples_per_block must be a power of two <= block_size, got {S}")
-    nb = num_blocks(L, block_size)
-    pos, kbias = _sample_plan(L, block_size, S, q.device)
     if q.device.type == "cpu" and os.environ.get("TRITON_INTERPRET", "0") != "1":
-        return _estimate_sample_torch(q.index_select(2, pos), k.index_select(2, pos), kbias, nb, S, scale)
-    return _estimate_sampled_op(_unit_last(q), _unit_last(k), pos, kbias, nb, S, scale)
+        pos, kbias = _sample_plan(L, block_size, S, q.device)
+        return _estimate_sample_torch(q.index_select(2, pos), k.index_select(2, pos), kbias,
+                                      num_blocks(L, block_size), S, scale)
+    return _estimate_sampled_op(_unit_last(q), _unit_last(k), block_size, S, scale)
 
 
 def _unit_last(x: torch.Tensor) -> torch.Tensor:
@@ -181,13 +181,14 @@ def _unit_last(x: torch.Tensor) -> torch.Tensor:
 
 # A custom op, so torch.compile treats the launch as one opaque call (inductor's own tracing
 # of user Triton kernels re-typed the float scale as fp64 and failed on this kernel's
-# loop-carried fp32 state). q and k are the full [B, H, L, D] tensors; ``pos`` [nb * S] are the
-# sampled token positions, read by the kernel in place.
+# loop-carried fp32 state). q and k are the full [B, H, L, D] tensors, read by the kernel in
+# place at the sampled positions. The sampling plan (positions, key-sample bias) is looked up here,
+# inside the op, so a compiled caller neither traces the cached plan into its graph nor rebuilds it.
 @torch.library.custom_op("videoblade::estimate_sampled", mutates_args=())
-def _estimate_sampled_op(
-    q: torch.Tensor, k: torch.Tensor, pos: torch.Tensor, kbias: torch.Tensor, nb: int, S: int, scale: float
-) -> torch.Tensor:
-    B, H, _, D = q.shape
+def _estimate_sampled_op(q: torch.Tensor, k: torch.Tensor, block_size: int, S: int, scale: float) -> torch.Tensor:
+    B, H, L, D = q.shape
+    nb = num_blocks(L, block_size)
+    pos, kbias = _sample_plan(L, block_size, S, q.device)
     nqs = pos.numel()
     P = torch.empty((B, H, nb, nb), dtype=torch.float32, device=q.device)
     interpret = os.environ.get("TRITON_INTERPRET", "0") == "1"
@@ -210,7 +211,8 @@ def _estimate_sampled_op(
 
 
 @_estimate_sampled_op.register_fake
-def _(q, k, pos, kbias, nb, S, scale):
+def _(q, k, block_size, S, scale):
+    nb = num_blocks(q.shape[2], block_size)
     return q.new_empty((q.shape[0], q.shape[1], nb, nb), dtype=torch.float32)
 
 
