@@ -542,3 +542,39 @@ def test_selection_and_pooling_run_inside_torch_compile():
                           test_utils=("test_schema", "test_faketensor"))
     torch.library.opcheck(torch.ops.videoblade.pool_summaries_fwd.default, (k, v, 16, 8),
                           test_utils=("test_schema", "test_faketensor"))
+    torch.library.opcheck(torch.ops.videoblade.pool_geometry.default, (k, 16, 8),
+                          test_utils=("test_schema", "test_faketensor"))
+
+
+@pytest.mark.parametrize("backend", ["triton", "torch"])
+def test_pooling_compiled_with_gradients(backend):
+    # compiled training runs the pooling under autograd: the compiled summaries, bias and k/v
+    # gradients equal eager ones, and the pool geometry (counts, log bias) enters the graph as the
+    # cached tensors through one opaque op, not as ops rebuilding them on every call. L=70 leaves
+    # a partial last block of 6 tokens: groups of 6, 0, 0, 0 (bias log 6, then -inf)
+    g = torch.Generator().manual_seed(5)
+    k0, v0, w = (torch.randn(1, 2, 70, 16, generator=g) for _ in range(3))
+
+    def fn(k, v):
+        s = pool_summaries(k, v, 32, 8, backend=backend)
+        return (s.k * w[:, :, : s.k.shape[2]]).sum() + s.v.float().pow(2).sum(), s.bias
+
+    def run(f):
+        k, v = k0.clone().requires_grad_(), v0.clone().requires_grad_()
+        loss, bias = f(k, v)
+        loss.backward()
+        return loss.detach(), bias, k.grad, v.grad
+
+    graphs = []
+
+    def record(gm, example_inputs):
+        graphs.append(gm)
+        return gm.forward
+
+    eager = run(fn)
+    assert torch.isinf(eager[1]).any() and (eager[1][:4] == math.log(8)).all()
+    for got, want in zip(run(torch.compile(fn, backend=record)), eager):
+        torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-6)
+    calls = [str(n.target) for gm in graphs for n in gm.graph.nodes if n.op in ("call_function", "call_method")]
+    assert any("pool_geometry" in c for c in calls), calls
+    assert not any(c in ("log", "clamp") or "method full" in c for c in calls), calls  # the counts, rebuilt

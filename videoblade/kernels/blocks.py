@@ -113,6 +113,31 @@ def _pool_geometry(L: int, block_size: int, pool: int, device) -> tuple[int, int
     return ns, n_full, rem, counts.clamp(min=1.0)[:, None], bias
 
 
+@torch.library.custom_op("videoblade::pool_geometry", mutates_args=())
+def _pool_geometry_op(x: torch.Tensor, block_size: int, pool: int) -> tuple[torch.Tensor, torch.Tensor]:
+    # the cached (denominators, bias) for x's length, as an opaque op (copies: an op returns new
+    # tensors), so a compiled caller neither traces the cache nor rebuilds the counts in its graph
+    g = _pool_geometry(x.shape[2], block_size, pool, x.device)
+    return g[3].clone(), g[4].clone()
+
+
+@_pool_geometry_op.register_fake
+def _(x, block_size, pool):
+    ns = num_summaries(x.shape[2], block_size, pool)
+    return x.new_empty((ns, 1), dtype=torch.float32), x.new_empty((ns,), dtype=torch.float32)
+
+
+def _geometry(x: torch.Tensor, block_size: int, pool: int) -> tuple:
+    """:func:`_pool_geometry` for x's length: the cached tensors themselves in eager mode (no
+    launch), copies through :func:`_pool_geometry_op` while torch.compile traces."""
+    L = x.shape[2]
+    n_full = L // pool
+    head = (num_summaries(L, block_size, pool), n_full, L - n_full * pool)
+    if torch.compiler.is_compiling():
+        return (*head, *_pool_geometry_op(x.detach(), block_size, pool))
+    return (*head, *_pool_geometry(L, block_size, pool, x.device)[3:])
+
+
 @triton.jit
 def _pool_kernel(K, V, SK, SV, L, NS, H,
                  stride_kb, stride_kh, stride_kl, stride_vb, stride_vh, stride_vl,
@@ -252,6 +277,6 @@ def pool_summaries(k: torch.Tensor, v: torch.Tensor, block_size: int, pool: int,
     """
     if block_size % pool != 0:
         raise ValueError(f"pool ({pool}) must divide block_size ({block_size})")
-    geometry = _pool_geometry(k.shape[2], block_size, pool, k.device)
+    geometry = _geometry(k, block_size, pool)
     sk, sv = _PoolFn.apply(k, v, block_size, pool, pool_kernel_applies(k, v, pool, backend), geometry)
     return Summary(sk, sv, geometry[4], pool)
