@@ -31,6 +31,19 @@ on_cpu = not torch.cuda.is_available()
 DEV = "cuda" if torch.cuda.is_available() else "cpu"
 
 
+def compiled_calls(fn):
+    """``fn`` compiled with a backend that keeps the traced graphs, and the list of the ops those
+    graphs call (filled on the first call)."""
+    graphs, calls = [], []
+
+    def record(gm, example_inputs):
+        graphs.append(gm)
+        calls.extend(str(n.target) for n in gm.graph.nodes if n.op in ("call_function", "call_method"))
+        return gm.forward
+
+    return torch.compile(fn, backend=record), calls
+
+
 def test_interpreter_is_on_for_cpu():
     # otherwise these tests would not run the Triton kernels at all
     if on_cpu:
@@ -507,16 +520,8 @@ def test_estimate_runs_inside_torch_compile():
                           (q, k, 32, 8, 0.2), test_utils=("test_schema", "test_faketensor"))
     # the cached sampling plan is looked up inside the op: the traced graph holds the op and the
     # multiply only, no rebuilt positions (arange, repeat_interleave) in every compiled call
-    graphs = []
-
-    def record(gm, example_inputs):
-        graphs.append(gm)
-        return gm.forward
-
-    fn = torch.compile(lambda a, b: estimate_block_importance(a, b, block_size=32, samples_per_block=8) * 2.0,
-                       backend=record)
+    fn, calls = compiled_calls(lambda a, b: estimate_block_importance(a, b, block_size=32, samples_per_block=8) * 2.0)
     torch.testing.assert_close(fn(q, k), eager * 2.0)
-    calls = [str(n.target) for gm in graphs for n in gm.graph.nodes if n.op in ("call_function", "call_method")]
     assert any("estimate_sampled" in c for c in calls), calls
     assert not any(("arange" in c) or ("repeat_interleave" in c) or ("index_select" in c) for c in calls), calls
 
@@ -565,16 +570,10 @@ def test_pooling_compiled_with_gradients(backend):
         loss.backward()
         return loss.detach(), bias, k.grad, v.grad
 
-    graphs = []
-
-    def record(gm, example_inputs):
-        graphs.append(gm)
-        return gm.forward
-
     eager = run(fn)
     assert torch.isinf(eager[1]).any() and (eager[1][:4] == math.log(8)).all()
-    for got, want in zip(run(torch.compile(fn, backend=record)), eager):
+    compiled, calls = compiled_calls(fn)
+    for got, want in zip(run(compiled), eager):
         torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-6)
-    calls = [str(n.target) for gm in graphs for n in gm.graph.nodes if n.op in ("call_function", "call_method")]
     assert any("pool_geometry" in c for c in calls), calls
     assert not any(c in ("log", "clamp") or "method full" in c for c in calls), calls  # the counts, rebuilt

@@ -57,7 +57,7 @@ import torch
 import triton
 import triton.language as tl
 
-from .blocks import Summary, num_blocks, transpose_block_lists
+from .blocks import Summary, _last_unit, num_blocks, transpose_block_lists
 
 try:  # host-side TMA descriptors (triton >= 3.4)
     from triton.tools.tensor_descriptor import TensorDescriptor
@@ -612,10 +612,6 @@ def _check(q, k, v, kv_indices, kv_counts, block_size):
         raise ValueError(
             f"block lists must be [B,H,NQ(,MAXK)] = [{B},{H},{nq}]; got {tuple(kv_indices.shape)}, {tuple(kv_counts.shape)}"
         )
-
-
-def _last_unit(x: torch.Tensor) -> torch.Tensor:
-    return x if x.stride(-1) == 1 else x.contiguous()
 
 
 # summaries are padded to a multiple of the largest summary tile, so the kernels' summary

@@ -95,6 +95,12 @@ def num_summaries(L: int, block_size: int, pool: int) -> int:
     return num_blocks(L, block_size) * (block_size // pool)
 
 
+def _pool_shape(L: int, block_size: int, pool: int) -> tuple[int, int, int]:
+    """(NS, full groups, tokens in the last partial group) for a length."""
+    n_full = L // pool
+    return num_summaries(L, block_size, pool), n_full, L - n_full * pool
+
+
 @functools.lru_cache(maxsize=64)
 def _pool_geometry(L: int, block_size: int, pool: int, device) -> tuple[int, int, int, torch.Tensor, torch.Tensor]:
     """(NS, full groups, tokens in the last partial group, denominators float32 [NS, 1] (counts,
@@ -102,9 +108,7 @@ def _pool_geometry(L: int, block_size: int, pool: int, device) -> tuple[int, int
 
     Cached per geometry (a pure function of it): the few tiny launches that build the counts and
     the log bias run once, not in every attention call. Callers must not write into them."""
-    ns = num_summaries(L, block_size, pool)
-    n_full = L // pool
-    rem = L - n_full * pool
+    ns, n_full, rem = _pool_shape(L, block_size, pool)
     counts = torch.full((ns,), float(pool), dtype=torch.float32, device=device)
     if rem:
         counts[n_full] = float(rem)
@@ -130,12 +134,9 @@ def _(x, block_size, pool):
 def _geometry(x: torch.Tensor, block_size: int, pool: int) -> tuple:
     """:func:`_pool_geometry` for x's length: the cached tensors themselves in eager mode (no
     launch), copies through :func:`_pool_geometry_op` while torch.compile traces."""
-    L = x.shape[2]
-    n_full = L // pool
-    head = (num_summaries(L, block_size, pool), n_full, L - n_full * pool)
     if torch.compiler.is_compiling():
-        return (*head, *_pool_geometry_op(x.detach(), block_size, pool))
-    return (*head, *_pool_geometry(L, block_size, pool, x.device)[3:])
+        return (*_pool_shape(x.shape[2], block_size, pool), *_pool_geometry_op(x.detach(), block_size, pool))
+    return _pool_geometry(x.shape[2], block_size, pool, x.device)
 
 
 @triton.jit
@@ -170,6 +171,11 @@ def _pool_kernel(K, V, SK, SV, L, NS, H,
 
 def _pow2(n: int) -> bool:
     return n > 0 and n & (n - 1) == 0
+
+
+def _last_unit(x: torch.Tensor) -> torch.Tensor:
+    # the kernels read rows through the strides: they need unit stride on the last dim
+    return x if x.stride(-1) == 1 else x.contiguous()
 
 
 def pool_kernel_applies(k: torch.Tensor, v: torch.Tensor, pool: int, backend: str = "auto") -> bool:

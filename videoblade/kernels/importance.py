@@ -9,10 +9,11 @@ attention mass query block i puts on key block j.
   over all sampled keys is taken (each key sample carries a ``log(n_j / S)`` logit bias,
   so a partial block counts by its real size), sum-pooled over the key samples of each
   block and averaged over the query samples of each block. Two Triton kernels, one pass over
-  the sampled keys (read in place from k, as the sampled queries from q): the first keeps the online softmax state per sampled query and writes
-  each row's mass per key block relative to the running max of its key tile (a float32
-  scratch of [NQ*S, NK] per head, ~50 MB at Wan); the second rescales those by the final
-  max and row sum and averages the S rows of every query block. No [L, L] matrix; half the
+  the sampled keys (read in place from k, as the sampled queries from q): the first keeps the
+  online softmax state per sampled query and writes each row's mass per key block relative
+  to the running max of its key tile (a float32 scratch of [NQ*S, NK] per head, ~50 MB at
+  Wan); the second rescales those by the final max and row sum and averages the S rows of
+  every query block. No [L, L] matrix; half the
   logits and exponentials of a two-pass version.
 * ``mode="mean"``: mean-pooled q and k per block, softmax over blocks (with a
   ``log(n_j)`` bias), in torch. Cheapest; blurrier.
@@ -30,7 +31,7 @@ import torch
 import triton
 import triton.language as tl
 
-from .blocks import _pow2, num_blocks
+from .blocks import _last_unit, _pow2, num_blocks
 
 
 @functools.lru_cache(maxsize=64)
@@ -171,12 +172,7 @@ def estimate_block_importance(
         pos, kbias = _sample_plan(L, block_size, S, q.device)
         return _estimate_sample_torch(q.index_select(2, pos), k.index_select(2, pos), kbias,
                                       num_blocks(L, block_size), S, scale)
-    return _estimate_sampled_op(_unit_last(q), _unit_last(k), block_size, S, scale)
-
-
-def _unit_last(x: torch.Tensor) -> torch.Tensor:
-    # the kernel reads rows in place through the strides; it needs contiguous rows
-    return x if x.stride(-1) == 1 else x.contiguous()
+    return _estimate_sampled_op(_last_unit(q), _last_unit(k), block_size, S, scale)
 
 
 # A custom op, so torch.compile treats the launch as one opaque call (inductor's own tracing
@@ -187,14 +183,14 @@ def _unit_last(x: torch.Tensor) -> torch.Tensor:
 @torch.library.custom_op("videoblade::estimate_sampled", mutates_args=())
 def _estimate_sampled_op(q: torch.Tensor, k: torch.Tensor, block_size: int, S: int, scale: float) -> torch.Tensor:
     B, H, L, D = q.shape
+    dev = q.device
     nb = num_blocks(L, block_size)
-    pos, kbias = _sample_plan(L, block_size, S, q.device)
+    pos, kbias = _sample_plan(L, block_size, S, dev)
     nqs = pos.numel()
-    P = torch.empty((B, H, nb, nb), dtype=torch.float32, device=q.device)
+    P = torch.empty((B, H, nb, nb), dtype=torch.float32, device=dev)
     interpret = os.environ.get("TRITON_INTERPRET", "0") == "1"
     bk = max(16, S) if interpret else max(64, S)  # key tile of the first pass: sets the scratch layout
     nt = triton.cdiv(nb * S, bk)
-    dev = q.device
     R = torch.empty((B * H, nqs, nb), dtype=torch.float32, device=dev)
     M = torch.empty((B * H, nqs, nt), dtype=torch.float32, device=dev)
     MF = torch.empty((B * H, nqs), dtype=torch.float32, device=dev)
