@@ -440,6 +440,30 @@ def test_custom_op_traces_under_compile():
     torch.testing.assert_close(gq, gq_e)
 
 
+def test_outputs_in_the_processors_layout():
+    # out and the gradients come back as [B, H, L, D] views of [B, L, H, D] memory, whatever the
+    # inputs' layout (so the processors' transpose back to [B, L, H * D] is a view, not a copy),
+    # with equal values for the processors' transposed views and for contiguous inputs
+    g = torch.Generator().manual_seed(12)
+    B, H, L, D, bs = 2, 2, 40, 16, 16
+    base = [torch.randn(B, L, H, D, generator=g).to(DEV) for _ in range(3)]
+    mask = random_mask(B, H, 3, 0.6, g, empty_rows=False)
+    kvi, kvc = (t.to(DEV) for t in mask_to_block_lists(mask))
+    do = torch.randn(B, H, L, D, generator=g).to(DEV)
+    res = {}
+    for layout in ("blhd", "bhld"):
+        q, k, v = (x.transpose(1, 2) if layout == "blhd" else x.transpose(1, 2).contiguous() for x in base)
+        q, k, v = (x.requires_grad_() for x in (q, k, v))
+        summ = pool_summaries(k, v, bs, 8)
+        out, _ = block_sparse_attention(q, k, v, kvi, kvc, bs, summary=summ)
+        grads = torch.autograd.grad(out, (q, k, v), do)
+        for name, t in zip(("out", "dq", "dk", "dv"), (out, *grads)):
+            assert t.transpose(1, 2).is_contiguous(), (layout, name, t.stride())
+        res[layout] = (out, *grads)
+    for a, b in zip(res["blhd"], res["bhld"]):
+        torch.testing.assert_close(a, b)
+
+
 def test_custom_op_opcheck():
     # q, k, v as the diffusers processors pass them: [B, L, H, D] transposed to [B, H, L, D]; the
     # fake impls must give the real ops' strides (a stride mismatch fails inductor at run time)
