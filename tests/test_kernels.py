@@ -189,7 +189,7 @@ def test_select_kernel_equals_policy_lists(case):
 
     g = torch.Generator().manual_seed(len(case))
     n = 21 if case != "keep-all" else 12
-    P = torch.softmax(torch.randn(1, 2, n, n, generator=g) * 3, -1)
+    P = torch.softmax(torch.randn(1, 2, n, n, generator=g) * 3, -1).to(DEV)
     kw = {
         "energy": dict(mode="energy", energy_threshold=0.9, min_retain=0.1, max_retain=0.5),
         "energy-text": dict(mode="energy", energy_threshold=0.8, min_retain=0.05, max_retain=0.3, text_blocks=2),
