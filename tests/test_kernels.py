@@ -126,8 +126,8 @@ def test_transpose_block_lists():
 
 def test_pool_summaries_partial_block():
     B, H, L, D, bs, pool = 1, 2, 45, 4, 16, 8  # 3 blocks, last has 13 tokens: groups of 8, 5
-    k = torch.randn(B, H, L, D)
-    v = torch.randn(B, H, L, D)
+    k = torch.randn(B, H, L, D).to(DEV)
+    v = torch.randn(B, H, L, D).to(DEV)
     s = pool_summaries(k, v, bs, pool)
     assert s.k.shape == (B, H, 6, D) and s.bias.shape == (6,) and s.pool == pool
     torch.testing.assert_close(s.k[:, :, 1], k[:, :, 8:16].mean(2))
@@ -151,7 +151,7 @@ def test_pool_summaries_partial_block():
 def test_pool_kernel_matches_torch(L, bs, pool, D, dtype):
     # the Triton forward (interpreter on CPU) against the torch one, on a strided [B, L, H, D] view
     g = torch.Generator().manual_seed(L)
-    x = torch.randn(2, L, 3, 2, D, generator=g).to(dtype)
+    x = torch.randn(2, L, 3, 2, D, generator=g).to(DEV, dtype)
     k, v = x[:, :, :, 0].transpose(1, 2), x[:, :, :, 1].transpose(1, 2)
     ref = pool_summaries(k, v, bs, pool, backend="torch")
     tri = pool_summaries(k, v, bs, pool, backend="triton")
@@ -166,8 +166,8 @@ def test_pool_kernel_matches_torch(L, bs, pool, D, dtype):
 
 def test_pool_kernel_gradients_reach_k_and_v():
     g = torch.Generator().manual_seed(3)
-    k0, v0 = (torch.randn(1, 2, 45, 16, generator=g) for _ in range(2))
-    w = torch.randn(1, 2, 6, 16, generator=g)
+    k0, v0 = (torch.randn(1, 2, 45, 16, generator=g).to(DEV) for _ in range(2))
+    w = torch.randn(1, 2, 6, 16, generator=g).to(DEV)
     grads = []
     for backend in ("torch", "triton"):
         k, v = k0.clone().requires_grad_(True), v0.clone().requires_grad_(True)
@@ -210,7 +210,7 @@ def test_select_kernel_ties_and_empty_rows():
     from videoblade.kernels.select import select_block_lists
 
     n = 16
-    P = torch.full((1, 1, n, n), 1.0 / n)
+    P = torch.full((1, 1, n, n), 1.0 / n, device=DEV)
     P[0, 0, 1] = 0.0  # a row with no mass keeps `lo` blocks (and its diagonal)
     ki, kc = select_block_lists(P, 3, 10, 0.5)
     assert ki[0, 0, 0, : kc[0, 0, 0]].tolist() == list(range(8))  # 8 equal blocks reach half the mass
@@ -536,7 +536,7 @@ def test_estimate_runs_inside_torch_compile():
     # the Triton estimate is an opaque custom op for torch.compile (inductor's own tracing of the
     # user kernel mis-typed its scale argument); a compiled caller must get the eager result
     g = torch.Generator().manual_seed(3)
-    q, k = torch.randn(1, 2, 200, 32, generator=g), torch.randn(1, 2, 200, 32, generator=g)
+    q, k = (torch.randn(1, 2, 200, 32, generator=g).to(DEV) for _ in range(2))
     eager = estimate_block_importance(q, k, block_size=32, samples_per_block=8)
     compiled = torch.compile(lambda a, b: estimate_block_importance(a, b, block_size=32, samples_per_block=8) * 2.0)
     torch.testing.assert_close(compiled(q, k), eager * 2.0)
@@ -556,8 +556,8 @@ def test_selection_and_pooling_run_inside_torch_compile():
     from videoblade.attention.mask import block_lists
 
     g = torch.Generator().manual_seed(4)
-    P = torch.softmax(torch.randn(1, 2, 12, 12, generator=g) * 3, -1)
-    k, v = torch.randn(1, 2, 90, 16, generator=g), torch.randn(1, 2, 90, 16, generator=g)
+    P = torch.softmax(torch.randn(1, 2, 12, 12, generator=g) * 3, -1).to(DEV)
+    k, v = (torch.randn(1, 2, 90, 16, generator=g).to(DEV) for _ in range(2))
 
     def fn(P, k, v):
         kvi, kvc = block_lists(P, "energy", 0.9, 0.1, 0.5, use_kernel=True)
@@ -582,7 +582,7 @@ def test_pooling_compiled_with_gradients(backend):
     # cached tensors through one opaque op, not as ops rebuilding them on every call. L=70 leaves
     # a partial last block of 6 tokens: groups of 6, 0, 0, 0 (bias log 6, then -inf)
     g = torch.Generator().manual_seed(5)
-    k0, v0, w = (torch.randn(1, 2, 70, 16, generator=g) for _ in range(3))
+    k0, v0, w = (torch.randn(1, 2, 70, 16, generator=g).to(DEV) for _ in range(3))
 
     def fn(k, v):
         s = pool_summaries(k, v, 32, 8, backend=backend)
