@@ -3,7 +3,8 @@
 Public API (see CLAUDE.md "Kernels"):
 
 - ``block_sparse_attention(q, k, v, kv_indices, kv_counts, block_size=128, sm_scale=None, summary=None)``
-  -> (out, lse): Triton forward/backward (torch.library custom op, compile-traceable).
+  -> (out, lse): Triton forward/backward (torch.library custom op, compile-traceable); out is a
+  [B, H, L, D] view of [B, L, H, D] memory.
 - ``block_sparse_attention_ref(...)``: the same in float32 torch (differentiable, chunked).
 - ``pool_summaries(k, v, block_size, pool)`` -> ``Summary`` (compensation tokens, SPEC 1.5).
 - ``mask_to_block_lists(mask, max_blocks=None)`` / ``block_lists_to_mask(kv_indices, kv_counts, nk)``.

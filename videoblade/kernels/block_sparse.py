@@ -934,7 +934,9 @@ def block_sparse_attention(
     blocks per query block, kv_counts int32 [B, H, NQ] (NQ = ceil(L / block_size)).
     summary: :func:`videoblade.kernels.pool_summaries` output, or None (exact masked
     attention). Returns (out [B, H, L, D] in q.dtype, lse float32 [B, H, L]); lse is not
-    differentiable. Rows with nothing to attend to give out 0 and lse -inf. On CPU without
+    differentiable. out (and q, k, v's gradients) are [B, H, L, D] views of [B, L, H, D] memory,
+    so ``out.transpose(1, 2).flatten(2)`` is free; call ``.contiguous()`` for a contiguous
+    [B, H, L, D] tensor. Rows with nothing to attend to give out 0 and lse -inf. On CPU without
     ``TRITON_INTERPRET=1`` it runs :func:`block_sparse_attention_ref` instead.
     """
     _check(q, k, v, kv_indices, kv_counts, block_size)
