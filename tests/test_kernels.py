@@ -550,6 +550,30 @@ def test_estimate_runs_inside_torch_compile():
     assert not any(("arange" in c) or ("repeat_interleave" in c) or ("index_select" in c) for c in calls), calls
 
 
+def test_estimate_geometry_traces_without_cached_tensors():
+    # the block geometry (token counts, the partial last block's bias, sample positions) is Python
+    # arithmetic in every path torch.compile traces (mean mode, the torch reference): dynamo warned
+    # about an lru_cache-wrapped tensor builder there and rebuilt it in every compiled call. Values
+    # equal eager, the partial last block included (L = 200 = 6 x 32 + 8)
+    import warnings
+
+    g = torch.Generator().manual_seed(13)
+    q, k = (torch.randn(1, 2, 200, 32, generator=g).to(DEV) for _ in range(2))
+    for fn in (lambda a, b: estimate_block_importance(a, b, block_size=32, mode="mean"),
+               lambda a, b: estimate_block_importance_ref(a, b, block_size=32, samples_per_block=8),
+               lambda a, b: estimate_block_importance_ref(a, b, block_size=32, mode="mean")):
+        torch._dynamo.reset()
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            got = torch.compile(fn, backend="aot_eager")(q, k)
+        assert not [w for w in caught if "lru_cache" in str(w.message)], [str(w.message) for w in caught]
+        torch.testing.assert_close(got, fn(q, k), rtol=1e-5, atol=1e-6)
+    # the partial block's mass: identical keys give each key block its share of the tokens
+    P = estimate_block_importance(q, torch.ones_like(k), block_size=32, mode="mean")
+    want = torch.tensor([32.0] * 6 + [8.0]) / 200
+    torch.testing.assert_close(P[0, 0, 0].cpu(), want, rtol=1e-5, atol=1e-6)
+
+
 def test_selection_and_pooling_run_inside_torch_compile():
     # both new launches are opaque custom ops (fake implementations give the shapes): a compiled
     # caller gets the eager lists and summaries, and the ops pass opcheck's schema/fake checks

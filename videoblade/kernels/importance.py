@@ -34,29 +34,41 @@ import triton.language as tl
 from .blocks import _last_unit, _pow2, num_blocks
 
 
-@functools.lru_cache(maxsize=64)
-def _block_sizes(L: int, block_size: int, device) -> torch.Tensor:
-    # cached: a pure function of the geometry (saves tiny launches on every call)
+def _last_block(L: int, block_size: int) -> tuple[int, int]:
+    """(number of blocks, tokens in the last one). Python ints, so callers traced by torch.compile
+    build no tensors for the geometry (the partial last block is the only one that differs)."""
     nb = num_blocks(L, block_size)
-    n = torch.full((nb,), block_size, dtype=torch.int64, device=device)
-    n[-1] = L - (nb - 1) * block_size
-    return n
+    return nb, L - (nb - 1) * block_size
+
+
+def _per_block(values_full, value_last, nb: int, device) -> torch.Tensor:
+    # float32 [nb]: values_full for every block but the last, value_last for the last
+    if nb == 1:
+        return torch.full((1,), value_last, dtype=torch.float32, device=device)
+    return torch.cat([torch.full((nb - 1,), values_full, dtype=torch.float32, device=device),
+                      torch.full((1,), value_last, dtype=torch.float32, device=device)])
+
+
+def _key_bias_log2(L: int, block_size: int, samples: int, device) -> torch.Tensor:
+    """log2(tokens per sampled key) for the NB * samples sampled keys: each stands for its block's
+    tokens / samples (so a partial last block weighs less)."""
+    nb, last = _last_block(L, block_size)
+    kb = _per_block(math.log2(block_size / samples), math.log2(last / samples), nb, device)
+    return kb.repeat_interleave(samples)
 
 
 @functools.lru_cache(maxsize=64)
 def _sample_plan(L: int, block_size: int, samples: int, device) -> tuple[torch.Tensor, torch.Tensor]:
-    pos = sample_positions(L, block_size, samples, device)
-    kbias = (_block_sizes(L, block_size, device).to(torch.float32) / samples).log2().repeat_interleave(samples)
-    return pos, kbias
+    return sample_positions(L, block_size, samples, device), _key_bias_log2(L, block_size, samples, device)
 
 
 def sample_positions(L: int, block_size: int, samples: int, device) -> torch.Tensor:
     """Evenly spaced token positions, ``samples`` per block: long [NB * samples]."""
-    nb = num_blocks(L, block_size)
-    n = _block_sizes(L, block_size, device)
+    nb, last = _last_block(L, block_size)
     j = torch.arange(samples, device=device)
-    pos = torch.arange(nb, device=device)[:, None] * block_size + (j[None, :] * n[:, None]) // samples
-    return pos.reshape(-1)
+    full = torch.arange(nb - 1, device=device)[:, None] * block_size + (j[None, :] * block_size) // samples
+    tail = (nb - 1) * block_size + (j * last) // samples
+    return torch.cat([full.reshape(-1), tail])
 
 
 def block_means(x: torch.Tensor, block_size: int) -> torch.Tensor:
@@ -65,11 +77,11 @@ def block_means(x: torch.Tensor, block_size: int) -> torch.Tensor:
     nf = L // block_size
     parts = []
     if nf:
-        parts.append(x[:, :, : nf * block_size].reshape(B, H, nf, block_size, D).sum(3, dtype=torch.float32))
+        parts.append(x[:, :, : nf * block_size].reshape(B, H, nf, block_size, D).sum(3, dtype=torch.float32)
+                     / block_size)
     if L > nf * block_size:
-        parts.append(x[:, :, nf * block_size :].sum(2, keepdim=True, dtype=torch.float32))
-    s = torch.cat(parts, 2) if len(parts) > 1 else parts[0]
-    return s / _block_sizes(L, block_size, x.device).to(torch.float32)[:, None]
+        parts.append(x[:, :, nf * block_size :].sum(2, keepdim=True, dtype=torch.float32) / (L - nf * block_size))
+    return torch.cat(parts, 2) if len(parts) > 1 else parts[0]
 
 
 @triton.jit
@@ -213,11 +225,13 @@ def _(q, k, block_size, S, scale):
 
 
 def _estimate_mean(q, k, block_size, scale):
-    L = q.shape[2]
-    qm = block_means(q, block_size)
-    km = block_means(k, block_size)
-    bias = _block_sizes(L, block_size, q.device).to(torch.float32).log()
-    return torch.softmax(torch.matmul(qm, km.transpose(-1, -2)) * scale + bias, -1)
+    # each block mean stands for its tokens: logit + log(tokens). Softmax ignores the common
+    # log(block_size), so only a partial last block's column moves, by log(last / block_size)
+    nb, last = _last_block(q.shape[2], block_size)
+    s = torch.matmul(block_means(q, block_size), block_means(k, block_size).transpose(-1, -2)) * scale
+    if last != block_size:
+        s = torch.cat([s[..., : nb - 1], s[..., nb - 1 :] + math.log(last / block_size)], -1)
+    return torch.softmax(s, -1)
 
 
 def _estimate_sample_torch(qs, ks, kbias_log2, nb, S, scale):
@@ -235,5 +249,5 @@ def estimate_block_importance_ref(q, k, block_size=128, samples_per_block=16, mo
         return _estimate_mean(q.float(), k.float(), block_size, scale)
     S = samples_per_block
     pos = sample_positions(L, block_size, S, q.device)
-    kb = (_block_sizes(L, block_size, q.device).to(torch.float32) / S).log2().repeat_interleave(S)
+    kb = _key_bias_log2(L, block_size, S, q.device)
     return _estimate_sample_torch(q.index_select(2, pos), k.index_select(2, pos), kb, num_blocks(L, block_size), S, scale)
