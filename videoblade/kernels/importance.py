@@ -41,19 +41,12 @@ def _last_block(L: int, block_size: int) -> tuple[int, int]:
     return nb, L - (nb - 1) * block_size
 
 
-def _per_block(values_full, value_last, nb: int, device) -> torch.Tensor:
-    # float32 [nb]: values_full for every block but the last, value_last for the last
-    if nb == 1:
-        return torch.full((1,), value_last, dtype=torch.float32, device=device)
-    return torch.cat([torch.full((nb - 1,), values_full, dtype=torch.float32, device=device),
-                      torch.full((1,), value_last, dtype=torch.float32, device=device)])
-
-
 def _key_bias_log2(L: int, block_size: int, samples: int, device) -> torch.Tensor:
     """log2(tokens per sampled key) for the NB * samples sampled keys: each stands for its block's
     tokens / samples (so a partial last block weighs less)."""
     nb, last = _last_block(L, block_size)
-    kb = _per_block(math.log2(block_size / samples), math.log2(last / samples), nb, device)
+    kb = torch.cat([torch.full((nb - 1,), math.log2(block_size / samples), dtype=torch.float32, device=device),
+                    torch.full((1,), math.log2(last / samples), dtype=torch.float32, device=device)])
     return kb.repeat_interleave(samples)
 
 
