@@ -133,7 +133,7 @@ def test_pool_summaries_partial_block():
     torch.testing.assert_close(s.k[:, :, 1], k[:, :, 8:16].mean(2))
     torch.testing.assert_close(s.v[:, :, 4], v[:, :, 32:40].mean(2))
     torch.testing.assert_close(s.k[:, :, 5], k[:, :, 40:45].mean(2))
-    torch.testing.assert_close(s.bias, torch.tensor([math.log(8)] * 5 + [math.log(5)]))
+    torch.testing.assert_close(s.bias, torch.tensor([math.log(8)] * 5 + [math.log(5)], device=s.bias.device))
     # 40 tokens, block 16: last block has 8 tokens -> its second group is empty
     s2 = pool_summaries(k[:, :, :40], v[:, :, :40], bs, pool)
     assert s2.bias[-1].item() == float("-inf") and torch.isfinite(s2.bias[:-1]).all()

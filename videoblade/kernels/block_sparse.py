@@ -546,8 +546,11 @@ _DSUM_CONFIGS = [
 
 
 def _prune_s(configs, named_args, **kwargs):
+    # a query tile never spans two query blocks (it reads one bias row, and chunks end on block
+    # boundaries); blocks smaller than every listed tile get a tile of the block's own size
     blk = {**named_args, **kwargs}["BLOCK"]
-    return [c for c in configs if c.kwargs["BLOCK_M"] <= blk] or configs[-1:]
+    keep = [c for c in configs if c.kwargs["BLOCK_M"] <= blk]
+    return keep or [triton.Config({"BLOCK_M": blk, "BLOCK_S": 64}, num_warps=4, num_stages=2)]
 
 
 _KEY = ["HEAD_DIM", "BLOCK", "HAS_SUMMARY", "EVEN_L", "USE_TMA"]
