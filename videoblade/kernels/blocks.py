@@ -267,12 +267,9 @@ class _PoolFn(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, gsk, gsv):
-        # both gradients always (autograd drops one whose input needs none): torch 2.11's dynamo traced
-        # ctx.needs_input_grad as False here on the torch forward path and compiled zero gradients;
-        # unused outputs arrive as zeros (grads are materialised), never None
         (denom,) = ctx.saved_tensors
-        gk = _pool_bwd(gsk, ctx.L, ctx.pool, denom, ctx.kdt)
-        gv = _pool_bwd(gsv, ctx.L, ctx.pool, denom, ctx.vdt)
+        gk = _pool_bwd(gsk, ctx.L, ctx.pool, denom, ctx.kdt) if gsk is not None and ctx.needs_input_grad[0] else None
+        gv = _pool_bwd(gsv, ctx.L, ctx.pool, denom, ctx.vdt) if gsv is not None and ctx.needs_input_grad[1] else None
         return gk, gv, None, None, None, None
 
 
