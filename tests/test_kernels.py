@@ -593,7 +593,7 @@ def test_selection_and_pooling_run_inside_torch_compile():
         assert torch.equal(a, b)
     torch.library.opcheck(torch.ops.videoblade.select_block_lists.default, (P, 2, 6, 0.9, 1, True),
                           test_utils=("test_schema", "test_faketensor"))
-    torch.library.opcheck(torch.ops.videoblade.pool_summaries_fwd.default, (k, v, 16, 8),
+    torch.library.opcheck(torch.ops.videoblade.pool_summaries_fwd.default, (k, v, 16, 8, True),
                           test_utils=("test_schema", "test_faketensor"))
     torch.library.opcheck(torch.ops.videoblade.pool_geometry.default, (k, 16, 8),
                           test_utils=("test_schema", "test_faketensor"))

@@ -209,13 +209,18 @@ def pool_summaries_triton(k: torch.Tensor, v: torch.Tensor, block_size: int, poo
 
 
 @torch.library.custom_op("videoblade::pool_summaries_fwd", mutates_args=())
-def _pool_op(k: torch.Tensor, v: torch.Tensor, block_size: int, pool: int) -> tuple[torch.Tensor, torch.Tensor]:
-    # an opaque op for torch.compile (inductor keeps the launch as it is)
-    return pool_summaries_triton(k, v, block_size, pool)
+def _pool_op(k: torch.Tensor, v: torch.Tensor, block_size: int, pool: int,
+             use_kernel: bool) -> tuple[torch.Tensor, torch.Tensor]:
+    # an opaque op for torch.compile (inductor keeps the launch as it is), for the torch forward too:
+    # traced as plain ops inside _PoolFn, torch 2.11's dynamo compiled zero k/v gradients
+    if use_kernel:
+        return pool_summaries_triton(k, v, block_size, pool)
+    ns, n_full, rem, denom, _ = _pool_geometry(k.shape[2], block_size, pool, k.device)
+    return _pool_fwd(k, ns, n_full, rem, pool, denom), _pool_fwd(v, ns, n_full, rem, pool, denom)
 
 
 @_pool_op.register_fake
-def _(k, v, block_size, pool):
+def _(k, v, block_size, pool, use_kernel):
     B, H, L, D = k.shape
     ns = num_summaries(L, block_size, pool)
     return k.new_empty((B, H, ns, D)), v.new_empty((B, H, ns, D))
@@ -255,12 +260,8 @@ class _PoolFn(torch.autograd.Function):
     @staticmethod
     def forward(ctx, k, v, block_size, pool, use_kernel, geometry):
         L = k.shape[2]
-        ns, n_full, rem, denom, _ = geometry
-        if use_kernel:
-            sk, sv = _pool_op(k, v, block_size, pool)
-        else:
-            sk = _pool_fwd(k, ns, n_full, rem, pool, denom)
-            sv = _pool_fwd(v, ns, n_full, rem, pool, denom)
+        denom = geometry[3]
+        sk, sv = _pool_op(k, v, block_size, pool, use_kernel)
         ctx.save_for_backward(denom)
         ctx.L, ctx.pool, ctx.kdt, ctx.vdt = L, pool, k.dtype, v.dtype
         return sk, sv
