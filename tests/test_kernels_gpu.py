@@ -185,3 +185,31 @@ def test_gpu_select_kernel_matches_policy(text_blocks):
         ki, kc = block_lists(P, **kw, text_blocks=text_blocks)
         rows_equal = (ki == ref_i).all(-1) & (kc == ref_c)
         assert rows_equal.float().mean() > 0.999, kw
+
+
+def test_gpu_fp32_follows_torch_matmul_precision():
+    # float32 inputs: exact float32 products under torch's default "highest", TF32 under "high", as
+    # torch's own float32 matmuls; forward, gradients (summaries included) and the estimate
+    g = torch.Generator(device="cuda").manual_seed(9)
+    B, H, L, D, block, pool = 1, 2, 700, 64, 64, 16
+    q, k, v, do = (torch.randn(B, H, L, D, device="cuda", generator=g) for _ in range(4))
+    kvi, kvc = mask_to_block_lists(random_mask(B, H, num_blocks(L, block), 0.4, g))
+    prev = torch.get_float32_matmul_precision()
+
+    def run(fn):
+        qg, kg, vg = (t.clone().requires_grad_() for t in (q, k, v))
+        out, _ = fn(qg, kg, vg, kvi, kvc, block, summary=pool_summaries(kg, vg, block, pool))
+        est = (estimate_block_importance if fn is block_sparse_attention else estimate_block_importance_ref)(q, k, block, 16)
+        return (out, *torch.autograd.grad(out, (qg, kg, vg), do), est)
+
+    try:
+        torch.set_float32_matmul_precision("highest")
+        want = run(block_sparse_attention_ref)
+        errs = {}
+        for prec in ("highest", "high"):
+            torch.set_float32_matmul_precision(prec)
+            errs[prec] = max(rel_err(a, b) for a, b in zip(run(block_sparse_attention), want))
+    finally:
+        torch.set_float32_matmul_precision(prev)
+    assert errs["highest"] < 1e-5, errs
+    assert errs["high"] > 1e-4, errs  # TF32 products (10-bit mantissa) really were taken

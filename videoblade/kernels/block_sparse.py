@@ -57,7 +57,7 @@ import torch
 import triton
 import triton.language as tl
 
-from .blocks import Summary, _last_unit, num_blocks, transpose_block_lists
+from .blocks import Summary, _last_unit, dot_precision, num_blocks, transpose_block_lists
 
 try:  # host-side TMA descriptors (triton >= 3.4)
     from triton.tools.tensor_descriptor import TensorDescriptor
@@ -140,10 +140,11 @@ def _ids_step(ids, idx_ptr, t, cnt, SUB: tl.constexpr, IDS_AHEAD: tl.constexpr):
 
 @triton.jit
 def _fwd_tile(acc, l_i, m_i, q, K, V, b, h, start_n, offs_nb, offs_d, stride_kl, stride_vl, L, qk_scale,
-              MASK: tl.constexpr, USE_TMA: tl.constexpr, BLOCK_N: tl.constexpr, HEAD_DIM: tl.constexpr):
+              MASK: tl.constexpr, USE_TMA: tl.constexpr, BLOCK_N: tl.constexpr, HEAD_DIM: tl.constexpr,
+              DOT_PREC: tl.constexpr):
     k = _load_rows(K, b, h, start_n, offs_nb, offs_d, L, stride_kl, MASK, USE_TMA, BLOCK_N, HEAD_DIM)
     v = _load_rows(V, b, h, start_n, offs_nb, offs_d, L, stride_vl, MASK, USE_TMA, BLOCK_N, HEAD_DIM)
-    qk = tl.dot(q, tl.trans(k))
+    qk = tl.dot(q, tl.trans(k), input_precision=DOT_PREC)
     if MASK:
         qk = tl.where((start_n + offs_nb)[None, :] < L, qk, float("-inf"))
     m_new = tl.maximum(m_i, tl.max(qk, 1) * qk_scale)
@@ -153,7 +154,7 @@ def _fwd_tile(acc, l_i, m_i, q, K, V, b, h, start_n, offs_nb, offs_d, stride_kl,
     alpha = tl.math.exp2(m_i - m_new)
     l_i = l_i * alpha + tl.sum(p, 1)
     acc = acc * alpha[:, None]
-    acc = tl.dot(p.to(v.dtype), v, acc)
+    acc = tl.dot(p.to(v.dtype), v, acc, input_precision=DOT_PREC)
     return acc, l_i, m_new
 
 
@@ -169,7 +170,7 @@ def _fwd_kernel(
     H, L, NQ, NK, MAXK, NSP,
     BLOCK: tl.constexpr, HEAD_DIM: tl.constexpr,
     HAS_SUMMARY: tl.constexpr, EVEN_L: tl.constexpr, USE_TMA: tl.constexpr, IDS_AHEAD: tl.constexpr,
-    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_S: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_S: tl.constexpr, DOT_PREC: tl.constexpr,
 ):
     SUB: tl.constexpr = BLOCK // BLOCK_N
     pid_m = tl.program_id(0)
@@ -208,7 +209,7 @@ def _fwd_kernel(
         blk, ids = _ids_step(ids, idx_ptr, t, cnt, SUB, IDS_AHEAD)
         start_n = blk * BLOCK + (t % SUB) * BLOCK_N
         acc, l_i, m_i = _fwd_tile(acc, l_i, m_i, q, Kp, Vp, b, h, start_n, offs_nb, offs_d, stride_kl, stride_vl, L,
-                                  qk_scale, False, USE_TMA, BLOCK_N, HEAD_DIM)
+                                  qk_scale, False, USE_TMA, BLOCK_N, HEAD_DIM, DOT_PREC)
     if not EVEN_L:
         if has_last:
             last_start = (NK - 1) * BLOCK
@@ -216,7 +217,7 @@ def _fwd_kernel(
             for t in range(0, n_sub):
                 start_n = last_start + t * BLOCK_N
                 acc, l_i, m_i = _fwd_tile(acc, l_i, m_i, q, Kp, Vp, b, h, start_n, offs_nb, offs_d, stride_kl,
-                                          stride_vl, L, qk_scale, True, USE_TMA, BLOCK_N, HEAD_DIM)
+                                          stride_vl, L, qk_scale, True, USE_TMA, BLOCK_N, HEAD_DIM, DOT_PREC)
 
     if HAS_SUMMARY:
         # summaries padded to a multiple of BLOCK_S (unmasked loads); the per-(query block,
@@ -230,14 +231,14 @@ def _fwd_kernel(
             bias = tl.load(brow + offs_s)
             sk = tl.load(SKp + offs_s[:, None] * stride_sl + offs_d[None, :])
             sv = tl.load(SVp + offs_s[:, None] * stride_sl + offs_d[None, :])
-            qk = tl.dot(q, tl.trans(sk)) * qk_scale + bias[None, :]
+            qk = tl.dot(q, tl.trans(sk), input_precision=DOT_PREC) * qk_scale + bias[None, :]
             m_new = tl.maximum(m_i, tl.max(qk, 1))
             m_new = tl.where(m_new == float("-inf"), 0.0, m_new)
             p = tl.math.exp2(qk - m_new[:, None])
             alpha = tl.math.exp2(m_i - m_new)
             l_i = l_i * alpha + tl.sum(p, 1)
             acc = acc * alpha[:, None]
-            acc = tl.dot(p.to(sv.dtype), sv, acc)
+            acc = tl.dot(p.to(sv.dtype), sv, acc, input_precision=DOT_PREC)
             m_i = m_new
 
     nonempty = l_i > 0.0
@@ -286,7 +287,7 @@ def _bwd_dq_kernel(
     H, L, NQ, NK, MAXK, NSP,
     BLOCK: tl.constexpr, HEAD_DIM: tl.constexpr,
     HAS_SUMMARY: tl.constexpr, EVEN_L: tl.constexpr, USE_TMA: tl.constexpr, IDS_AHEAD: tl.constexpr,
-    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_S: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_S: tl.constexpr, DOT_PREC: tl.constexpr,
 ):
     SUB: tl.constexpr = BLOCK // BLOCK_N
     pid_m = tl.program_id(0)
@@ -323,11 +324,11 @@ def _bwd_dq_kernel(
         # padded keys load as 0: their p is finite and multiplies k = 0 in dq
         k = _load_rows(Kp, b, h, start_n, offs_nb, offs_d, L, stride_kl, not EVEN_L, USE_TMA, BLOCK_N, HEAD_DIM)
         v = _load_rows(Vp, b, h, start_n, offs_nb, offs_d, L, stride_vl, not EVEN_L, USE_TMA, BLOCK_N, HEAD_DIM)
-        qk = tl.dot(q, tl.trans(k))
+        qk = tl.dot(q, tl.trans(k), input_precision=DOT_PREC)
         p = tl.math.exp2(qk * qk_scale - lse2[:, None])
-        dp = tl.dot(do, tl.trans(v))
+        dp = tl.dot(do, tl.trans(v), input_precision=DOT_PREC)
         ds = p * (dp - Di[:, None])
-        dq = tl.dot(ds.to(k.dtype), k, dq)
+        dq = tl.dot(ds.to(k.dtype), k, dq, input_precision=DOT_PREC)
 
     if HAS_SUMMARY:
         SKp = SK + b.to(tl.int64) * stride_sb + h.to(tl.int64) * stride_sh
@@ -339,11 +340,11 @@ def _bwd_dq_kernel(
             bias = tl.load(brow + offs_s)
             sk = tl.load(SKp + offs_s[:, None] * stride_sl + offs_d[None, :])
             sv = tl.load(SVp + offs_s[:, None] * stride_sl + offs_d[None, :])
-            qk = tl.dot(q, tl.trans(sk)) * qk_scale + bias[None, :]
+            qk = tl.dot(q, tl.trans(sk), input_precision=DOT_PREC) * qk_scale + bias[None, :]
             p = tl.math.exp2(qk - lse2[:, None])
-            dp = tl.dot(do, tl.trans(sv))
+            dp = tl.dot(do, tl.trans(sv), input_precision=DOT_PREC)
             ds = p * (dp - Di[:, None])
-            dq = tl.dot(ds.to(sk.dtype), sk, dq)
+            dq = tl.dot(ds.to(sk.dtype), sk, dq, input_precision=DOT_PREC)
 
     dq = dq * sm_scale
     tl.store(DQ + b.to(tl.int64) * stride_gb + h.to(tl.int64) * stride_gh + offs_m[:, None] * stride_gl
@@ -361,7 +362,7 @@ def _bwd_dkv_kernel(
     stride_gb, stride_gh, stride_gl,
     H, L, NQ, NK, MAXQ,
     BLOCK: tl.constexpr, HEAD_DIM: tl.constexpr, EVEN_L: tl.constexpr, USE_TMA: tl.constexpr,
-    IDS_AHEAD: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+    IDS_AHEAD: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, DOT_PREC: tl.constexpr,
 ):
     # key-major: program = one key tile; walks the query blocks that keep its key block
     SUB: tl.constexpr = BLOCK // BLOCK_M
@@ -408,12 +409,12 @@ def _bwd_dkv_kernel(
             rm = offs_m < L
             lse2 = tl.load(LSEp + offs_m, mask=rm, other=float("inf")) * 1.4426950408889634
             Di = tl.load(DELp + offs_m, mask=rm, other=0.0)
-        qkT = tl.dot(k, tl.trans(q))
+        qkT = tl.dot(k, tl.trans(q), input_precision=DOT_PREC)
         pT = tl.math.exp2(qkT * qk_scale - lse2[None, :])
-        dv = tl.dot(pT.to(do.dtype), do, dv)
-        dpT = tl.dot(v, tl.trans(do))
+        dv = tl.dot(pT.to(do.dtype), do, dv, input_precision=DOT_PREC)
+        dpT = tl.dot(v, tl.trans(do), input_precision=DOT_PREC)
         dsT = pT * (dpT - Di[None, :])
-        dk = tl.dot(dsT.to(q.dtype), q, dk)
+        dk = tl.dot(dsT.to(q.dtype), q, dk, input_precision=DOT_PREC)
 
     dk = dk * sm_scale
     # dk and dv share one (contiguous) layout, given by stride_g*
@@ -431,7 +432,7 @@ def _bwd_dsummary_kernel(
     stride_sb, stride_sh, stride_sl,
     H, L, NQ, NSP, QB_PER_CHUNK,
     BLOCK: tl.constexpr, HEAD_DIM: tl.constexpr,
-    BLOCK_M: tl.constexpr, BLOCK_S: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_S: tl.constexpr, DOT_PREC: tl.constexpr,
 ):
     # key-major over summary tiles, split over query chunks (axis 2) so the grid fills the
     # GPU; each program writes a float32 partial [chunk, bh, NSP, D] that the host sums in a
@@ -465,12 +466,12 @@ def _bwd_dsummary_kernel(
         do = tl.load(DOp + offs_m[:, None] * stride_dl + offs_d[None, :], mask=rm[:, None], other=0.0)
         lse2 = tl.load(LSEp + offs_m, mask=rm, other=float("inf")) * 1.4426950408889634
         Di = tl.load(DELp + offs_m, mask=rm, other=0.0)
-        sT = tl.dot(sk, tl.trans(q)) * qk_scale + b2[:, None]
+        sT = tl.dot(sk, tl.trans(q), input_precision=DOT_PREC) * qk_scale + b2[:, None]
         pT = tl.math.exp2(sT - lse2[None, :])
-        dsv = tl.dot(pT.to(do.dtype), do, dsv)
-        dpT = tl.dot(sv, tl.trans(do))
+        dsv = tl.dot(pT.to(do.dtype), do, dsv, input_precision=DOT_PREC)
+        dpT = tl.dot(sv, tl.trans(do), input_precision=DOT_PREC)
         dsT = pT * (dpT - Di[None, :])
-        dsk = tl.dot(dsT.to(q.dtype), q, dsk)
+        dsk = tl.dot(dsT.to(q.dtype), q, dsk, input_precision=DOT_PREC)
     dsk = dsk * sm_scale
     poff = ((chunk * tl.num_programs(1) + bh).to(tl.int64) * NSP + offs_s[:, None]) * HEAD_DIM + offs_d[None, :]
     tl.store(PDSK + poff, dsk)
@@ -553,7 +554,7 @@ def _prune_s(configs, named_args, **kwargs):
     return keep or [triton.Config({"BLOCK_M": blk, "BLOCK_S": 64}, num_warps=4, num_stages=2)]
 
 
-_KEY = ["HEAD_DIM", "BLOCK", "HAS_SUMMARY", "EVEN_L", "USE_TMA"]
+_KEY = ["HEAD_DIM", "BLOCK", "HAS_SUMMARY", "EVEN_L", "USE_TMA", "DOT_PREC"]
 
 
 class _Kernel:
@@ -578,8 +579,8 @@ class _Kernel:
 
 _fwd_k = _Kernel(_fwd_kernel, _FWD_CONFIGS, _KEY, _prune)
 _dq_k = _Kernel(_bwd_dq_kernel, _DQ_CONFIGS, _KEY, _prune)
-_dkv_k = _Kernel(_bwd_dkv_kernel, _DKV_CONFIGS, ["HEAD_DIM", "BLOCK", "EVEN_L", "USE_TMA"], _prune)
-_dsum_k = _Kernel(_bwd_dsummary_kernel, _DSUM_CONFIGS, ["HEAD_DIM", "BLOCK"], _prune_s)
+_dkv_k = _Kernel(_bwd_dkv_kernel, _DKV_CONFIGS, ["HEAD_DIM", "BLOCK", "EVEN_L", "USE_TMA", "DOT_PREC"], _prune)
+_dsum_k = _Kernel(_bwd_dsummary_kernel, _DSUM_CONFIGS, ["HEAD_DIM", "BLOCK", "DOT_PREC"], _prune_s)
 
 
 def tuned_configs() -> dict:
@@ -737,7 +738,7 @@ def block_sparse_attention_fwd(q, k, v, kv_indices, kv_counts, block_size, sm_sc
         H, L, nq, nk, kvi.shape[-1], nsp,
     )
     const = {"BLOCK": block_size, "HEAD_DIM": D, "HAS_SUMMARY": has_s, "EVEN_L": L % block_size == 0, "USE_TMA": tma,
-             "IDS_AHEAD": _ids_ahead()}
+             "IDS_AHEAD": _ids_ahead(), "DOT_PREC": dot_precision(q.dtype)}
     if meta is not None:
         _fwd_kernel[(triton.cdiv(L, meta["BLOCK_M"]), B * H)](*args, **const, **meta)
     else:
@@ -809,10 +810,11 @@ def block_sparse_attention_bwd(do, q, k, v, out, lse, kv_indices, kv_counts, blo
         dk.stride(0), dk.stride(1), dk.stride(2),
         H, L, nq, nk, qi.shape[-1],
     )
-    ahead = _ids_ahead()
+    ahead, prec = _ids_ahead(), dot_precision(q.dtype)
     dq_const = {"BLOCK": block_size, "HEAD_DIM": D, "HAS_SUMMARY": has_s, "EVEN_L": even, "USE_TMA": tma,
-                "IDS_AHEAD": ahead}
-    dkv_const = {"BLOCK": block_size, "HEAD_DIM": D, "EVEN_L": even, "USE_TMA": tma, "IDS_AHEAD": ahead}
+                "IDS_AHEAD": ahead, "DOT_PREC": prec}
+    dkv_const = {"BLOCK": block_size, "HEAD_DIM": D, "EVEN_L": even, "USE_TMA": tma, "IDS_AHEAD": ahead,
+                 "DOT_PREC": prec}
     if meta is not None:
         _bwd_dq_kernel[(triton.cdiv(L, meta["BLOCK_M"]), B * H)](*dq_args, **dq_const, **meta)
         _bwd_dkv_kernel[(triton.cdiv(L, meta["BLOCK_N"]), B * H)](
@@ -838,7 +840,7 @@ def block_sparse_attention_bwd(do, q, k, v, out, lse, kv_indices, kv_counts, blo
         *sstr,
         H, L, nq, nsp, qpc,
     )
-    s_const = {"BLOCK": block_size, "HEAD_DIM": D}
+    s_const = {"BLOCK": block_size, "HEAD_DIM": D, "DOT_PREC": prec}
     if _interpret():
         meta = _interp_meta(block_size)
         _bwd_dsummary_kernel[(nsp // meta["BLOCK_S"], bhn, n_chunks)](

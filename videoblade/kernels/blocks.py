@@ -173,6 +173,15 @@ def _pow2(n: int) -> bool:
     return n > 0 and n & (n - 1) == 0
 
 
+def dot_precision(dtype: torch.dtype) -> str:
+    """``tl.dot``'s input_precision for operands of ``dtype``. float32 follows torch's own float32
+    matmuls (``torch.set_float32_matmul_precision``): "highest", torch's default, gives exact float32
+    products ("ieee": no tensor cores, slow), "high" / "medium" TF32. Half types ignore it."""
+    if dtype == torch.float32 and torch.get_float32_matmul_precision() == "highest":
+        return "ieee"
+    return "tf32"
+
+
 def _last_unit(x: torch.Tensor) -> torch.Tensor:
     # the kernels read rows through the strides: they need unit stride on the last dim
     return x if x.stride(-1) == 1 else x.contiguous()

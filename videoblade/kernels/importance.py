@@ -31,7 +31,7 @@ import torch
 import triton
 import triton.language as tl
 
-from .blocks import _last_unit, _pow2, num_blocks
+from .blocks import _last_unit, _pow2, dot_precision, num_blocks
 
 
 def _last_block(L: int, block_size: int) -> tuple[int, int]:
@@ -81,7 +81,7 @@ def block_means(x: torch.Tensor, block_size: int) -> torch.Tensor:
 def _estimate_kernel(
     Q, K, POS, KB, R, M, MF, LF, qk_scale, H, NQ, NK,
     stride_qb, stride_qh, stride_ql, stride_kb, stride_kh, stride_kl,
-    S: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_Q: tl.constexpr, BLOCK_K: tl.constexpr,
+    S: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_Q: tl.constexpr, BLOCK_K: tl.constexpr, DOT_PREC: tl.constexpr,
 ):
     # one pass over the sampled keys: online softmax state (m, l) per sampled query row, and per
     # key tile the row's mass on each key block relative to the running max at that tile, R[row, kb],
@@ -113,7 +113,7 @@ def _estimate_kernel(
         pos_k = tl.load(POS + offs_k, mask=kmask, other=0).to(tl.int64)
         k = tl.load(Kp + pos_k[:, None] * stride_kl + offs_d[None, :], mask=kmask[:, None], other=0.0)
         bias = tl.load(KB + offs_k, mask=kmask, other=float("-inf"))
-        s = tl.dot(q, tl.trans(k)) * qk_scale + bias[None, :]
+        s = tl.dot(q, tl.trans(k), input_precision=DOT_PREC) * qk_scale + bias[None, :]
         m_new = tl.maximum(m, tl.max(s, 1))  # finite: every tile's first key sample is real
         p = tl.math.exp2(s - m_new[:, None])
         l_i = l_i * tl.math.exp2(m - m_new) + tl.sum(p, 1)
@@ -151,7 +151,7 @@ def _est_launch(S: int, D: int, block_k: int):
     configs = [triton.Config({"BLOCK_Q": bq, "BLOCK_K": block_k}, num_warps=w, num_stages=st)
                for bq, w, st in [(64, 4, 2), (128, 8, 3), (128, 4, 3), (64, 4, 3), (128, 8, 2)] if bq >= S]
     configs = configs or [triton.Config({"BLOCK_Q": S, "BLOCK_K": block_k}, num_warps=4, num_stages=2)]
-    return triton.autotune(configs, key=["S", "HEAD_DIM"])(_estimate_kernel)
+    return triton.autotune(configs, key=["S", "HEAD_DIM", "DOT_PREC"])(_estimate_kernel)
 
 
 @torch.no_grad()
@@ -194,6 +194,7 @@ def _estimate_sampled_op(q: torch.Tensor, k: torch.Tensor, block_size: int, S: i
     nqs = pos.numel()
     P = torch.empty((B, H, nb, nb), dtype=torch.float32, device=dev)
     interpret = os.environ.get("TRITON_INTERPRET", "0") == "1"
+    prec = dot_precision(q.dtype)
     bk = max(16, S) if interpret else max(64, S)  # key tile of the first pass: sets the scratch layout
     nt = triton.cdiv(nb * S, bk)
     R = torch.empty((B * H, nqs, nb), dtype=torch.float32, device=dev)
@@ -203,9 +204,10 @@ def _estimate_sampled_op(q: torch.Tensor, k: torch.Tensor, block_size: int, S: i
     args = (q, k, pos, kbias, R, M, MF, LF, scale * 1.4426950408889634, H, nb, nb,
             q.stride(0), q.stride(1), q.stride(2), k.stride(0), k.stride(1), k.stride(2))
     if interpret:
-        _estimate_kernel[(triton.cdiv(nqs, bk), B * H)](*args, S=S, HEAD_DIM=D, BLOCK_Q=bk, BLOCK_K=bk)
+        _estimate_kernel[(triton.cdiv(nqs, bk), B * H)](*args, S=S, HEAD_DIM=D, BLOCK_Q=bk, BLOCK_K=bk, DOT_PREC=prec)
     else:
-        _est_launch(S, D, bk)[lambda M_: (triton.cdiv(nqs, M_["BLOCK_Q"]), B * H)](*args, S=S, HEAD_DIM=D)
+        _est_launch(S, D, bk)[lambda M_: (triton.cdiv(nqs, M_["BLOCK_Q"]), B * H)](*args, S=S, HEAD_DIM=D,
+                                                                                   DOT_PREC=prec)
     _estimate_fix_kernel[(nb, B * H)](R, M, MF, LF, P, nb, nb, nt, S=S, KBL=bk // S,
                                      NKP=max(16, triton.next_power_of_2(nb)))
     return P
