@@ -49,6 +49,18 @@ def test_triton_and_torch_backends_agree(compensation, text, grid, D):
     assert abs(d_t - d_r) < 0.01
 
 
+def test_unsupported_head_dim_on_cuda_takes_the_reference():
+    # head dim 8 (tiny models): the kernels cannot take it, so "auto" on CUDA runs the torch reference
+    # (estimate and attention) instead of failing in the Triton compile
+    q, k, v = local_qkv((3, 8, 8), 2, 8, length_scale=2.0, noise=0.5, dtype=torch.float32, device="cuda")
+    cfg = ASAConfig(block_size=16, samples_per_block=4, pool=4, max_retain=0.3)
+    auto = AdaptiveSparseAttention(cfg, backend="auto")
+    assert not auto._use_triton(q) and auto._use_triton(torch.zeros(1, 1, 32, 16, device="cuda"))
+    out = auto(q, k, v, grid=(3, 8, 8))
+    want = AdaptiveSparseAttention(cfg, backend="torch")(q, k, v, grid=(3, 8, 8))
+    assert out.is_cuda and torch.equal(out, want)
+
+
 def test_wan_transformer_cuda_backend_matches_torch_backend():
     from diffusers import WanTransformer3DModel
 

@@ -9,7 +9,8 @@ Layers listed in ``cfg.dense_layers`` and denoising steps with a timestep above
 Backends (one semantics): on CUDA the Triton kernels of ``videoblade.kernels``
 (``block_sparse_attention``); elsewhere the float32 torch reference
 ``videoblade.kernels.reference.block_sparse_attention_ref`` (never the Triton interpreter,
-which is for kernel tests only).  ``backend="torch"`` forces the reference on any device.
+which is for kernel tests only), and on CUDA too for head dims the kernels do not take (not 16, 32,
+64 or 128).  ``backend="torch"`` forces the reference on any device.
 
 Statistics: the realised density (kept blocks / all blocks) of every call is added, per
 layer and head, into device tensors; nothing is read back to the host in the hot path.
@@ -101,12 +102,15 @@ class AdaptiveSparseAttention:
     def is_dense(self, layer_idx: int, timestep=None) -> bool:
         return self.layer_is_dense(layer_idx) or self.step_is_dense(timestep)
 
-    def _use_triton(self, q: torch.Tensor) -> bool:
-        if self.backend == "torch":
-            return False
-        if self.backend == "triton":
-            return True
-        return q.is_cuda
+    def _use_triton(self, x: torch.Tensor, head_dim: bool = True) -> bool:
+        """Whether the Triton kernels run on x: backend "triton", or "auto" on CUDA. With ``head_dim``
+        (x is q: the attention and estimate kernels) "auto" also needs a head dim the kernels take;
+        other head dims run the reference, slow but exact."""
+        if self.backend != "auto":
+            return self.backend == "triton"
+        from ..kernels.block_sparse import HEAD_DIMS
+
+        return x.is_cuda and (not head_dim or x.shape[-1] in HEAD_DIMS)
 
     # ------------------------------------------------------------------ pieces
     def estimate(self, q: torch.Tensor, k: torch.Tensor) -> torch.Tensor:
@@ -131,7 +135,7 @@ class AdaptiveSparseAttention:
     def make_lists(self, P: torch.Tensor, text_tokens: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
         """The kept blocks of :meth:`make_mask` as block lists (kv_indices, kv_counts); on CUDA
         one Triton launch (``mask.block_lists``)."""
-        return block_lists(P, **self._policy(text_tokens), use_kernel=None if self._use_triton(P) else False)
+        return block_lists(P, **self._policy(text_tokens), use_kernel=None if self._use_triton(P, head_dim=False) else False)
 
     def sparse_attention(self, q, k, v, mask: torch.Tensor) -> torch.Tensor:
         """Block-sparse attention of q, k, v [B, H, L, D] on a bool block ``mask``

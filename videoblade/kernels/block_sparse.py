@@ -65,6 +65,7 @@ except ImportError:  # pragma: no cover
     TensorDescriptor = None
 
 LOG2E = 1.4426950408889634
+HEAD_DIMS = (16, 32, 64, 128)  # the head dims the kernels take
 LN2 = 0.6931471805599453
 
 
@@ -606,8 +607,8 @@ def _check(q, k, v, kv_indices, kv_counts, block_size):
     if q.dim() != 4 or k.shape != q.shape or v.shape != q.shape:
         raise ValueError(f"q, k, v must all be [B, H, L, D]; got {tuple(q.shape)}, {tuple(k.shape)}, {tuple(v.shape)}")
     D = q.shape[-1]
-    if D not in (16, 32, 64, 128):
-        raise ValueError(f"head dim {D} not supported (16, 32, 64, 128)")
+    if D not in HEAD_DIMS:
+        raise ValueError(f"head dim {D} not supported {HEAD_DIMS}")
     if block_size < 16 or block_size & (block_size - 1):
         raise ValueError(f"block_size must be a power of two >= 16, got {block_size}")
     B, H, L, _ = q.shape

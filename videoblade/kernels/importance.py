@@ -173,7 +173,8 @@ def estimate_block_importance(
     S = int(samples_per_block)
     if not _pow2(S) or S > block_size:
         raise ValueError(f"samples_per_block must be a power of two <= block_size, got {S}")
-    if q.device.type == "cpu" and os.environ.get("TRITON_INTERPRET", "0") != "1":
+    if (q.device.type == "cpu" and os.environ.get("TRITON_INTERPRET", "0") != "1") or not (_pow2(D) and D >= 16):
+        # the torch twin: on the CPU outside the kernel tests, and for head dims the kernel's dot cannot take
         pos, kbias = _sample_plan(L, block_size, S, q.device)
         return _estimate_sample_torch(q.index_select(2, pos), k.index_select(2, pos), kbias,
                                       num_blocks(L, block_size), S, scale)
