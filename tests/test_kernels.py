@@ -399,6 +399,20 @@ def test_kernel_block_id_walks_are_equal(case, monkeypatch):
     assert rel_err(results["prefetch"][0], ref) < 1e-2
 
 
+@pytest.mark.parametrize("block", [16, 32, 64, 128, 256])
+def test_tile_configs_never_span_two_blocks(block):
+    # on the GPU the autotuner's configs set the tiles (the interpreter takes its own small ones, so
+    # the kernel tests above cannot see this): a query or key tile wider than a block would read one
+    # block's list or bias row for rows of the next. Block 16 once got a 128-row summary dk/dv tile.
+    from videoblade.kernels import block_sparse as bsk
+
+    for kern in (bsk._fwd_k, bsk._dq_k, bsk._dkv_k, bsk._dsum_k):
+        cfgs = kern.prune(kern.configs, {}, BLOCK=block)
+        assert cfgs
+        for c in cfgs:
+            assert c.kwargs["BLOCK_M"] <= block and c.kwargs.get("BLOCK_N", 0) <= block, (kern.kernel.__name__, c)
+
+
 def test_public_fn_autograd_through_summaries():
     # grads reach k and v through pool_summaries (torch) and the kernel's summary grads
     g = torch.Generator().manual_seed(11)
