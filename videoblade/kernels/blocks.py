@@ -173,6 +173,12 @@ def _pow2(n: int) -> bool:
     return n > 0 and n & (n - 1) == 0
 
 
+def tile_head_dim(d: int) -> bool:
+    """Whether the pooling and estimate kernels take head dim d: tl.arange needs a power of two,
+    tl.dot a reduction of at least 16."""
+    return _pow2(d) and d >= 16
+
+
 def dot_precision(dtype: torch.dtype) -> str:
     """``tl.dot``'s input_precision for operands of ``dtype``. float32 follows torch's own float32
     matmuls (``torch.set_float32_matmul_precision``): "highest", torch's default, gives exact float32
@@ -195,7 +201,7 @@ def pool_kernel_applies(k: torch.Tensor, v: torch.Tensor, pool: int, backend: st
         raise ValueError(f"backend must be 'auto', 'triton' or 'torch', got {backend!r}")
     if backend == "torch" or not (k.is_cuda or (backend == "triton" and os.environ.get("TRITON_INTERPRET") == "1")):
         return False
-    return _pow2(pool) and _pow2(k.shape[-1]) and k.shape[-1] >= 16 and k.stride(-1) == 1 and v.stride(-1) == 1 \
+    return _pow2(pool) and tile_head_dim(k.shape[-1]) and k.stride(-1) == 1 and v.stride(-1) == 1 \
         and k.shape == v.shape
 
 
@@ -267,9 +273,8 @@ class _PoolFn(torch.autograd.Function):
     """
 
     @staticmethod
-    def forward(ctx, k, v, block_size, pool, use_kernel, geometry):
+    def forward(ctx, k, v, block_size, pool, use_kernel, denom):
         L = k.shape[2]
-        denom = geometry[3]
         sk, sv = _pool_op(k, v, block_size, pool, use_kernel)
         ctx.save_for_backward(denom)
         ctx.L, ctx.pool, ctx.kdt, ctx.vdt = L, pool, k.dtype, v.dtype
@@ -294,5 +299,5 @@ def pool_summaries(k: torch.Tensor, v: torch.Tensor, block_size: int, pool: int,
     if block_size % pool != 0:
         raise ValueError(f"pool ({pool}) must divide block_size ({block_size})")
     geometry = _geometry(k, block_size, pool)
-    sk, sv = _PoolFn.apply(k, v, block_size, pool, pool_kernel_applies(k, v, pool, backend), geometry)
+    sk, sv = _PoolFn.apply(k, v, block_size, pool, pool_kernel_applies(k, v, pool, backend), geometry[3])
     return Summary(sk, sv, geometry[4], pool)

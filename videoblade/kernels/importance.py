@@ -31,7 +31,7 @@ import torch
 import triton
 import triton.language as tl
 
-from .blocks import _last_unit, _pow2, dot_precision, num_blocks
+from .blocks import _last_unit, _pow2, dot_precision, num_blocks, tile_head_dim
 
 
 def _last_block(L: int, block_size: int) -> tuple[int, int]:
@@ -173,7 +173,7 @@ def estimate_block_importance(
     S = int(samples_per_block)
     if not _pow2(S) or S > block_size:
         raise ValueError(f"samples_per_block must be a power of two <= block_size, got {S}")
-    if (q.device.type == "cpu" and os.environ.get("TRITON_INTERPRET", "0") != "1") or not (_pow2(D) and D >= 16):
+    if (q.device.type == "cpu" and os.environ.get("TRITON_INTERPRET", "0") != "1") or not tile_head_dim(D):
         # the torch twin: on the CPU outside the kernel tests, and for head dims the kernel's dot cannot take
         pos, kbias = _sample_plan(L, block_size, S, q.device)
         return _estimate_sample_torch(q.index_select(2, pos), k.index_select(2, pos), kbias,
