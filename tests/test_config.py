@@ -38,6 +38,7 @@ def test_dump_round_trip(tmp_path):
     [
         ("asa.pool=24", "asa.pool: must divide"),
         ("asa.block_size=100", "asa.block_size: must be a power of two"),
+        ("asa.samples_per_block=24", "asa.samples_per_block: must be a power of two"),
         ("model.frames=80", "model.frames: must be of the form 4k\\+1 \\(e.g. 77 or 81\\)"),
         ("asa.min_retain=0.5", "min_retain <= max_retain"),
         ("tdm.eta=1.5", "tdm.eta"),

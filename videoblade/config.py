@@ -186,7 +186,11 @@ def _validate(cfg: RunConfig) -> None:
     bs = a.block_size
     _check(bs >= 16 and bs & (bs - 1) == 0, "asa.block_size", f"must be a power of two >= 16, got {bs}")
     _check(a.pool >= 1 and bs % a.pool == 0, "asa.pool", f"must divide asa.block_size={bs}, got {a.pool}")
-    _check(1 <= a.samples_per_block <= bs, "asa.samples_per_block", f"must be in [1, {bs}], got {a.samples_per_block}")
+    sp = a.samples_per_block
+    _check(1 <= sp <= bs, "asa.samples_per_block", f"must be in [1, {bs}], got {sp}")
+    # the sampled estimate splits every block into equal strides (kernels/importance.py)
+    _check(a.estimate != "sample" or sp & (sp - 1) == 0, "asa.samples_per_block",
+           f"must be a power of two with estimate=sample, got {sp}")
     _check(a.estimate in ("sample", "mean"), "asa.estimate", f"must be sample or mean, got {a.estimate!r}")
     _check(a.mode in ("energy", "topk"), "asa.mode", f"must be energy or topk, got {a.mode!r}")
     _check(a.cpu_backend in ("reference", "gathered"), "asa.cpu_backend",
