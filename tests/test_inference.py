@@ -537,6 +537,37 @@ def test_wan_decode_in_chunks_matches_diffusers(tiny_wan, monkeypatch):
         configure_vae(vae, chunk=2)
 
 
+def test_decode_cudnn_benchmark_is_scoped_to_the_decode(tiny_wan, monkeypatch):
+    """`configure_vae(cudnn_benchmark=...)`: cuDNN's autotuner is set while the VAE decodes and the
+    global setting is back afterwards (also when the decode raises); None leaves it alone."""
+    from videoblade.models import get_adapter
+
+    ad = get_adapter(tiny_wan)
+    vae = ad.load(tiny_wan, dtype="fp32", components=("vae",)).vae
+    lat = torch.randn(1, 4, 2, 4, 6, generator=torch.Generator().manual_seed(0))
+    seen = []
+    real = type(ad).vae_decode
+
+    def spy(self, vae_, z_):
+        seen.append(torch.backends.cudnn.benchmark)
+        if getattr(vae_, "_fail", False):
+            raise RuntimeError("decode failed")
+        return real(self, vae_, z_)
+
+    monkeypatch.setattr(type(ad), "vae_decode", spy)
+    monkeypatch.setattr(torch.backends.cudnn, "benchmark", False)
+    for setting, during in ((True, True), (False, False), (None, False)):
+        configure_vae(vae, adapter=ad, cudnn_benchmark=setting)
+        ad.decode(vae, lat)
+        assert seen[-1] is during and torch.backends.cudnn.benchmark is False
+    torch.backends.cudnn.benchmark = True
+    configure_vae(vae, adapter=ad, cudnn_benchmark=False)
+    vae._fail = True
+    with pytest.raises(RuntimeError, match="decode failed"):
+        ad.decode(vae, lat)
+    assert seen[-1] is False and torch.backends.cudnn.benchmark is True
+
+
 @pytest.mark.parametrize("bias", [True, False])
 @pytest.mark.parametrize("channels_last", [True, False])
 def test_upsample2x_conv_is_upsample_then_conv(bias, channels_last):

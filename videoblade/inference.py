@@ -626,10 +626,16 @@ def merge_lora(transformer) -> None:
     transformer.unload_lora()
 
 
-def configure_vae(vae, tiling: bool = False, compile: bool = False, adapter=None, chunk="auto"):
+def configure_vae(vae, tiling: bool = False, compile: bool = False, adapter=None, chunk="auto",
+                  cudnn_benchmark: bool | None = None):
     """Decode settings on a loaded VAE: tiling on/off, the decoder compiled the family's way
     (`ModelAdapter.compile_vae`: CogVideoX's decoder whole, Wan's RMS norms fused), latent frames
-    per decoder call (`ModelAdapter.configure_decode_chunk`; Wan only, ignored while tiling)."""
+    per decoder call (`ModelAdapter.configure_decode_chunk`; Wan only, ignored while tiling), and
+    cuDNN's convolution autotuner during the decode (`torch.backends.cudnn.benchmark`, set for the
+    decode only; None leaves the global setting alone)."""
+    from videoblade.models.base import CUDNN_BENCHMARK_ATTR
+
+    setattr(vae, CUDNN_BENCHMARK_ATTR, cudnn_benchmark)
     if tiling:
         vae.enable_tiling()
     elif hasattr(vae, "disable_tiling"):

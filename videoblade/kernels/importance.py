@@ -144,6 +144,9 @@ def _estimate_fix_kernel(R, M, MF, LF, P, NQ, NK, NT, S: tl.constexpr, KBL: tl.c
     tl.store(P + (bh * NQ + qb) * NK + offs_kb, mass, mask=offs_kb < NK)
 
 
+_KEY_TILE = 64  # sampled keys per tile of the first pass on the GPU (module constant for A/B runs)
+
+
 @functools.lru_cache(maxsize=16)
 def _est_launch(S: int, D: int, block_k: int):
     # the key tile is fixed (it sets the scratch layout); the autotuner varies the query tile,
@@ -196,7 +199,7 @@ def _estimate_sampled_op(q: torch.Tensor, k: torch.Tensor, block_size: int, S: i
     P = torch.empty((B, H, nb, nb), dtype=torch.float32, device=dev)
     interpret = os.environ.get("TRITON_INTERPRET", "0") == "1"
     prec = dot_precision(q.dtype)
-    bk = max(16, S) if interpret else max(64, S)  # key tile of the first pass: sets the scratch layout
+    bk = max(16, S) if interpret else max(_KEY_TILE, S)  # key tile of the first pass: sets the scratch layout
     nt = triton.cdiv(nb * S, bk)
     R = torch.empty((B * H, nqs, nb), dtype=torch.float32, device=dev)
     M = torch.empty((B * H, nqs, nt), dtype=torch.float32, device=dev)

@@ -13,6 +13,7 @@ inside self-attention: CogVideoX's `max_text_seq_length`, Wan 0 (text enters by 
 
 from __future__ import annotations
 
+import contextlib
 import json
 import warnings
 from dataclasses import dataclass, field
@@ -42,6 +43,27 @@ __all__ = [
 
 ALL_COMPONENTS = ("transformer", "vae", "text_encoder", "tokenizer", "scheduler")
 # file each component folder must hold (any one of them) for the request to be serviceable
+# per-VAE decode setting (``videoblade.inference.configure_vae``): True/False sets
+# torch.backends.cudnn.benchmark for the decode only (restored after it); None leaves it alone
+CUDNN_BENCHMARK_ATTR = "_videoblade_cudnn_benchmark"
+
+
+@contextlib.contextmanager
+def _cudnn_benchmark(on: bool | None):
+    """cuDNN's autotuner on or off for the block, restored afterwards (None: untouched). With it on,
+    cuDNN times its convolution algorithms once per input shape and keeps the fastest, so a decode's
+    first call is slower and later calls of the same shapes may be faster."""
+    if on is None:
+        yield
+        return
+    prev = torch.backends.cudnn.benchmark
+    torch.backends.cudnn.benchmark = bool(on)
+    try:
+        yield
+    finally:
+        torch.backends.cudnn.benchmark = prev
+
+
 _COMPONENT_FILES = {
     "transformer": ("config.json",),
     "vae": ("config.json",),
@@ -534,7 +556,8 @@ class ModelAdapter:
         if latents.ndim != 5:
             raise ModelRequestError(f"decode expects latents [B, C, F, H, W], got shape {tuple(latents.shape)}")
         z = self.denormalize_latents(vae, latents)
-        video = self.vae_decode(vae, z)  # [B, 3, F', H', W'] in [-1, 1]
+        with _cudnn_benchmark(getattr(vae, CUDNN_BENCHMARK_ATTR, None)):
+            video = self.vae_decode(vae, z)  # [B, 3, F', H', W'] in [-1, 1]
         video = (video.float() / 2 + 0.5).clamp(0, 1)
         frames = (video * 255).round().to(torch.uint8).permute(0, 2, 3, 4, 1)
         if not frames.is_cuda:
