@@ -27,8 +27,8 @@ ones, written below, so nothing downloads):
   and bf16 compiled are repeated with all latent frames in one decoder call after the first
   (`--vae-chunk all`, `ModelAdapter.configure_decode_chunk`: videoblade's channels-last loop); the
   fastest compiled bf16 setting is repeated with cuDNN's convolution autotuner on for the decode
-  (`torch.backends.cudnn.benchmark`, `--vae-cudnn-benchmark`); each row with the GPU memory the decode adds; PSNR of each against the fp32 frames (uint8, peak
-  255) and median time. The fastest setting with PSNR > 40 dB is `decode_choice`; both e2e figures
+  (`torch.backends.cudnn.benchmark`, `configure_vae(..., cudnn_benchmark=True)`); each row with the
+  GPU memory the decode adds; PSNR of each against the fp32 frames (uint8, peak 255) and median time. The fastest setting with PSNR > 40 dB is `decode_choice`; both e2e figures
   use that same decode setting (so the decode choice does not inflate the ratio); the ratio against
   an fp32-decode baseline is reported too. The VAEs have random weights as well, so the PSNR
   says how bf16 rounding behaves on this architecture and these activations, not on trained weights.
@@ -297,8 +297,7 @@ def run_family(name: str, family: str, spec: dict, args, device, deadline: float
             print(f"[{name}] skip decode {s}: {remaining:.0f} s left", flush=True)
             continue
         # the reference decodes with `vae` itself, every other setting with its own copy (freed below)
-        v = configure_vae(vae if s is settings[0] else copy.deepcopy(vae).to(parse_dtype(s["dtype"])),
-                          s["tiling"], s["compile"], adapter, s.get("chunk", "auto"), s.get("cudnn_benchmark"))
+        v = _configured(vae if s is settings[0] else copy.deepcopy(vae).to(parse_dtype(s["dtype"])), s, adapter)
         if device.type == "cuda":
             torch.cuda.reset_peak_memory_stats()
             before = torch.cuda.memory_allocated()
@@ -351,10 +350,8 @@ def run_family(name: str, family: str, spec: dict, args, device, deadline: float
                      psnr_db=choice["psnr_db"], rule="fastest setting with PSNR > 40 dB against fp32"))
 
     # ---------------- student end to end (sampler + decode with the chosen setting, one timed region)
-    v = vae if choice["setting"] == settings[0] else configure_vae(
-        copy.deepcopy(vae).to(parse_dtype(choice["setting"]["dtype"])), choice["setting"]["tiling"],
-        choice["setting"]["compile"], adapter, choice["setting"].get("chunk", "auto"),
-        choice["setting"].get("cudnn_benchmark"))
+    v = vae if choice["setting"] == settings[0] else _configured(
+        copy.deepcopy(vae).to(parse_dtype(choice["setting"]["dtype"])), choice["setting"], adapter)
 
     def student_e2e():
         lat = student_run()
@@ -432,6 +429,11 @@ def run_family(name: str, family: str, spec: dict, args, device, deadline: float
     if device.type == "cuda":
         torch.cuda.empty_cache()
     return rows
+
+
+def _configured(vae, s: dict, adapter):
+    """``configure_vae`` with the decode setting ``s`` (one of run_family's ``settings``)."""
+    return configure_vae(vae, s["tiling"], s["compile"], adapter, s.get("chunk", "auto"), s.get("cudnn_benchmark"))
 
 
 def _label(s: dict) -> str:

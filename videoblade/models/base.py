@@ -42,7 +42,6 @@ __all__ = [
 ]
 
 ALL_COMPONENTS = ("transformer", "vae", "text_encoder", "tokenizer", "scheduler")
-# file each component folder must hold (any one of them) for the request to be serviceable
 # per-VAE decode setting (``videoblade.inference.configure_vae``): True/False sets
 # torch.backends.cudnn.benchmark for the decode only (restored after it); None leaves it alone
 CUDNN_BENCHMARK_ATTR = "_videoblade_cudnn_benchmark"
@@ -64,6 +63,7 @@ def _cudnn_benchmark(on: bool | None):
         torch.backends.cudnn.benchmark = prev
 
 
+# file each component folder must hold (any one of them) for the request to be serviceable
 _COMPONENT_FILES = {
     "transformer": ("config.json",),
     "vae": ("config.json",),
