@@ -7,6 +7,7 @@ kernel forgets to write fails the comparison.
 
 import math
 import os
+import zlib
 
 import pytest
 import torch
@@ -23,6 +24,7 @@ from videoblade.kernels import (
     estimate_block_importance_ref,
     mask_to_block_lists,
     num_blocks,
+    pool_levels,
     pool_summaries,
     transpose_block_lists,
 )
@@ -58,6 +60,22 @@ def random_mask(B, H, n, density, gen, empty_rows=True, full_rows=True):
         mask[-1, -1, n - 1] = True
         mask[0, -1, 0] = True
     return mask
+
+
+def random_levels(B, H, n, nlev, gen, empty_row=True):
+    """int8 level map [B, H, n, n]: 0 skip, 1 exact, 2.. the pooled levels; one row all skipped."""
+    lev = torch.randint(0, nlev + 2, (B, H, n, n), generator=gen).to(torch.int8)
+    ar = torch.arange(n)
+    lev[-1, -1] = ((ar[:, None] + ar[None, :]) % (nlev + 2)).to(torch.int8)  # every level present
+    if empty_row:
+        lev[0, 0, min(1, n - 1)] = 0
+    return lev
+
+
+def level_lists(lev, nlev):
+    """The pooled levels' stacked block lists (int32 [NLEV, B, H, NQ, NK], [NLEV, B, H, NQ])."""
+    lists = [mask_to_block_lists(lev == 2 + i) for i in range(nlev)]
+    return torch.stack([a for a, _ in lists]), torch.stack([c for _, c in lists])
 
 
 # ------------------------------------------------------------------ block lists / summaries
@@ -300,6 +318,31 @@ CASES = [
 ]
 
 
+def _seed(name: str) -> int:
+    # a fixed seed per case (str hash() changes with every interpreter run)
+    return zlib.crc32(name.encode())
+
+
+def _fwd_poisoned(q, k, v, kvi, kvc, bs, scale, s_args, **kw):
+    """The forward launcher writing into NaN-poisoned out / lse buffers (an unwritten element fails)."""
+    B, H, L, D = q.shape
+    out = torch.full((B, H, L, D), float("nan"), dtype=q.dtype, device=DEV)
+    lse = torch.full((B, H, L), float("nan"), dtype=torch.float32, device=DEV)
+    block_sparse_attention_fwd(q, k, v, kvi, kvc, bs, scale, *s_args, out=out, lse=lse, **kw)
+    return out, lse
+
+
+def _check_fwd(out, lse, out_r, lse_r, tol):
+    """out within tol of the reference, lse finite exactly where the reference's is (-inf elsewhere)
+    and close there; returns the reference's finite mask."""
+    assert rel_err(out, out_r) < tol
+    fin = torch.isfinite(lse_r)
+    assert torch.equal(torch.isfinite(lse), fin)
+    assert (lse[~fin] == float("-inf")).all()
+    assert (lse[fin] - lse_r[fin]).abs().max().item() < 10 * tol
+    return fin
+
+
 def _ids(c):
     B, H, L, D, bs, dt, dens, pool = c
     return f"B{B}-H{H}-L{L}-D{D}-blk{bs}-{str(dt).split('.')[-1]}-d{dens}-pool{pool}"
@@ -308,7 +351,7 @@ def _ids(c):
 @pytest.mark.parametrize("case", CASES, ids=[_ids(c) for c in CASES])
 def test_kernel_fwd_bwd_matches_reference(case):
     B, H, L, D, bs, dtype, density, pool = case
-    g = torch.Generator().manual_seed(hash(_ids(case)) % 2**31)
+    g = torch.Generator().manual_seed(_seed(_ids(case)))
     n = num_blocks(L, bs)
     q, k, v = (torch.randn(B, H, L, D, generator=g).to(DEV, dtype) for _ in range(3))
     mask = random_mask(B, H, n, density, g)
@@ -318,20 +361,14 @@ def test_kernel_fwd_bwd_matches_reference(case):
     sk, sv, sb = (summ.k, summ.v, summ.bias) if summ else (None, None, None)
 
     nan = float("nan")
-    out = torch.full((B, H, L, D), nan, dtype=dtype, device=DEV)
-    lse = torch.full((B, H, L), nan, dtype=torch.float32, device=DEV)
-    block_sparse_attention_fwd(q, k, v, kvi, kvc, bs, scale, sk, sv, sb, out=out, lse=lse)
+    out, lse = _fwd_poisoned(q, k, v, kvi, kvc, bs, scale, (sk, sv, sb))
 
     # reference in fp32 on the same (rounded) inputs, summaries as leaves
     qr, kr, vr = (t.float().requires_grad_() for t in (q, k, v))
     summ_r = Summary(sk.float().requires_grad_(), sv.float().requires_grad_(), sb, pool) if summ else None
     out_r, lse_r = block_sparse_attention_ref(qr, kr, vr, kvi, kvc, bs, scale, summary=summ_r)
     tol = 1e-5 if dtype == torch.float32 else 2e-3
-    assert rel_err(out, out_r) < tol
-    fin = torch.isfinite(lse_r)
-    assert torch.equal(torch.isfinite(lse), fin)
-    assert (lse[~fin] == float("-inf")).all()
-    assert (lse[fin] - lse_r[fin]).abs().max().item() < 10 * tol
+    fin = _check_fwd(out, lse, out_r, lse_r, tol)
     if not pool:
         assert (~fin).any()  # the forced empty row is really tested
         assert (out[~fin] == 0).all()
@@ -399,6 +436,168 @@ def test_kernel_block_id_walks_are_equal(case, monkeypatch):
     assert rel_err(results["prefetch"][0], ref) < 1e-2
 
 
+# ------------------------------------------------------------------ multi-level (SPEC 1.6)
+
+
+def _brute_force_levels(q, k, v, lev, pools, bs, scale, pool=0):
+    """Row by row in float64, from the definitions: a query attends the tokens of its exact blocks,
+    the pooled tokens (mean of `p` consecutive tokens, logit + log(count)) of its level-p blocks
+    and, with `pool`, the summaries of every block it attends at no level."""
+    B, H, L, D = q.shape
+    q, k, v = q.double(), k.double(), v.double()
+    out = torch.zeros(B, H, L, D, dtype=torch.float64)
+
+    def pooled(x, b, h, blk, p):
+        toks = x[b, h, blk * bs : min(L, (blk + 1) * bs)]
+        groups = toks.split(p)
+        return torch.stack([g.mean(0) for g in groups]), torch.tensor([math.log(len(g)) for g in groups])
+
+    for b in range(B):
+        for h in range(H):
+            for i in range(L):
+                row = lev[b, h, i // bs]
+                keys, vals, bias = [], [], []
+                for j, lv in enumerate(row.tolist()):
+                    if lv == 1:
+                        sl = slice(j * bs, min(L, (j + 1) * bs))
+                        keys.append(k[b, h, sl]), vals.append(v[b, h, sl])
+                        bias.append(torch.zeros(keys[-1].shape[0], dtype=torch.float64))
+                    elif lv >= 2 or pool:
+                        p = pools[lv - 2] if lv >= 2 else pool
+                        pk, pb = pooled(k, b, h, j, p)
+                        keys.append(pk), vals.append(pooled(v, b, h, j, p)[0]), bias.append(pb.double())
+                if not keys:
+                    continue
+                s_ = torch.cat(keys) @ q[b, h, i] * scale + torch.cat(bias)
+                out[b, h, i] = torch.softmax(s_, 0) @ torch.cat(vals)
+    return out
+
+
+def test_reference_levels_from_the_definition():
+    g = torch.Generator().manual_seed(21)
+    B, H, L, D, bs, pools = 1, 2, 45, 8, 16, (2, 4)
+    q, k, v = (torch.randn(B, H, L, D, dtype=torch.float64, generator=g) for _ in range(3))
+    n = num_blocks(L, bs)
+    lev = random_levels(B, H, n, len(pools), g)
+    kvi, kvc = mask_to_block_lists(lev == 1)
+    levels = pool_levels(k, v, bs, pools, *level_lists(lev, len(pools)))
+    for pool in (0, 8):
+        summ = pool_summaries(k, v, bs, pool) if pool else None
+        out, lse = block_sparse_attention_ref(q, k, v, kvi, kvc, bs, summary=summ, levels=levels)
+        want = _brute_force_levels(q, k, v, lev, pools, bs, D**-0.5, pool)
+        torch.testing.assert_close(out.double(), want, rtol=1e-5, atol=1e-6)
+        assert torch.isfinite(lse).all() == bool(pool)  # the all-skipped row is empty without summaries
+
+
+LEVEL_CASES = [
+    # B, H, L, D, block, dtype, pools, compensation pool (0 = none)
+    (1, 2, 96, 16, 32, torch.float32, (2,), 0),
+    (2, 2, 100, 32, 32, torch.float16, (2,), 8),
+    (1, 2, 256, 16, 64, torch.float32, (2, 4), 16),
+    (1, 2, 300, 32, 128, torch.float16, (2, 4, 8), 32),
+]
+
+
+def _lids(c):
+    B, H, L, D, bs, dt, pools, pool = c
+    return f"B{B}-H{H}-L{L}-D{D}-blk{bs}-{str(dt).split('.')[-1]}-levels{'x'.join(map(str, pools))}-pool{pool}"
+
+
+@pytest.mark.parametrize("case", LEVEL_CASES, ids=[_lids(c) for c in LEVEL_CASES])
+def test_kernel_levels_fwd_bwd_matches_reference(case):
+    # pooled levels walked in the forward and dq kernels, their dk/dv by the key-major kernel over
+    # each level's pooled rows; with compensation the summary table skips blocks seen at a level
+    from videoblade.kernels.blocks import PooledLevels
+
+    B, H, L, D, bs, dtype, pools, pool = case
+    g = torch.Generator().manual_seed(_seed(_lids(case)))
+    n = num_blocks(L, bs)
+    q, k, v = (torch.randn(B, H, L, D, generator=g).to(DEV, dtype) for _ in range(3))
+    lev = random_levels(B, H, n, len(pools), g)
+    assert all((lev == i).any() for i in range(len(pools) + 2))
+    kvi, kvc = (t.to(DEV) for t in mask_to_block_lists(lev == 1))
+    pidx, pcnt = (t.to(DEV) for t in level_lists(lev, len(pools)))
+    levels = pool_levels(k, v, bs, pools, pidx, pcnt)
+    summ = pool_summaries(k, v, bs, pool) if pool else None
+    s_args = (summ.k, summ.v, summ.bias) if summ else (None, None, None)
+    l_args = (torch.cat([s.k for s in levels.summaries], 2), torch.cat([s.v for s in levels.summaries], 2),
+              torch.cat([s.bias for s in levels.summaries]), pidx, pcnt, pools)
+    scale = 1.0 / math.sqrt(D)
+    nan = float("nan")
+    out, lse = _fwd_poisoned(q, k, v, kvi, kvc, bs, scale, s_args, levels=l_args)
+
+    qr, kr, vr = (t.float().requires_grad_() for t in (q, k, v))
+    lev_r = PooledLevels(tuple(Summary(s.k.float().requires_grad_(), s.v.float().requires_grad_(), s.bias, s.pool)
+                               for s in levels.summaries), pidx, pcnt)
+    summ_r = Summary(summ.k.float().requires_grad_(), summ.v.float().requires_grad_(), summ.bias, pool) if summ else None
+    out_r, lse_r = block_sparse_attention_ref(qr, kr, vr, kvi, kvc, bs, scale, summary=summ_r, levels=lev_r)
+    tol = 1e-5 if dtype == torch.float32 else 2e-3
+    assert _check_fwd(out, lse, out_r, lse_r, tol).all() == bool(pool)
+
+    do = torch.randn(B, H, L, D, generator=g).to(DEV, dtype)
+    grads = [torch.full_like(t, nan) for t in (q, k, v)]
+    res = block_sparse_attention_bwd(do, q, k, v, out, lse, kvi, kvc, bs, scale, *s_args, *grads, levels=l_args)
+    leaves = [qr, kr, vr] + ([summ_r.k, summ_r.v] if summ else [])
+    leaves += [s.k for s in lev_r.summaries] + [s.v for s in lev_r.summaries]
+    ref = torch.autograd.grad(out_r, leaves, do.float())
+    nl = len(pools)
+    ref_pk, ref_pv = torch.cat(ref[-2 * nl : -nl], 2), torch.cat(ref[-nl:], 2)
+    got = [("dq", res[0], ref[0]), ("dk", res[1], ref[1]), ("dv", res[2], ref[2]),
+           ("dpk", res[5], ref_pk), ("dpv", res[6], ref_pv)]
+    if summ:
+        got += [("dsk", res[3], ref[3]), ("dsv", res[4], ref[4])]
+    else:
+        assert res[3] is None and res[4] is None
+    for name, a, b in got:
+        err = rel_err(a, b)
+        assert err < 2 * tol, f"{name}: rel err {err:.2e}"
+
+
+def test_public_fn_autograd_through_levels():
+    # grads reach k and v through every level's pooling and the compensation summaries
+    g = torch.Generator().manual_seed(12)
+    B, H, L, D, bs, pools, pool = 1, 2, 120, 16, 32, (2,), 8
+    n = num_blocks(L, bs)
+    base = [torch.randn(B, H, L, D, generator=g).to(DEV) for _ in range(3)]
+    lev = random_levels(B, H, n, len(pools), g)
+    kvi, kvc = (t.to(DEV) for t in mask_to_block_lists(lev == 1))
+    lists = [t.to(DEV) for t in level_lists(lev, len(pools))]
+    do = torch.randn(B, H, L, D, generator=g).to(DEV)
+
+    def run(fn):
+        q, k, v = (t.clone().requires_grad_() for t in base)
+        out, _ = fn(q, k, v, kvi, kvc, bs, summary=pool_summaries(k, v, bs, pool),
+                    levels=pool_levels(k, v, bs, pools, *lists))
+        return (out, *torch.autograd.grad(out, (q, k, v), do))
+
+    for a, b in zip(run(block_sparse_attention), run(block_sparse_attention_ref)):
+        assert rel_err(a, b) < 1e-5
+
+
+def test_levels_mark_the_summary_table_and_are_checked():
+    # a block attended at a pooled level is not summarised; the kernels refuse levels they cannot walk
+    from videoblade.kernels.block_sparse import _level_ops, _summary_operands, check_levels
+
+    g = torch.Generator().manual_seed(13)
+    n, spb = 6, 2
+    lev = random_levels(1, 2, n, 2, g)
+    kvi, kvc = mask_to_block_lists(lev == 1)
+    pidx, pcnt = level_lists(lev, 2)
+    sk = torch.randn(1, 2, n * spb, 16, generator=g)
+    bias = torch.zeros(n * spb)
+    lv = _level_ops(sk, sk, torch.zeros(3), pidx, pcnt, (2, 4))
+    _, _, table, nsp = _summary_operands(sk.to(DEV), sk.to(DEV), bias.to(DEV), kvi.to(DEV), kvc.to(DEV), spb,
+                                         lv._replace(idx=lv.idx.to(DEV), cnt=lv.cnt.to(DEV)))
+    seen = (lev > 0).repeat_interleave(spb, -1)
+    assert torch.equal(torch.isinf(table[..., : n * spb].cpu()), seen)
+    for bad in ([2, 4, 8, 16], [4, 2], [3], [1], [16]):
+        with pytest.raises(ValueError):
+            check_levels(bad, 128)
+    check_levels([2, 4, 8], 128)
+    with pytest.raises(ValueError, match="16 pooled rows"):
+        check_levels([4], 32)
+
+
 @pytest.mark.parametrize("block", [16, 32, 64, 128, 256])
 def test_tile_configs_never_span_two_blocks(block):
     # on the GPU the autotuner's configs set the tiles (the interpreter takes its own small ones, so
@@ -411,6 +610,10 @@ def test_tile_configs_never_span_two_blocks(block):
         assert cfgs
         for c in cfgs:
             assert c.kwargs["BLOCK_M"] <= block and c.kwargs.get("BLOCK_N", 0) <= block, (kern.kernel.__name__, c)
+    # the dk/dv pass over a pooled level: key tiles within one block's pooled rows
+    for rows in (16, 32, 64):
+        for c in bsk._dkv_k.prune(bsk._dkv_k.configs, {}, BLOCK=block, KROWS=min(rows, block)):
+            assert c.kwargs["BLOCK_N"] <= min(rows, block) and c.kwargs["BLOCK_M"] <= block
 
 
 def test_public_fn_autograd_through_summaries():
@@ -478,26 +681,37 @@ def test_outputs_in_the_processors_layout():
         torch.testing.assert_close(a, b)
 
 
-def test_custom_op_opcheck():
+@pytest.mark.parametrize("with_levels", [False, True])
+def test_custom_op_opcheck(with_levels):
     # q, k, v as the diffusers processors pass them: [B, L, H, D] transposed to [B, H, L, D]; the
     # fake impls must give the real ops' strides (a stride mismatch fails inductor at run time)
     g = torch.Generator().manual_seed(6)
-    B, H, L, D, bs = 1, 2, 40, 16, 16
+    B, H, L, D, bs = 1, 2, 80, 16, 32
     q, k, v = (torch.randn(B, L, H, D, generator=g).to(DEV).transpose(1, 2).requires_grad_() for _ in range(3))
     assert not q.is_contiguous()
-    mask = random_mask(B, H, 3, 0.6, g, empty_rows=False)
-    kvi, kvc = (t.to(DEV) for t in mask_to_block_lists(mask))
+    n = num_blocks(L, bs)
+    if with_levels:
+        lev = random_levels(B, H, n, 1, g)
+        kvi, kvc = (t.to(DEV) for t in mask_to_block_lists(lev == 1))
+        pidx, pcnt = (t.to(DEV) for t in level_lists(lev, 1))
+        pl = pool_summaries(k.detach(), v.detach(), bs, 2)
+        l_args = (pl.k.requires_grad_(), pl.v.requires_grad_(), pl.bias, pidx, pcnt, [2])
+    else:
+        mask = random_mask(B, H, n, 0.6, g, empty_rows=False)
+        kvi, kvc = (t.to(DEV) for t in mask_to_block_lists(mask))
+        l_args = (None, None, None, None, None, [])
     summ = pool_summaries(k.detach(), v.detach(), bs, 8)
     sk, sv = summ.k.requires_grad_(), summ.v.requires_grad_()
     utils = ("test_schema", "test_faketensor", "test_autograd_registration")
     torch.library.opcheck(torch.ops.videoblade.block_sparse_attn_fwd.default,
-                          (q, k, v, kvi, kvc, bs, 0.25, sk, sv, summ.bias), test_utils=utils)
+                          (q, k, v, kvi, kvc, bs, 0.25, sk, sv, summ.bias, *l_args), test_utils=utils)
     with torch.no_grad():
-        out, lse = torch.ops.videoblade.block_sparse_attn_fwd(q, k, v, kvi, kvc, bs, 0.25, sk, sv, summ.bias)
+        out, lse = torch.ops.videoblade.block_sparse_attn_fwd(q, k, v, kvi, kvc, bs, 0.25, sk, sv, summ.bias, *l_args)
     do = torch.randn(B, L, H, D, generator=g).to(DEV).transpose(1, 2)
+    l_det = tuple(t.detach() if isinstance(t, torch.Tensor) else t for t in l_args)
     for s_args in ((sk.detach(), sv.detach(), summ.bias), (None, None, None)):
         torch.library.opcheck(torch.ops.videoblade.block_sparse_attn_bwd.default,
-                              (do, q.detach(), k.detach(), v.detach(), out, lse, kvi, kvc, bs, 0.25, *s_args),
+                              (do, q.detach(), k.detach(), v.detach(), out, lse, kvi, kvc, bs, 0.25, *s_args, *l_det),
                               test_utils=("test_schema", "test_faketensor"))
 
 

@@ -52,12 +52,13 @@ from __future__ import annotations
 
 import math
 import os
+from typing import NamedTuple
 
 import torch
 import triton
 import triton.language as tl
 
-from .blocks import Summary, _last_unit, dot_precision, num_blocks, transpose_block_lists
+from .blocks import PooledLevels, Summary, _last_unit, dot_precision, num_blocks, transpose_block_lists
 
 try:  # host-side TMA descriptors (triton >= 3.4)
     from triton.tools.tensor_descriptor import TensorDescriptor
@@ -160,17 +161,63 @@ def _fwd_tile(acc, l_i, m_i, q, K, V, b, h, start_n, offs_nb, offs_d, stride_kl,
 
 
 @triton.jit
+def _fwd_biased_tile(acc, l_i, m_i, q, pk, pv, bias, qk_scale, DOT_PREC: tl.constexpr):
+    # one tile of pooled tokens (compensation summaries, multi-level blocks): logits carry a
+    # per-token bias in log2 units (log2 of the tokens averaged, -inf for a masked token), so a
+    # tile may be all -inf: the row max is guarded
+    qk = tl.dot(q, tl.trans(pk), input_precision=DOT_PREC) * qk_scale + bias[None, :]
+    m_new = tl.maximum(m_i, tl.max(qk, 1))
+    m_new = tl.where(m_new == float("-inf"), 0.0, m_new)
+    p = tl.math.exp2(qk - m_new[:, None])
+    alpha = tl.math.exp2(m_i - m_new)
+    l_i = l_i * alpha + tl.sum(p, 1)
+    acc = acc * alpha[:, None]
+    acc = tl.dot(p.to(pv.dtype), pv, acc, input_precision=DOT_PREC)
+    return acc, l_i, m_new
+
+
+@triton.jit
+def _level_tile(ids, idx_ptr, t, cnt, row0, offs_t, PKp, PVp, PB, stride_pl, offs_d, ROWS: tl.constexpr,
+                TILE: tl.constexpr, IDS_AHEAD: tl.constexpr):
+    # tile t of a row's walk over one level's block list: (pooled keys, values, log2 bias, the
+    # walk's state). Rows of the levels' concatenated tensors: ROWS pooled tokens per key block
+    # from row0 + block * ROWS, TILE rows per tile
+    SUB: tl.constexpr = ROWS // TILE
+    blk, ids = _ids_step(ids, idx_ptr, t, cnt, SUB, IDS_AHEAD)
+    rows = row0 + blk * ROWS + (t % SUB) * TILE + offs_t
+    pk = tl.load(PKp + rows[:, None] * stride_pl + offs_d[None, :])
+    pv = tl.load(PVp + rows[:, None] * stride_pl + offs_d[None, :])
+    return pk, pv, tl.load(PB + rows), ids
+
+
+@triton.jit
+def _fwd_level(acc, l_i, m_i, q, PKp, PVp, PB, idx_ptr, cnt, row0, stride_pl, qk_scale, offs_d,
+               ROWS: tl.constexpr, TILE: tl.constexpr, IDS_AHEAD: tl.constexpr, DOT_PREC: tl.constexpr):
+    # the key blocks a query block attends at one pooled level (SPEC 1.6), in the running softmax
+    offs_t = tl.arange(0, TILE)
+    ids = tl.load(idx_ptr)
+    for t in range(0, cnt * (ROWS // TILE)):
+        pk, pv, bias, ids = _level_tile(ids, idx_ptr, t, cnt, row0, offs_t, PKp, PVp, PB, stride_pl, offs_d, ROWS,
+                                        TILE, IDS_AHEAD)
+        acc, l_i, m_i = _fwd_biased_tile(acc, l_i, m_i, q, pk, pv, bias, qk_scale, DOT_PREC)
+    return acc, l_i, m_i
+
+
+@triton.jit
 def _fwd_kernel(
-    Q, K, V, O, LSE, KVI, KVC, SK, SV, SBIAS,  # noqa: E741
+    Q, K, V, O, LSE, KVI, KVC, SK, SV, SBIAS, PK, PV, PB, PI, PC,  # noqa: E741
     qk_scale,
     stride_qb, stride_qh, stride_ql,
     stride_kb, stride_kh, stride_kl,
     stride_vb, stride_vh, stride_vl,
     stride_ob, stride_oh, stride_ol,
     stride_sb, stride_sh, stride_sl,
-    H, L, NQ, NK, MAXK, NSP,
+    stride_pb, stride_ph, stride_pl,
+    H, L, NQ, NK, MAXK, NSP, MAXP, LEV_STRIDE,
     BLOCK: tl.constexpr, HEAD_DIM: tl.constexpr,
     HAS_SUMMARY: tl.constexpr, EVEN_L: tl.constexpr, USE_TMA: tl.constexpr, IDS_AHEAD: tl.constexpr,
+    NLEV: tl.constexpr, POOL1: tl.constexpr, POOL2: tl.constexpr, POOL3: tl.constexpr,
+    PT1: tl.constexpr, PT2: tl.constexpr, PT3: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_S: tl.constexpr, DOT_PREC: tl.constexpr,
 ):
     SUB: tl.constexpr = BLOCK // BLOCK_N
@@ -220,6 +267,23 @@ def _fwd_kernel(
                 acc, l_i, m_i = _fwd_tile(acc, l_i, m_i, q, Kp, Vp, b, h, start_n, offs_nb, offs_d, stride_kl,
                                           stride_vl, L, qk_scale, True, USE_TMA, BLOCK_N, HEAD_DIM, DOT_PREC)
 
+    if NLEV > 0:
+        # multi-level (SPEC 1.6): up to three pooled levels, each a block list walked like the
+        # exact one over its pooled tokens (the levels' tensors concatenated, level after level)
+        PKp = PK + b.to(tl.int64) * stride_pb + h.to(tl.int64) * stride_ph
+        PVp = PV + b.to(tl.int64) * stride_pb + h.to(tl.int64) * stride_ph
+        lrow = row.to(tl.int64)
+        acc, l_i, m_i = _fwd_level(acc, l_i, m_i, q, PKp, PVp, PB, PI + lrow * MAXP, tl.load(PC + lrow), 0,
+                                   stride_pl, qk_scale, offs_d, BLOCK // POOL1, PT1, IDS_AHEAD, DOT_PREC)
+        if NLEV > 1:
+            acc, l_i, m_i = _fwd_level(acc, l_i, m_i, q, PKp, PVp, PB, PI + (LEV_STRIDE + lrow) * MAXP,
+                                       tl.load(PC + LEV_STRIDE + lrow), NK * (BLOCK // POOL1), stride_pl, qk_scale,
+                                       offs_d, BLOCK // POOL2, PT2, IDS_AHEAD, DOT_PREC)
+        if NLEV > 2:
+            acc, l_i, m_i = _fwd_level(acc, l_i, m_i, q, PKp, PVp, PB, PI + (2 * LEV_STRIDE + lrow) * MAXP,
+                                       tl.load(PC + 2 * LEV_STRIDE + lrow), NK * (BLOCK // POOL1 + BLOCK // POOL2),
+                                       stride_pl, qk_scale, offs_d, BLOCK // POOL3, PT3, IDS_AHEAD, DOT_PREC)
+
     if HAS_SUMMARY:
         # summaries padded to a multiple of BLOCK_S (unmasked loads); the per-(query block,
         # summary) bias row already holds -inf for kept blocks' summaries and the padding
@@ -232,15 +296,7 @@ def _fwd_kernel(
             bias = tl.load(brow + offs_s)
             sk = tl.load(SKp + offs_s[:, None] * stride_sl + offs_d[None, :])
             sv = tl.load(SVp + offs_s[:, None] * stride_sl + offs_d[None, :])
-            qk = tl.dot(q, tl.trans(sk), input_precision=DOT_PREC) * qk_scale + bias[None, :]
-            m_new = tl.maximum(m_i, tl.max(qk, 1))
-            m_new = tl.where(m_new == float("-inf"), 0.0, m_new)
-            p = tl.math.exp2(qk - m_new[:, None])
-            alpha = tl.math.exp2(m_i - m_new)
-            l_i = l_i * alpha + tl.sum(p, 1)
-            acc = acc * alpha[:, None]
-            acc = tl.dot(p.to(sv.dtype), sv, acc, input_precision=DOT_PREC)
-            m_i = m_new
+            acc, l_i, m_i = _fwd_biased_tile(acc, l_i, m_i, q, sk, sv, bias, qk_scale, DOT_PREC)
 
     nonempty = l_i > 0.0
     l_safe = tl.where(nonempty, l_i, 1.0)
@@ -276,18 +332,44 @@ def _bwd_preprocess(O, DO, DELTA,  # noqa: E741
 
 
 @triton.jit
+def _dq_biased_tile(dq, q, do, pk, pv, bias, lse2, Di, qk_scale, DOT_PREC: tl.constexpr):
+    # dq of one tile of pooled tokens (bias in log2 units, as in _fwd_biased_tile)
+    qk = tl.dot(q, tl.trans(pk), input_precision=DOT_PREC) * qk_scale + bias[None, :]
+    p = tl.math.exp2(qk - lse2[:, None])
+    dp = tl.dot(do, tl.trans(pv), input_precision=DOT_PREC)
+    ds = p * (dp - Di[:, None])
+    return tl.dot(ds.to(pk.dtype), pk, dq, input_precision=DOT_PREC)
+
+
+@triton.jit
+def _dq_level(dq, q, do, lse2, Di, PKp, PVp, PB, idx_ptr, cnt, row0, stride_pl, qk_scale, offs_d,
+              ROWS: tl.constexpr, TILE: tl.constexpr, IDS_AHEAD: tl.constexpr, DOT_PREC: tl.constexpr):
+    # dq over the key blocks a query block attends at one pooled level (the walk of _fwd_level)
+    offs_t = tl.arange(0, TILE)
+    ids = tl.load(idx_ptr)
+    for t in range(0, cnt * (ROWS // TILE)):
+        pk, pv, bias, ids = _level_tile(ids, idx_ptr, t, cnt, row0, offs_t, PKp, PVp, PB, stride_pl, offs_d, ROWS,
+                                        TILE, IDS_AHEAD)
+        dq = _dq_biased_tile(dq, q, do, pk, pv, bias, lse2, Di, qk_scale, DOT_PREC)
+    return dq
+
+
+@triton.jit
 def _bwd_dq_kernel(
-    Q, K, V, DO, DQ, LSE, DELTA, KVI, KVC, SK, SV, SBIAS,
+    Q, K, V, DO, DQ, LSE, DELTA, KVI, KVC, SK, SV, SBIAS, PK, PV, PB, PI, PC,
     qk_scale, sm_scale,
     stride_qb, stride_qh, stride_ql,
     stride_kb, stride_kh, stride_kl,
     stride_vb, stride_vh, stride_vl,
     stride_db, stride_dh, stride_dl,
     stride_sb, stride_sh, stride_sl,
+    stride_pb, stride_ph, stride_pl,
     stride_gb, stride_gh, stride_gl,
-    H, L, NQ, NK, MAXK, NSP,
+    H, L, NQ, NK, MAXK, NSP, MAXP, LEV_STRIDE,
     BLOCK: tl.constexpr, HEAD_DIM: tl.constexpr,
     HAS_SUMMARY: tl.constexpr, EVEN_L: tl.constexpr, USE_TMA: tl.constexpr, IDS_AHEAD: tl.constexpr,
+    NLEV: tl.constexpr, POOL1: tl.constexpr, POOL2: tl.constexpr, POOL3: tl.constexpr,
+    PT1: tl.constexpr, PT2: tl.constexpr, PT3: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_S: tl.constexpr, DOT_PREC: tl.constexpr,
 ):
     SUB: tl.constexpr = BLOCK // BLOCK_N
@@ -331,6 +413,21 @@ def _bwd_dq_kernel(
         ds = p * (dp - Di[:, None])
         dq = tl.dot(ds.to(k.dtype), k, dq, input_precision=DOT_PREC)
 
+    if NLEV > 0:
+        PKp = PK + b.to(tl.int64) * stride_pb + h.to(tl.int64) * stride_ph
+        PVp = PV + b.to(tl.int64) * stride_pb + h.to(tl.int64) * stride_ph
+        lrow = row.to(tl.int64)
+        dq = _dq_level(dq, q, do, lse2, Di, PKp, PVp, PB, PI + lrow * MAXP, tl.load(PC + lrow), 0, stride_pl,
+                       qk_scale, offs_d, BLOCK // POOL1, PT1, IDS_AHEAD, DOT_PREC)
+        if NLEV > 1:
+            dq = _dq_level(dq, q, do, lse2, Di, PKp, PVp, PB, PI + (LEV_STRIDE + lrow) * MAXP,
+                           tl.load(PC + LEV_STRIDE + lrow), NK * (BLOCK // POOL1), stride_pl, qk_scale, offs_d,
+                           BLOCK // POOL2, PT2, IDS_AHEAD, DOT_PREC)
+        if NLEV > 2:
+            dq = _dq_level(dq, q, do, lse2, Di, PKp, PVp, PB, PI + (2 * LEV_STRIDE + lrow) * MAXP,
+                           tl.load(PC + 2 * LEV_STRIDE + lrow), NK * (BLOCK // POOL1 + BLOCK // POOL2), stride_pl,
+                           qk_scale, offs_d, BLOCK // POOL3, PT3, IDS_AHEAD, DOT_PREC)
+
     if HAS_SUMMARY:
         SKp = SK + b.to(tl.int64) * stride_sb + h.to(tl.int64) * stride_sh
         SVp = SV + b.to(tl.int64) * stride_sb + h.to(tl.int64) * stride_sh
@@ -341,11 +438,7 @@ def _bwd_dq_kernel(
             bias = tl.load(brow + offs_s)
             sk = tl.load(SKp + offs_s[:, None] * stride_sl + offs_d[None, :])
             sv = tl.load(SVp + offs_s[:, None] * stride_sl + offs_d[None, :])
-            qk = tl.dot(q, tl.trans(sk), input_precision=DOT_PREC) * qk_scale + bias[None, :]
-            p = tl.math.exp2(qk - lse2[:, None])
-            dp = tl.dot(do, tl.trans(sv), input_precision=DOT_PREC)
-            ds = p * (dp - Di[:, None])
-            dq = tl.dot(ds.to(sk.dtype), sk, dq, input_precision=DOT_PREC)
+            dq = _dq_biased_tile(dq, q, do, sk, sv, bias, lse2, Di, qk_scale, DOT_PREC)
 
     dq = dq * sm_scale
     tl.store(DQ + b.to(tl.int64) * stride_gb + h.to(tl.int64) * stride_gh + offs_m[:, None] * stride_gl
@@ -354,29 +447,35 @@ def _bwd_dq_kernel(
 
 @triton.jit
 def _bwd_dkv_kernel(
-    Q, K, V, DO, DK, DV, LSE, DELTA, QI, QC,
+    Q, K, V, DO, DK, DV, LSE, DELTA, QI, QC, KB,
     qk_scale, sm_scale,
     stride_qb, stride_qh, stride_ql,
     stride_kb, stride_kh, stride_kl,
     stride_vb, stride_vh, stride_vl,
     stride_db, stride_dh, stride_dl,
     stride_gb, stride_gh, stride_gl,
-    H, L, NQ, NK, MAXQ,
+    H, L, LK, NQ, NK, MAXQ,
     BLOCK: tl.constexpr, HEAD_DIM: tl.constexpr, EVEN_L: tl.constexpr, USE_TMA: tl.constexpr,
-    IDS_AHEAD: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, DOT_PREC: tl.constexpr,
+    IDS_AHEAD: tl.constexpr, KROWS: tl.constexpr, HAS_BIAS: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, DOT_PREC: tl.constexpr,
 ):
-    # key-major: program = one key tile; walks the query blocks that keep its key block
+    # key-major: program = one key tile; walks the query blocks that keep its key block.
+    # The exact keys: KROWS = BLOCK, LK = L. A pooled level of SPEC 1.6: K, V are that level's
+    # pooled tokens (KROWS = BLOCK // pool per key block, LK = NK * KROWS of them) with their log2
+    # bias KB, and QI/QC the query blocks that attend each key block at that level.
     SUB: tl.constexpr = BLOCK // BLOCK_M
     pid_n = tl.program_id(0)
     bh = tl.program_id(1)
     b = bh // H
     h = bh % H
     start_n = pid_n * BLOCK_N
-    kblk = start_n // BLOCK
+    kblk = start_n // KROWS
     offs_n = start_n + tl.arange(0, BLOCK_N)
     offs_d = tl.arange(0, HEAD_DIM)
     offs_mb = tl.arange(0, BLOCK_M)
-    kmask = offs_n < L
+    kmask = offs_n < LK
+    if HAS_BIAS:
+        kbias = tl.load(KB + offs_n, mask=kmask, other=float("-inf"))
     k = tl.load(K + b.to(tl.int64) * stride_kb + h.to(tl.int64) * stride_kh + offs_n[:, None] * stride_kl
                 + offs_d[None, :], mask=kmask[:, None], other=0.0)
     v = tl.load(V + b.to(tl.int64) * stride_vb + h.to(tl.int64) * stride_vh + offs_n[:, None] * stride_vl
@@ -411,7 +510,10 @@ def _bwd_dkv_kernel(
             lse2 = tl.load(LSEp + offs_m, mask=rm, other=float("inf")) * 1.4426950408889634
             Di = tl.load(DELp + offs_m, mask=rm, other=0.0)
         qkT = tl.dot(k, tl.trans(q), input_precision=DOT_PREC)
-        pT = tl.math.exp2(qkT * qk_scale - lse2[None, :])
+        if HAS_BIAS:
+            pT = tl.math.exp2(qkT * qk_scale + kbias[:, None] - lse2[None, :])
+        else:
+            pT = tl.math.exp2(qkT * qk_scale - lse2[None, :])
         dv = tl.dot(pT.to(do.dtype), do, dv, input_precision=DOT_PREC)
         dpT = tl.dot(v, tl.trans(do), input_precision=DOT_PREC)
         dsT = pT * (dpT - Di[None, :])
@@ -499,11 +601,14 @@ def _cfg(bm, bn, w, s, **extra):
 
 
 def _prune(configs, named_args, **kwargs):
+    # tiles within one block: query tiles within BLOCK, key tiles within KROWS (the dk/dv pass over a
+    # pooled level has BLOCK // pool key rows per block; BLOCK everywhere else)
     args = {**named_args, **kwargs}
     blk = args["BLOCK"]
-    keep = [c for c in configs if c.kwargs["BLOCK_M"] <= blk and c.kwargs["BLOCK_N"] <= blk]
+    rows = args.get("KROWS", blk)
+    keep = [c for c in configs if c.kwargs["BLOCK_M"] <= blk and c.kwargs["BLOCK_N"] <= rows]
     return keep or [
-        triton.Config({**configs[0].kwargs, "BLOCK_M": min(blk, 64), "BLOCK_N": min(blk, 64)},
+        triton.Config({**configs[0].kwargs, "BLOCK_M": min(blk, 64), "BLOCK_N": min(rows, 64)},
                       num_warps=4, num_stages=2, pre_hook=_desc_pre_hook)
     ]
 
@@ -555,7 +660,7 @@ def _prune_s(configs, named_args, **kwargs):
     return keep or [triton.Config({"BLOCK_M": blk, "BLOCK_S": 64}, num_warps=4, num_stages=2)]
 
 
-_KEY = ["HEAD_DIM", "BLOCK", "HAS_SUMMARY", "EVEN_L", "USE_TMA", "DOT_PREC"]
+_KEY = ["HEAD_DIM", "BLOCK", "HAS_SUMMARY", "EVEN_L", "USE_TMA", "DOT_PREC", "NLEV", "POOL1", "POOL2", "POOL3"]
 
 
 class _Kernel:
@@ -580,7 +685,8 @@ class _Kernel:
 
 _fwd_k = _Kernel(_fwd_kernel, _FWD_CONFIGS, _KEY, _prune)
 _dq_k = _Kernel(_bwd_dq_kernel, _DQ_CONFIGS, _KEY, _prune)
-_dkv_k = _Kernel(_bwd_dkv_kernel, _DKV_CONFIGS, ["HEAD_DIM", "BLOCK", "EVEN_L", "USE_TMA", "DOT_PREC"], _prune)
+_dkv_k = _Kernel(_bwd_dkv_kernel, _DKV_CONFIGS, ["HEAD_DIM", "BLOCK", "EVEN_L", "USE_TMA", "DOT_PREC", "KROWS",
+                                                 "HAS_BIAS"], _prune)
 _dsum_k = _Kernel(_bwd_dsummary_kernel, _DSUM_CONFIGS, ["HEAD_DIM", "BLOCK", "DOT_PREC"], _prune_s)
 
 
@@ -626,18 +732,21 @@ _S_PAD = 128
 
 @triton.jit
 def _summary_table_kernel(KVI, KVC, SB, TAB, MAXK, NS, NSP,
-                          SPB: tl.constexpr, SPB_P: tl.constexpr, CHUNK: tl.constexpr, IDS: tl.constexpr):
-    # one program per (batch, head, query block) row of the table: first every entry gets its
-    # summary's log2 count (-inf on the padding), then the summaries of the row's kept key blocks
-    # are overwritten with -inf. The barrier orders the two phases' stores to the same addresses
-    # across the program's threads.
+                          SPB: tl.constexpr, SPB_P: tl.constexpr, CHUNK: tl.constexpr, IDS: tl.constexpr,
+                          INIT: tl.constexpr):
+    # one program per (batch, head, query block) row of the table: first (INIT) every entry gets
+    # its summary's log2 count (-inf on the padding), then the summaries of the row's kept key
+    # blocks are overwritten with -inf. The barrier orders the two phases' stores to the same
+    # addresses across the program's threads. Without INIT only the second phase runs (the
+    # blocks of a multi-level list, after the exact list's launch).
     row = tl.program_id(0).to(tl.int64)
     trow = TAB + row * NSP
-    for s0 in range(0, NSP, CHUNK):
-        offs = s0 + tl.arange(0, CHUNK)
-        b = tl.load(SB + offs, mask=offs < NS, other=float("-inf"))
-        tl.store(trow + offs, b * 1.4426950408889634, mask=offs < NSP)
-    tl.debug_barrier()
+    if INIT:
+        for s0 in range(0, NSP, CHUNK):
+            offs = s0 + tl.arange(0, CHUNK)
+            b = tl.load(SB + offs, mask=offs < NS, other=float("-inf"))
+            tl.store(trow + offs, b * 1.4426950408889634, mask=offs < NSP)
+        tl.debug_barrier()
     cnt = tl.load(KVC + row)
     offs_j = tl.arange(0, SPB_P)
     ninf = tl.full([IDS, SPB_P], float("-inf"), tl.float32)
@@ -648,12 +757,14 @@ def _summary_table_kernel(KVI, KVC, SB, TAB, MAXK, NS, NSP,
         tl.store(trow + ids[:, None] * SPB + offs_j[None, :], ninf, mask=ok[:, None] & (offs_j[None, :] < SPB))
 
 
-def _summary_operands(sk, sv, sbias, kvi, kvc, spb):
+def _summary_operands(sk, sv, sbias, kvi, kvc, spb, levels=None):
     """(sk, sv) padded to NSP = ceil(NS / 128) * 128 rows and the float32 bias table
     [B, H, NQ, NSP] in log2 units: log(count) * log2(e), -inf where the query block keeps
     the summary's key block (it sees the exact tokens) and on the padding. The table comes
     from the block lists (int32 ``kvi`` [B, H, NQ, MAXK], ``kvc`` [B, H, NQ]) in one launch
-    (``_summary_table_kernel``; no per-element masking left in the attention kernels)."""
+    (``_summary_table_kernel``; no per-element masking left in the attention kernels), plus one
+    launch per pooled level of ``levels`` (``_LevelOps``): a block attended at a level is not
+    summarised either."""
     B, H, ns, D = sk.shape
     nsp = -(-ns // _S_PAD) * _S_PAD
     sk, sv = sk.contiguous(), sv.contiguous()
@@ -662,9 +773,11 @@ def _summary_operands(sk, sv, sbias, kvi, kvc, spb):
         sv = torch.nn.functional.pad(sv, (0, 0, 0, nsp - ns))
     sb = sbias.to(device=sk.device, dtype=torch.float32).contiguous()
     table = torch.empty((*kvc.shape, nsp), dtype=torch.float32, device=sk.device)
-    _summary_table_kernel[(kvc.numel(),)](kvi, kvc, sb, table, kvi.shape[-1], ns, nsp, SPB=spb,
-                                          SPB_P=max(2, triton.next_power_of_2(spb)), CHUNK=_S_PAD,
-                                          IDS=16, num_warps=4)
+    lists = [(kvi, kvc)] + ([] if levels is None else list(zip(levels.idx, levels.cnt)))
+    for n, (ids, cnt) in enumerate(lists):
+        _summary_table_kernel[(kvc.numel(),)](ids, cnt, sb, table, ids.shape[-1], ns, nsp, SPB=spb,
+                                              SPB_P=max(2, triton.next_power_of_2(spb)), CHUNK=_S_PAD,
+                                              IDS=16, INIT=n == 0, num_warps=4)
     return sk, sv, table, nsp
 
 
@@ -703,43 +816,114 @@ def _sm_count(device) -> int:
     return _SM_COUNT[key]
 
 
+MAX_LEVELS = 3  # pooled levels the kernels walk (SPEC 1.6: 2x, 4x, 8x)
+_LEVEL_TILE = 64  # pooled rows per tile of a level's walk (fewer when a block has fewer)
+
+
+class _LevelOps(NamedTuple):
+    """The multi-level operands (SPEC 1.6) as the kernels take them."""
+
+    pk: torch.Tensor  # [B, H, NP, D] contiguous: every level's pooled keys, level after level
+    pv: torch.Tensor  # the same for the values
+    pb: torch.Tensor  # float32 [NP]: log2 of the tokens each pooled token averages (-inf: none)
+    idx: torch.Tensor  # int32 [NLEV, B, H, NQ, MAXP] contiguous
+    cnt: torch.Tensor  # int32 [NLEV, B, H, NQ] contiguous
+    pools: tuple  # the levels' pooling factors, ascending
+
+    def rows(self, block_size: int) -> list[int]:
+        return [block_size // p for p in self.pools]
+
+    def offsets(self, block_size: int, nk: int) -> list[int]:
+        """First row of each level in pk / pv / pb."""
+        out, o = [], 0
+        for r in self.rows(block_size):
+            out.append(o)
+            o += nk * r
+        return out
+
+
+def _level_ops(pk, pv, pbias, pidx, pcnt, pools) -> _LevelOps | None:
+    if pk is None:
+        return None
+    return _LevelOps(pk.contiguous(), pv.contiguous(), (pbias.float() * LOG2E).contiguous(),
+                     pidx.to(torch.int32).contiguous(), pcnt.to(torch.int32).contiguous(), tuple(int(p) for p in pools))
+
+
+def _level_const(lv: _LevelOps | None, block_size: int) -> dict:
+    """The kernels' multi-level constexprs: NLEV, POOLi (1 = unused) and PTi, the rows per tile."""
+    pools = list(lv.pools) if lv is not None else []
+    const = {"NLEV": len(pools)}
+    for i in range(MAX_LEVELS):
+        p = pools[i] if i < len(pools) else 1
+        const[f"POOL{i + 1}"] = p
+        const[f"PT{i + 1}"] = min(block_size // p, _LEVEL_TILE) if i < len(pools) else 16
+    return const
+
+
+def _level_args(lv: _LevelOps | None, placeholder: torch.Tensor) -> tuple:
+    """(PK, PV, PB, PI, PC), (stride_pb, stride_ph, stride_pl), (MAXP, LEV_STRIDE) for a launch."""
+    if lv is None:
+        return (placeholder,) * 5, (0, 0, 0), (1, 0)
+    return ((lv.pk, lv.pv, lv.pb, lv.idx, lv.cnt), (lv.pk.stride(0), lv.pk.stride(1), lv.pk.stride(2)),
+            (lv.idx.shape[-1], lv.cnt[0].numel()))
+
+
+def check_levels(pools, block_size: int) -> None:
+    """The kernels' limits on pooled levels: at most MAX_LEVELS, ascending powers of two that
+    divide the block, and at least 16 pooled rows per block (the smallest tile ``tl.dot`` takes)."""
+    pools = [int(p) for p in pools]
+    if len(pools) > MAX_LEVELS:
+        raise ValueError(f"the kernels take at most {MAX_LEVELS} pooled levels, got {pools}")
+    if pools != sorted(set(pools)) or any(p < 2 or p & (p - 1) for p in pools):
+        raise ValueError(f"pooled levels must be distinct powers of two >= 2, ascending; got {pools}")
+    for p in pools:
+        if block_size % p or block_size // p < 16:
+            raise ValueError(f"pool {p}: the kernels need block_size / pool >= 16 pooled rows per block "
+                             f"(block_size {block_size}); use a larger block or a smaller pool")
+
+
 def block_sparse_attention_fwd(q, k, v, kv_indices, kv_counts, block_size, sm_scale, sk=None, sv=None, sbias=None,
-                               out=None, lse=None):
+                               out=None, lse=None, levels=None):
     """Launch the forward. Returns (out [B,H,L,D] in q.dtype, lse float32 [B,H,L]).
 
     ``out``/``lse`` may be given (unit stride on D) to write into; tests pass poisoned buffers.
+    ``levels``: the multi-level operands ``(pk, pv, pbias, indices, counts, pools)`` (the pooled
+    levels' summaries concatenated along L, their natural-log biases concatenated; see
+    :func:`block_sparse_attention`), or None.
     """
     q, k, v = _last_unit(q), _last_unit(k), _last_unit(v)
     B, H, L, D = q.shape
     nq = nk = num_blocks(L, block_size)
     kvi = kv_indices.to(torch.int32).contiguous()
     kvc = kv_counts.to(torch.int32).contiguous()
+    lv = _level_ops(*levels) if levels is not None else None
     if out is None:
         out = _out_like(q)
     if lse is None:
         lse = torch.empty((B, H, L), dtype=torch.float32, device=q.device)
     has_s = sk is not None
     if has_s:
-        sk, sv, stab, nsp = _summary_operands(sk, sv, sbias, kvi, kvc, sk.shape[2] // nk)
+        sk, sv, stab, nsp = _summary_operands(sk, sv, sbias, kvi, kvc, sk.shape[2] // nk, lv)
     else:
         sk = sv = stab = kvc  # unused placeholders
         nsp = 0
     sstr = (sk.stride(0), sk.stride(1), sk.stride(2)) if has_s else (0, 0, 0)
+    lptr, lstr, lsize = _level_args(lv, kvc)
     tma = _use_tma(k, v)
     meta = _interp_meta(block_size) if _interpret() else None
     kx, vx = (_desc(k, meta["BLOCK_N"] if meta else 64), _desc(v, meta["BLOCK_N"] if meta else 64)) if tma else (k, v)
     args = (
-        q, kx, vx, out, lse, kvi, kvc, sk, sv, stab,
+        q, kx, vx, out, lse, kvi, kvc, sk, sv, stab, *lptr,
         float(sm_scale) * LOG2E,
         q.stride(0), q.stride(1), q.stride(2),
         k.stride(0), k.stride(1), k.stride(2),
         v.stride(0), v.stride(1), v.stride(2),
         out.stride(0), out.stride(1), out.stride(2),
-        *sstr,
-        H, L, nq, nk, kvi.shape[-1], nsp,
+        *sstr, *lstr,
+        H, L, nq, nk, kvi.shape[-1], nsp, *lsize,
     )
     const = {"BLOCK": block_size, "HEAD_DIM": D, "HAS_SUMMARY": has_s, "EVEN_L": L % block_size == 0, "USE_TMA": tma,
-             "IDS_AHEAD": _ids_ahead(), "DOT_PREC": dot_precision(q.dtype)}
+             "IDS_AHEAD": _ids_ahead(), "DOT_PREC": dot_precision(q.dtype), **_level_const(lv, block_size)}
     if meta is not None:
         _fwd_kernel[(triton.cdiv(L, meta["BLOCK_M"]), B * H)](*args, **const, **meta)
     else:
@@ -749,8 +933,11 @@ def block_sparse_attention_fwd(q, k, v, kv_indices, kv_counts, block_size, sm_sc
 
 
 def block_sparse_attention_bwd(do, q, k, v, out, lse, kv_indices, kv_counts, block_size, sm_scale,
-                               sk=None, sv=None, sbias=None, dq=None, dk=None, dv=None, dsk=None, dsv=None):
-    """Launch the backward. Returns (dq, dk, dv, dsk, dsv); dsk/dsv are None without summaries.
+                               sk=None, sv=None, sbias=None, dq=None, dk=None, dv=None, dsk=None, dsv=None,
+                               levels=None):
+    """Launch the backward. Returns (dq, dk, dv, dsk, dsv, dpk, dpv); dsk/dsv are None without
+    summaries, dpk/dpv (the gradients of the levels' concatenated pooled keys/values) None without
+    ``levels`` (as in :func:`block_sparse_attention_fwd`).
 
     The gradient buffers may be given (unit stride on D; dk and dv alike) to write into; tests pass poisoned ones.
     """
@@ -759,6 +946,7 @@ def block_sparse_attention_bwd(do, q, k, v, out, lse, kv_indices, kv_counts, blo
     nq = nk = num_blocks(L, block_size)
     kvi = kv_indices.to(torch.int32).contiguous()
     kvc = kv_counts.to(torch.int32).contiguous()
+    lv = _level_ops(*levels) if levels is not None else None
     lse = lse.contiguous()
     dq = _out_like(q) if dq is None else dq
     dk = _out_like(k) if dk is None else dk
@@ -775,11 +963,12 @@ def block_sparse_attention_bwd(do, q, k, v, out, lse, kv_indices, kv_counts, blo
     has_s = sk is not None
     if has_s:
         ns = sk.shape[2]
-        skp, svp, stab, nsp = _summary_operands(sk, sv, sbias, kvi, kvc, ns // nk)
+        skp, svp, stab, nsp = _summary_operands(sk, sv, sbias, kvi, kvc, ns // nk, lv)
         sstr = (skp.stride(0), skp.stride(1), skp.stride(2))
     else:
         skp = svp = stab = kvc  # unused placeholders
         nsp, sstr = 0, (0, 0, 0)
+    lptr, lstr, lsize = _level_args(lv, kvc)
     even = L % block_size == 0
     qk_scale = float(sm_scale) * LOG2E
     tma = _use_tma(q, k, v, do)
@@ -791,40 +980,56 @@ def block_sparse_attention_bwd(do, q, k, v, out, lse, kv_indices, kv_counts, blo
         kx, vx, qx, dox = k, v, q, do
     dq_args = (
         q, kx, vx, do, dq, lse, delta, kvi, kvc,
-        skp, svp, stab,
+        skp, svp, stab, *lptr,
         qk_scale, float(sm_scale),
         q.stride(0), q.stride(1), q.stride(2),
         k.stride(0), k.stride(1), k.stride(2),
         v.stride(0), v.stride(1), v.stride(2),
         do.stride(0), do.stride(1), do.stride(2),
-        *sstr,
+        *sstr, *lstr,
         dq.stride(0), dq.stride(1), dq.stride(2),
-        H, L, nq, nk, kvi.shape[-1], nsp,
-    )
-    dkv_args = (
-        qx, k, v, dox, dk, dv, lse, delta, qi, qc,
-        qk_scale, float(sm_scale),
-        q.stride(0), q.stride(1), q.stride(2),
-        k.stride(0), k.stride(1), k.stride(2),
-        v.stride(0), v.stride(1), v.stride(2),
-        do.stride(0), do.stride(1), do.stride(2),
-        dk.stride(0), dk.stride(1), dk.stride(2),
-        H, L, nq, nk, qi.shape[-1],
+        H, L, nq, nk, kvi.shape[-1], nsp, *lsize,
     )
     ahead, prec = _ids_ahead(), dot_precision(q.dtype)
     dq_const = {"BLOCK": block_size, "HEAD_DIM": D, "HAS_SUMMARY": has_s, "EVEN_L": even, "USE_TMA": tma,
-                "IDS_AHEAD": ahead, "DOT_PREC": prec}
-    dkv_const = {"BLOCK": block_size, "HEAD_DIM": D, "EVEN_L": even, "USE_TMA": tma, "IDS_AHEAD": ahead,
-                 "DOT_PREC": prec}
+                "IDS_AHEAD": ahead, "DOT_PREC": prec, **_level_const(lv, block_size)}
     if meta is not None:
         _bwd_dq_kernel[(triton.cdiv(L, meta["BLOCK_M"]), B * H)](*dq_args, **dq_const, **meta)
-        _bwd_dkv_kernel[(triton.cdiv(L, meta["BLOCK_N"]), B * H)](
-            *dkv_args, **dkv_const, BLOCK_M=meta["BLOCK_M"], BLOCK_N=meta["BLOCK_N"])
     else:
         _dq_k.launch(lambda M: (triton.cdiv(L, M["BLOCK_M"]), B * H), dq_args, dq_const, {"K": kx, "V": vx})
-        _dkv_k.launch(lambda M: (triton.cdiv(L, M["BLOCK_N"]), B * H), dkv_args, dkv_const, {"Q": qx, "DO": dox})
+
+    def dkv(kk, vv, gk, gv, q_lists, kbias, lk, krows):
+        # one key-major pass: the exact keys (kbias None), or one pooled level's tokens (kbias:
+        # their log2 counts)
+        qi_, qc_ = q_lists
+        args = (
+            qx, kk, vv, dox, gk, gv, lse, delta, qi_, qc_, kvc if kbias is None else kbias,
+            qk_scale, float(sm_scale),
+            q.stride(0), q.stride(1), q.stride(2),
+            kk.stride(0), kk.stride(1), kk.stride(2),
+            vv.stride(0), vv.stride(1), vv.stride(2),
+            do.stride(0), do.stride(1), do.stride(2),
+            gk.stride(0), gk.stride(1), gk.stride(2),
+            H, L, lk, nq, nk, qi_.shape[-1],
+        )
+        const = {"BLOCK": block_size, "HEAD_DIM": D, "EVEN_L": even, "USE_TMA": tma, "IDS_AHEAD": ahead,
+                 "DOT_PREC": prec, "KROWS": krows, "HAS_BIAS": kbias is not None}
+        if meta is not None:
+            _bwd_dkv_kernel[(triton.cdiv(lk, min(meta["BLOCK_N"], krows)), B * H)](
+                *args, **const, BLOCK_M=meta["BLOCK_M"], BLOCK_N=min(meta["BLOCK_N"], krows))
+        else:
+            _dkv_k.launch(lambda M: (triton.cdiv(lk, M["BLOCK_N"]), B * H), args, const, {"Q": qx, "DO": dox})
+
+    dkv(k, v, dk, dv, (qi, qc), None, L, block_size)
+    dpk = dpv = None
+    if lv is not None:
+        dpk, dpv = torch.empty_like(lv.pk), torch.empty_like(lv.pv)
+        for i, (off, r) in enumerate(zip(lv.offsets(block_size, nk), lv.rows(block_size))):
+            sl = slice(off, off + nk * r)
+            dkv(lv.pk[:, :, sl], lv.pv[:, :, sl], dpk[:, :, sl], dpv[:, :, sl],
+                transpose_block_lists(lv.idx[i], lv.cnt[i], nk)[:2], lv.pb[sl], nk * r, r)
     if not has_s:
-        return dq, dk, dv, None, None
+        return dq, dk, dv, None, None, dpk, dpv
     dsk = torch.empty_like(sk) if dsk is None else dsk
     dsv = torch.empty_like(sv) if dsv is None else dsv
     # split the query axis into chunks so that (summary tiles x B*H x chunks) gives ~4 waves
@@ -853,7 +1058,7 @@ def block_sparse_attention_bwd(do, q, k, v, out, lse, kv_indices, kv_counts, blo
     red = red.view(2, B, H, nsp, D)[:, :, :, :ns]
     dsk.copy_(red[0])
     dsv.copy_(red[1])
-    return dq, dk, dv, dsk, dsv
+    return dq, dk, dv, dsk, dsv, dpk, dpv
 
 
 # ----------------------------------------------------------------------------------------
@@ -866,12 +1071,15 @@ def _bsa_fwd_op(
     q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, kv_indices: torch.Tensor, kv_counts: torch.Tensor,
     block_size: int, sm_scale: float,
     sk: torch.Tensor | None, sv: torch.Tensor | None, sbias: torch.Tensor | None,
+    pk: torch.Tensor | None, pv: torch.Tensor | None, pbias: torch.Tensor | None,
+    p_indices: torch.Tensor | None, p_counts: torch.Tensor | None, pools: list[int],
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    return block_sparse_attention_fwd(q, k, v, kv_indices, kv_counts, block_size, sm_scale, sk, sv, sbias)
+    lv = (pk, pv, pbias, p_indices, p_counts, pools) if pk is not None else None
+    return block_sparse_attention_fwd(q, k, v, kv_indices, kv_counts, block_size, sm_scale, sk, sv, sbias, levels=lv)
 
 
 @_bsa_fwd_op.register_fake
-def _(q, k, v, kv_indices, kv_counts, block_size, sm_scale, sk, sv, sbias):
+def _(q, k, v, kv_indices, kv_counts, block_size, sm_scale, sk, sv, sbias, pk, pv, pbias, p_indices, p_counts, pools):
     B, H, L, _ = q.shape
     return _out_like(q), q.new_empty((B, H, L), dtype=torch.float32)
 
@@ -881,43 +1089,48 @@ def _bsa_bwd_op(
     do: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, out: torch.Tensor, lse: torch.Tensor,
     kv_indices: torch.Tensor, kv_counts: torch.Tensor, block_size: int, sm_scale: float,
     sk: torch.Tensor | None, sv: torch.Tensor | None, sbias: torch.Tensor | None,
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-    dq, dk, dv, dsk, dsv = block_sparse_attention_bwd(
-        do, q, k, v, out, lse, kv_indices, kv_counts, block_size, sm_scale, sk, sv, sbias
-    )
-    if dsk is None:  # custom ops cannot return None: empty placeholders
-        dsk = q.new_empty(0)
-        dsv = q.new_empty(0)
-    return dq, dk, dv, dsk, dsv
+    pk: torch.Tensor | None, pv: torch.Tensor | None, pbias: torch.Tensor | None,
+    p_indices: torch.Tensor | None, p_counts: torch.Tensor | None, pools: list[int],
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    lv = (pk, pv, pbias, p_indices, p_counts, pools) if pk is not None else None
+    grads = block_sparse_attention_bwd(do, q, k, v, out, lse, kv_indices, kv_counts, block_size, sm_scale,
+                                       sk, sv, sbias, levels=lv)
+    # custom ops cannot return None: empty placeholders
+    return tuple(g if g is not None else q.new_empty(0) for g in grads)
 
 
 @_bsa_bwd_op.register_fake
-def _(do, q, k, v, out, lse, kv_indices, kv_counts, block_size, sm_scale, sk, sv, sbias):
-    if sk is None:
-        dsk, dsv = q.new_empty(0), q.new_empty(0)
-    else:
-        dsk, dsv = torch.empty_like(sk), torch.empty_like(sv)
-    return _out_like(q), _out_like(k), _out_like(v), dsk, dsv
+def _(do, q, k, v, out, lse, kv_indices, kv_counts, block_size, sm_scale, sk, sv, sbias, pk, pv, pbias, p_indices,
+      p_counts, pools):
+    def like(t):
+        return torch.empty_like(t) if t is not None else q.new_empty(0)
+
+    return _out_like(q), _out_like(k), _out_like(v), like(sk), like(sv), like(pk), like(pv)
 
 
 def _setup_context(ctx, inputs, output):
-    q, k, v, kv_indices, kv_counts, block_size, sm_scale, sk, sv, sbias = inputs
+    q, k, v, kv_indices, kv_counts, block_size, sm_scale, sk, sv, sbias, pk, pv, pbias, p_indices, p_counts, pools = inputs
     out, lse = output
     ctx.block_size = block_size
     ctx.sm_scale = sm_scale
+    ctx.pools = list(pools)
     ctx.has_summary = sk is not None
-    ctx.save_for_backward(q, k, v, out, lse, kv_indices, kv_counts, sk, sv, sbias)
+    ctx.has_levels = pk is not None
+    ctx.save_for_backward(q, k, v, out, lse, kv_indices, kv_counts, sk, sv, sbias, pk, pv, pbias, p_indices, p_counts)
     ctx.mark_non_differentiable(lse)
 
 
 def _backward(ctx, dout, dlse):
-    q, k, v, out, lse, kv_indices, kv_counts, sk, sv, sbias = ctx.saved_tensors
-    dq, dk, dv, dsk, dsv = _bsa_bwd_op(
-        dout, q, k, v, out, lse, kv_indices, kv_counts, ctx.block_size, ctx.sm_scale, sk, sv, sbias
+    q, k, v, out, lse, kv_indices, kv_counts, sk, sv, sbias, pk, pv, pbias, p_indices, p_counts = ctx.saved_tensors
+    dq, dk, dv, dsk, dsv, dpk, dpv = _bsa_bwd_op(
+        dout, q, k, v, out, lse, kv_indices, kv_counts, ctx.block_size, ctx.sm_scale, sk, sv, sbias,
+        pk, pv, pbias, p_indices, p_counts, ctx.pools,
     )
     if not ctx.has_summary:
         dsk = dsv = None
-    return dq, dk, dv, None, None, None, None, dsk, dsv, None
+    if not ctx.has_levels:
+        dpk = dpv = None
+    return dq, dk, dv, None, None, None, None, dsk, dsv, None, dpk, dpv, None, None, None, None
 
 
 torch.library.register_autograd("videoblade::block_sparse_attn_fwd", _backward, setup_context=_setup_context)
@@ -932,6 +1145,7 @@ def block_sparse_attention(
     block_size: int = 128,
     sm_scale: float | None = None,
     summary: Summary | None = None,
+    levels: PooledLevels | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Block-sparse softmax attention (Triton), optionally with in-kernel compensation.
 
@@ -939,7 +1153,10 @@ def block_sparse_attention(
     under ``TRITON_INTERPRET=1``). kv_indices int32 [B, H, NQ, MAXK] ascending kept key
     blocks per query block, kv_counts int32 [B, H, NQ] (NQ = ceil(L / block_size)).
     summary: :func:`videoblade.kernels.pool_summaries` output, or None (exact masked
-    attention). Returns (out [B, H, L, D] in q.dtype, lse float32 [B, H, L]); lse is not
+    attention). levels: :func:`videoblade.kernels.pool_levels` output (SPEC 1.6: key blocks
+    attended through their pooled tokens, in the same softmax; at most ``MAX_LEVELS`` levels with
+    ``block_size / pool >= 16``), or None; with both, the summaries stand only for the blocks a
+    query block attends at no level. Returns (out [B, H, L, D] in q.dtype, lse float32 [B, H, L]); lse is not
     differentiable. out (and q, k, v's gradients) are [B, H, L, D] views of [B, L, H, D] memory,
     so ``out.transpose(1, 2).flatten(2)`` is free; call ``.contiguous()`` for a contiguous
     [B, H, L, D] tensor. Rows with nothing to attend to give out 0 and lse -inf. On CPU without
@@ -947,13 +1164,19 @@ def block_sparse_attention(
     """
     _check(q, k, v, kv_indices, kv_counts, block_size)
     scale = float(sm_scale) if sm_scale is not None else 1.0 / math.sqrt(q.shape[-1])
+    if levels is not None:
+        check_levels(levels.pools, block_size)
     if not q.is_cuda and not _interpret():
         # no GPU and no Triton interpreter: the float32 torch reference (same semantics)
         from .reference import block_sparse_attention_ref
 
-        return block_sparse_attention_ref(q, k, v, kv_indices, kv_counts, block_size, scale, summary)
-    if summary is None:
-        return _bsa_fwd_op(q, k, v, kv_indices, kv_counts, block_size, scale, None, None, None)
-    if block_size % summary.pool:
+        return block_sparse_attention_ref(q, k, v, kv_indices, kv_counts, block_size, scale, summary, levels=levels)
+    if summary is not None and block_size % summary.pool:
         raise ValueError(f"summary pool {summary.pool} must divide block_size {block_size}")
-    return _bsa_fwd_op(q, k, v, kv_indices, kv_counts, block_size, scale, summary.k, summary.v, summary.bias)
+    s_args = (summary.k, summary.v, summary.bias) if summary is not None else (None, None, None)
+    if levels is None:
+        l_args = (None, None, None, None, None, [])
+    else:
+        l_args = (torch.cat([s.k for s in levels.summaries], 2), torch.cat([s.v for s in levels.summaries], 2),
+                  torch.cat([s.bias for s in levels.summaries]), levels.indices, levels.counts, list(levels.pools))
+    return _bsa_fwd_op(q, k, v, kv_indices, kv_counts, block_size, scale, *s_args, *l_args)

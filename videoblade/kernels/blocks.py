@@ -42,6 +42,27 @@ class Summary(NamedTuple):
     pool: int
 
 
+class PooledLevels(NamedTuple):
+    """Key blocks attended at reduced resolution (SPEC 1.6, the multi-level variant), as made by
+    :func:`pool_levels`.
+
+    summaries: one :class:`Summary` per pooled level, pools ascending (a block at level ``pool``
+    is seen as its ``block_size // pool`` pooled tokens, each with logit bias log(count), like the
+    compensation summaries); indices: int32 [NLEV, B, H, NQ, MAXK], per level the key blocks each
+    query block attends at that level (ascending, the first ``counts`` valid); counts: int32
+    [NLEV, B, H, NQ]. A key block sits at most at one level of a row, and never also in the row's
+    exact list (``kv_indices``).
+    """
+
+    summaries: tuple
+    indices: torch.Tensor
+    counts: torch.Tensor
+
+    @property
+    def pools(self) -> tuple[int, ...]:
+        return tuple(s.pool for s in self.summaries)
+
+
 def num_blocks(length: int, block_size: int) -> int:
     return (length + block_size - 1) // block_size
 
@@ -286,6 +307,20 @@ class _PoolFn(torch.autograd.Function):
         gk = _pool_bwd(gsk, ctx.L, ctx.pool, denom, ctx.kdt) if gsk is not None and ctx.needs_input_grad[0] else None
         gv = _pool_bwd(gsv, ctx.L, ctx.pool, denom, ctx.vdt) if gsv is not None and ctx.needs_input_grad[1] else None
         return gk, gv, None, None, None, None
+
+
+def pool_levels(k: torch.Tensor, v: torch.Tensor, block_size: int, pools, indices: torch.Tensor,
+                counts: torch.Tensor, backend: str = "auto") -> PooledLevels:
+    """:class:`PooledLevels` for the pooled levels ``pools`` (ascending) and their block lists
+    (int32 [NLEV, B, H, NQ, MAXK] / [NLEV, B, H, NQ]): one :func:`pool_summaries` per level, so
+    gradients reach k and v the same way."""
+    pools = tuple(int(p) for p in pools)
+    if list(pools) != sorted(set(pools)) or not pools or pools[0] < 2:
+        raise ValueError(f"pooled levels must be distinct pools >= 2 in ascending order, got {pools}")
+    if indices.dim() != 5 or counts.dim() != 4 or indices.shape[0] != len(pools) or counts.shape[0] != len(pools):
+        raise ValueError(f"level lists must be [NLEV={len(pools)}, B, H, NQ(, MAXK)], got "
+                         f"{tuple(indices.shape)} and {tuple(counts.shape)}")
+    return PooledLevels(tuple(pool_summaries(k, v, block_size, p, backend) for p in pools), indices, counts)
 
 
 def pool_summaries(k: torch.Tensor, v: torch.Tensor, block_size: int, pool: int, backend: str = "auto") -> Summary:
