@@ -54,6 +54,28 @@ def test_validation_errors(override, message):
         load_config(None, [override])
 
 
+@pytest.mark.parametrize(
+    "overrides,message",
+    [
+        (["asa.level_pools=[3]"], "distinct powers of two"),
+        (["asa.level_pools=[2,4,8,16]", "asa.level_fractions=[0.1,0.1,0.1,0.1,0.1]"], "1 to 3 pooled levels"),
+        (["asa.level_fractions=[0.1,0.2]"], "needs 4 entries"),
+        (["asa.level_fractions=[0.5,0.3,0.2,0.1]"], "sum to at most 1"),
+        (["asa.block_size=16", "asa.pool=4", "asa.samples_per_block=4", "asa.level_pools=[32]",
+          "asa.level_fractions=[0.1,0.1]"], "dividing block_size=16"),
+    ],
+)
+def test_level_settings_are_checked_in_levels_mode(overrides, message):
+    with pytest.raises(ConfigError, match="asa.level_pools/level_fractions: .*" + message):
+        load_config(None, ["asa.mode=levels", *overrides])
+    load_config(None, overrides)  # other modes do not read them
+
+
+def test_levels_mode_loads_with_defaults(tmp_path):
+    cfg = load_config(None, ["asa.mode=levels"])
+    assert cfg.asa.level_pools == [2, 4, 8] and cfg.asa.level_fractions == [0.05, 0.10, 0.15, 0.20]
+
+
 def test_required_keys_and_missing_file(tmp_path):
     with pytest.raises(ConfigError, match="model.path must be set"):
         load_config(None, [], require=("model.path",))

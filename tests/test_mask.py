@@ -104,3 +104,42 @@ def test_mask_is_batched_over_heads_and_matches_per_row_policy():
 def test_bad_mode_raises():
     with pytest.raises(ValueError):
         block_mask(_rand_P(), "random")
+
+
+# ------------------------------------------------------------------ multi-level (SPEC 1.6)
+
+
+@pytest.mark.parametrize("fractions", [(0.05, 0.10, 0.15, 0.20), (0.2, 0.0, 0.5), (1.0,), (0.3, 0.9)])
+def test_levels_follow_rank_bands(fractions):
+    from videoblade.attention.mask import block_levels, level_band_counts
+
+    P = _rand_P(NQ=20, NK=20, seed=3)
+    P[0, 0, 4, :] = 0.05  # a row of ties: bands fill in block order
+    lev = block_levels(P, fractions, diagonal=False)
+    counts = level_band_counts(20, fractions)
+    assert lev.dtype == torch.int8 and lev.shape == P.shape and sum(counts) <= 20
+    assert counts[0] >= 1 and counts == [min(math.ceil(f * 20 - 1e-9), 20 - sum(counts[:i])) or (i == 0)
+                                         for i, f in enumerate(fractions)]
+    for b, h, i in [(0, 0, 4), (1, 2, 7), (0, 1, 19)]:
+        order = sorted(range(20), key=lambda j: (-P[b, h, i, j].item(), j))
+        want, r = [0] * 20, 0
+        for band, c in enumerate(counts):
+            for j in order[r : r + c]:
+                want[j] = band + 1
+            r += c
+        assert lev[b, h, i].tolist() == want
+
+
+def test_levels_force_diagonal_and_text_blocks_exact():
+    from videoblade.attention.mask import block_levels, level_lists
+
+    P = _rand_P(NQ=10, NK=10, seed=4)
+    lev = block_levels(P, (0.1, 0.2, 0.2), text_blocks=2)
+    idx = torch.arange(10)
+    assert (lev[..., idx, idx] == 1).all()
+    assert (lev[..., :, :2] == 1).all() and (lev[..., :2, :] == 1).all()
+    kvi, kvc, pidx, pcnt = level_lists(lev, 2)
+    assert pidx.shape == (2, *P.shape) and pcnt.shape == (2, *P.shape[:3])
+    for i in range(2):
+        assert torch.equal(pcnt[i], (lev == 2 + i).sum(-1).int())
+    assert torch.equal(kvc, (lev == 1).sum(-1).int())

@@ -59,11 +59,16 @@ class ASAConfig:
     block_size: int = 128
     samples_per_block: int = 16
     estimate: str = "sample"  # "sample" | "mean"
-    mode: str = "energy"  # "energy" | "topk"
+    mode: str = "energy"  # "energy" | "topk" | "levels" (SPEC 1.6 multi-level, below)
     energy_threshold: float = 0.95
     min_retain: float = 0.05
     max_retain: float = 0.15
     topk: float = 0.10  # fraction of key blocks kept in topk mode
+    # levels mode: per row, the top level_fractions[0] of the key blocks (by estimated mass) are
+    # attended exactly, the next level_fractions[i] through their level_pools[i-1]-token means,
+    # the rest skipped (compensation still covers them); density counts a pooled block as 1/pool
+    level_pools: list[int] = field(default_factory=lambda: [2, 4, 8])
+    level_fractions: list[float] = field(default_factory=lambda: [0.05, 0.10, 0.15, 0.20])
     pool: int = 32  # tokens per compensation summary; must divide block_size
     compensation: bool = True
     reorder: bool = True  # Gilbert locality reordering
@@ -71,7 +76,8 @@ class ASAConfig:
     dense_timestep_above: int | None = None  # steps with t above this stay dense
     apply_to_fake: bool = True  # the fake score model uses ASA too
     # CPU path (no Triton): "reference" = masked dense float32 (the kernels' spec); "gathered" = scores
-    # only the kept blocks + summaries (same results to float rounding, several times less work)
+    # only the kept blocks + summaries (same results to float rounding, several times less work;
+    # levels mode always takes the reference)
     cpu_backend: str = "reference"
 
 
@@ -166,6 +172,24 @@ class RunConfig:
 
 
 # ---------------------------------------------------------------------------- validation
+MAX_POOLED_LEVELS = 3  # the kernels walk at most three pooled levels (videoblade.kernels.block_sparse)
+
+
+def level_config_error(block_size: int, pools, fractions) -> str | None:
+    """What is wrong with a multi-level setting (ASA ``mode: levels``), or None."""
+    pools, fractions = [int(p) for p in pools], [float(f) for f in fractions]
+    if not 1 <= len(pools) <= MAX_POOLED_LEVELS:
+        return f"level_pools needs 1 to {MAX_POOLED_LEVELS} pooled levels, got {pools}"
+    if pools != sorted(set(pools)) or any(p < 2 or p & (p - 1) or block_size % p for p in pools):
+        return f"level_pools must be distinct powers of two >= 2, ascending, dividing block_size={block_size}; got {pools}"
+    if len(fractions) != len(pools) + 1:
+        return (f"level_fractions needs {len(pools) + 1} entries (the exact band, then one per pooled level), "
+                f"got {fractions}")
+    if any(not 0.0 <= f <= 1.0 for f in fractions) or fractions[0] <= 0.0 or sum(fractions) > 1.0 + 1e-9:
+        return f"level_fractions must be in [0, 1] (the first > 0) and sum to at most 1, got {fractions}"
+    return None
+
+
 def _check(cond: bool, key: str, msg: str) -> None:
     if not cond:
         raise ConfigError(f"{key}: {msg}")
@@ -192,7 +216,10 @@ def _validate(cfg: RunConfig) -> None:
     _check(a.estimate != "sample" or sp & (sp - 1) == 0, "asa.samples_per_block",
            f"must be a power of two with estimate=sample, got {sp}")
     _check(a.estimate in ("sample", "mean"), "asa.estimate", f"must be sample or mean, got {a.estimate!r}")
-    _check(a.mode in ("energy", "topk"), "asa.mode", f"must be energy or topk, got {a.mode!r}")
+    _check(a.mode in ("energy", "topk", "levels"), "asa.mode", f"must be energy, topk or levels, got {a.mode!r}")
+    if a.mode == "levels":
+        err = level_config_error(bs, a.level_pools, a.level_fractions)
+        _check(err is None, "asa.level_pools/level_fractions", err or "")
     _check(a.cpu_backend in ("reference", "gathered"), "asa.cpu_backend",
            f"must be reference or gathered, got {a.cpu_backend!r}")
     _check(0.0 < a.energy_threshold <= 1.0, "asa.energy_threshold", f"must be in (0, 1], got {a.energy_threshold}")

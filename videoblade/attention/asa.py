@@ -3,6 +3,8 @@
 Per call: (optionally) reorder the tokens along the Gilbert curve, estimate the block-level
 attention map without grad, turn it into a block mask (``mask.block_mask``), and run exact
 block-sparse attention on the kept blocks, with global compensation for the skipped ones.
+``mode: levels`` (SPEC 1.6) replaces keep/skip by a level per block (``mask.block_levels``):
+exact, attended through its 2x/4x/8x-pooled tokens, or skipped.
 Layers listed in ``cfg.dense_layers`` and denoising steps with a timestep above
 ``cfg.dense_timestep_above`` run dense (``F.scaled_dot_product_attention``).
 
@@ -12,7 +14,8 @@ Backends (one semantics): on CUDA the Triton kernels of ``videoblade.kernels``
 which is for kernel tests only), and on CUDA too for head dims the kernels do not take (not 16, 32,
 64 or 128).  ``backend="torch"`` forces the reference on any device.
 
-Statistics: the realised density (kept blocks / all blocks) of every call is added, per
+Statistics: the realised density (kept blocks / all blocks; a block at a pooled level counts
+1/pool, its cost) of every call is added, per
 layer and head, into device tensors; nothing is read back to the host in the hot path.
 ``density_stats()`` reads them (one sync) and ``reset_stats()`` clears them.  Calls made
 while autograd recomputes a checkpointed block during backward are not counted twice.
@@ -26,9 +29,9 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
-from ..config import ASAConfig
+from ..config import ASAConfig, level_config_error
 from .gilbert import gilbert_order_on
-from .mask import block_lists, block_mask, num_blocks
+from .mask import block_levels, block_lists, block_mask, level_lists, num_blocks
 
 __all__ = ["AdaptiveSparseAttention", "timestep_value"]
 
@@ -75,8 +78,12 @@ class AdaptiveSparseAttention:
             raise ValueError(f"block_size must be >= 1, got {c.block_size}")
         if c.compensation and (c.pool < 1 or c.block_size % c.pool != 0):
             raise ValueError(f"pool ({c.pool}) must divide block_size ({c.block_size})")
-        if c.mode not in ("energy", "topk"):
-            raise ValueError(f"mode must be 'energy' or 'topk', got {c.mode!r}")
+        if c.mode not in ("energy", "topk", "levels"):
+            raise ValueError(f"mode must be 'energy', 'topk' or 'levels', got {c.mode!r}")
+        if c.mode == "levels":
+            err = level_config_error(c.block_size, c.level_pools, c.level_fractions)
+            if err:
+                raise ValueError(err)
         if c.estimate not in ("sample", "mean"):
             raise ValueError(f"estimate must be 'sample' or 'mean', got {c.estimate!r}")
         self._dense_layers = frozenset(int(i) for i in (c.dense_layers or ()))
@@ -158,6 +165,40 @@ class AdaptiveSparseAttention:
         out, _ = attn_fn(q, k, v, kv_indices, kv_counts, block_size=self.cfg.block_size, summary=self._summary(k, v))
         return out.to(q.dtype)
 
+    def make_levels(self, P: torch.Tensor, text_tokens: int = 0) -> torch.Tensor:
+        """Level map int8 [B, H, NQ, NK] of ``mode: levels`` (``mask.block_levels``)."""
+        c = self.cfg
+        text_blocks = num_blocks(text_tokens, c.block_size) if text_tokens else 0
+        return block_levels(P, c.level_fractions, text_blocks=text_blocks)
+
+    def multilevel_attention(self, q, k, v, levels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Attention of q, k, v [B, H, L, D] on a level map (SPEC 1.6; + compensation if configured):
+        (out in q.dtype, realised density float32 [H], a pooled block counting 1/pool). The Triton
+        kernels on CUDA (when every level has at least 16 pooled rows per block), else the reference."""
+        from ..kernels import pool_levels
+        from ..kernels.block_sparse import check_levels
+
+        c = self.cfg
+        pools = [int(p) for p in c.level_pools]
+        kvi, kvc, pidx, pcnt = level_lists(levels, len(pools))
+        pooled = pool_levels(k, v, c.block_size, pools, pidx, pcnt)
+        triton_ok = self._use_triton(q)
+        if triton_ok and self.backend == "auto":
+            try:
+                check_levels(pools, c.block_size)
+            except ValueError:
+                triton_ok = False  # slow but exact, as for head dims the kernels do not take
+        if triton_ok:
+            from ..kernels import block_sparse_attention as attn_fn
+        else:
+            from ..kernels.reference import block_sparse_attention_ref as attn_fn
+        out, _ = attn_fn(q, k, v, kvi, kvc, block_size=c.block_size, summary=self._summary(k, v), levels=pooled)
+        B, H, NQ, NK = levels.shape
+        cost = kvc.sum(dim=(0, 2), dtype=torch.float32)
+        for i, p in enumerate(pools):
+            cost = cost + pcnt[i].sum(dim=(0, 2), dtype=torch.float32) / p
+        return out.to(q.dtype), cost / (B * NQ * NK)
+
     def _summary(self, k, v):
         from ..kernels import pool_summaries
 
@@ -218,6 +259,9 @@ class AdaptiveSparseAttention:
             q, k, v = (t.index_select(2, perm) for t in (q, k, v))
 
         P = self.estimate(q, k)
+        if c.mode == "levels":
+            out, density = self.multilevel_attention(q, k, v, self.make_levels(P, text_tokens))
+            return (out.index_select(2, inv) if inv is not None else out), density
         if self._use_triton(q):  # estimate -> block lists -> kernel, no bool mask in between
             kv_indices, kv_counts = self.make_lists(P, text_tokens)
             out = self.sparse_attention_lists(q, k, v, kv_indices, kv_counts)

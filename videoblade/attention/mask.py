@@ -20,6 +20,11 @@ blocks, and no host synchronisation, so it runs inside the attention hot path on
 ``block_lists`` goes straight to the kernels' block lists: on CUDA one Triton launch
 (``videoblade.kernels.select``), elsewhere ``mask_to_block_lists(block_mask(...))``, the
 reference the tests compare the kernel with.
+
+Multi-level (SPEC 1.6, ``block_levels``): instead of keep/skip every key block of a row gets a
+level by its rank in P: the top ``fractions[0]`` of the blocks exact, the next ``fractions[1]`` at
+the first pooled level, and so on; the rest skipped. Diagonal and text blocks are exact.
+``level_lists`` turns the level map into the kernels' lists (exact + one list per pooled level).
 """
 
 from __future__ import annotations
@@ -36,6 +41,9 @@ __all__ = [
     "block_mask",
     "block_lists",
     "num_blocks",
+    "level_band_counts",
+    "block_levels",
+    "level_lists",
 ]
 
 
@@ -162,3 +170,52 @@ def block_lists(
         return mask_to_block_lists(mask)
     lo, hi = _mode_bounds(nk, mode, min_retain, max_retain, topk)
     return select_block_lists(P, lo, hi, energy_threshold if mode == "energy" else None, text_blocks, diagonal)
+
+
+# ---------------------------------------------------------------------------- multi-level
+
+
+def level_band_counts(nk: int, fractions) -> list[int]:
+    """Key blocks per rank band of a row: ceil(fraction * nk) each (the exact band at least one),
+    cut where the bands run out of blocks."""
+    out, used = [], 0
+    for i, f in enumerate(fractions):
+        c = math.ceil(float(f) * nk - 1e-9)
+        c = min(max(c, 1 if i == 0 else 0), nk - used)
+        out.append(c)
+        used += c
+    return out
+
+
+def block_levels(P: torch.Tensor, fractions, text_blocks: int = 0, diagonal: bool = True) -> torch.Tensor:
+    """Level map int8 [B, H, NQ, NK] from the block importance map ``P``: 0 skipped, 1 exact,
+    1 + i the i-th pooled level. Per row, blocks sorted by descending mass (ties to the lower id)
+    fill the bands of ``level_band_counts(NK, fractions)`` in order; the diagonal block and text
+    blocks (both directions) are exact. Batched tensor code, no host sync."""
+    if P.dim() != 4:
+        raise ValueError(f"block_levels expects P of shape [B, H, NQ, NK], got {tuple(P.shape)}")
+    nq, nk = P.shape[-2:]
+    counts = level_band_counts(nk, fractions)
+    ends = torch.tensor(counts, device=P.device).cumsum(0)
+    band = torch.searchsorted(ends, torch.arange(nk, device=P.device), right=True)  # band of each rank
+    lev_by_rank = torch.where(band < len(counts), band + 1, 0).to(torch.int8)
+    order = P.float().sort(dim=-1, descending=True, stable=True).indices
+    levels = torch.empty(P.shape, dtype=torch.int8, device=P.device)
+    levels.scatter_(-1, order, lev_by_rank.expand(P.shape).contiguous())
+    if diagonal:
+        idx = torch.arange(min(nq, nk), device=P.device)
+        levels[..., idx, idx] = 1
+    if text_blocks > 0:
+        levels[..., :, : min(text_blocks, nk)] = 1
+        levels[..., : min(text_blocks, nq), :] = 1
+    return levels
+
+
+def level_lists(levels: torch.Tensor, n_pooled: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(kv_indices, kv_counts) of the exact blocks and the pooled levels' stacked lists
+    (int32 [n_pooled, B, H, NQ, NK], [n_pooled, B, H, NQ]) of a level map."""
+    from ..kernels import mask_to_block_lists
+
+    kvi, kvc = mask_to_block_lists(levels == 1)
+    pooled = [mask_to_block_lists(levels == 2 + i) for i in range(n_pooled)]
+    return kvi, kvc, torch.stack([a for a, _ in pooled]), torch.stack([c for _, c in pooled])
