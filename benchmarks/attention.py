@@ -3,8 +3,9 @@
 Shapes: Wan (1x12x32760x128) and CogVideoX (1x48x17776x64), bf16, block 128; densities
 0.05, 0.10, 0.15, 0.25, 1.0; forward and forward+backward. Peers measured in the same
 process: cuDNN SDPA (dense) and compiled FlexAttention with the identical block mask
-(``BlockMask.from_kv_blocks`` with every kept block "full"). Compensation (summaries)
-and the block-importance estimate are timed separately.
+(``BlockMask.from_kv_blocks`` with every kept block "full"). Compensation (summaries),
+multi-level ASA (SPEC 1.6, ``--no-levels`` skips it) and the block-importance estimate are timed
+separately.
 
     python benchmarks/attention.py --out DIR           # full run, writes DIR/attention_h200.json
     python benchmarks/attention.py --quick              # fewer reps/densities (smoke)
@@ -78,7 +79,43 @@ def copy_tbps(device):
     return 2 * x.numel() / ms / 1e9
 
 
-def bench_shape(name, reps, dens_list, gen, rows, res, flex, t0):
+def bench_levels(name, q, k, v, fwd_bwd, reps, gen, rows, res):
+    """Multi-level ASA (SPEC 1.6) at the ASAConfig defaults (exact 5 %, then 10 % 2x, 15 % 4x and
+    20 % 8x pooled; rank bands of a random importance map) with compensation, pooling included:
+    its cost density (a pooled block counts 1/pool) is about keep/skip's 0.15-0.16, so compare with
+    the "ours + compensation" rows at density 0.15. A failure is printed and recorded as a row, so
+    the rest of the run survives it."""
+    from videoblade.attention.mask import block_levels, level_lists
+    from videoblade.config import ASAConfig
+    from videoblade.kernels import pool_levels
+
+    c = ASAConfig()
+    B, H, L, D = q.shape
+    n = num_blocks(L, BLOCK)
+    pools, pool = list(c.level_pools), POOL[name]
+    lev = block_levels(torch.rand(B, H, n, n, device=q.device, generator=gen), c.level_fractions)
+    kvi, kvc, pidx, pcnt = level_lists(lev, len(pools))
+    cost = (kvc.sum() + sum(pcnt[i].sum() / p for i, p in enumerate(pools))).item() / (B * H * n * n)
+    what = f"ours multi-level {'/'.join(f'{p}x' for p in pools)} + compensation (pool {pool}, incl. pooling)"
+
+    def ours_l(a, b, c_):
+        return block_sparse_attention(a, b, c_, kvi, kvc, BLOCK, summary=pool_summaries(b, c_, BLOCK, pool),
+                                      levels=pool_levels(b, c_, BLOCK, pools, pidx, pcnt))[0]
+
+    for p_, key, f_ in (("fwd", "fwd", lambda: ours_l(q, k, v)), ("fwd+bwd", "fwdbwd", fwd_bwd(ours_l))):
+        try:
+            ms = cuda_median_ms(f_, reps=reps)
+        except Exception as e:  # noqa: BLE001 - reported in the results, the other rows still count
+            print(f"multi-level {p_} failed: {type(e).__name__}: {e}", flush=True)
+            rows.append({"what": what, "shape": [B, H, L, D], "density": cost, "pass": p_, "median_ms": float("nan"),
+                         "peer": "ours", "error": f"{type(e).__name__}: {e}"[:500]})
+            continue
+        res[(name, "levels", key)] = ms
+        rows.append({"what": what, "shape": [B, H, L, D], "density": cost, "pass": p_, "median_ms": ms,
+                     "peer": "ours", "level_fractions": list(c.level_fractions)})
+
+
+def bench_shape(name, reps, dens_list, gen, rows, res, flex, t0, levels=True):
     from torch.nn.attention import SDPBackend, sdpa_kernel
 
     dev = "cuda"
@@ -196,12 +233,35 @@ def bench_shape(name, reps, dens_list, gen, rows, res, flex, t0):
                          "density": None, "pass": "fwd+bwd", "median_ms": ms, "peer": None})
         print(f"[{time.time() - t0:6.1f}s] {name} d={dens} done (rel diff vs flex {rel:.2e})", flush=True)
 
+    if levels:
+        bench_levels(name, q, k, v, fwd_bwd, reps, gen, rows, res)
+
     # block-importance estimate (no grad)
     for mode, S in (("sample", 16), ("mean", 0)):
         ms = cuda_median_ms(lambda: estimate_block_importance(q, k, BLOCK, S or 16, mode=mode), reps=reps)
         res[(name, "estimate", mode)] = ms
         rows.append({"what": f"estimate_block_importance {mode}" + (f" S={S}" if S else ""),
                      "shape": [B, H, L, D], "density": None, "pass": "fwd", "median_ms": ms, "peer": None})
+    # A/B: the sampled estimate's key tile (importance._KEY_TILE, which sets its scratch layout)
+    from videoblade.kernels import importance
+
+    default_tile = importance._KEY_TILE
+    res_est = estimate_block_importance(q, k, BLOCK, 16, mode="sample")
+    for tile in (128,):
+        importance._KEY_TILE = tile
+        row = {"what": f"estimate_block_importance sample S=16, key tile {tile} (default {default_tile})",
+               "shape": [B, H, L, D], "density": None, "pass": "fwd", "peer": "ours"}
+        try:
+            ref = estimate_block_importance(q, k, BLOCK, 16, mode="sample")
+            row["max_abs_diff_vs_default"] = (ref - res_est).abs().max().item()
+            row["median_ms"] = cuda_median_ms(lambda: estimate_block_importance(q, k, BLOCK, 16, mode="sample"),
+                                              reps=reps)
+        except Exception as e:  # noqa: BLE001 - reported in the results, the other rows still count
+            print(f"estimate key tile {tile} failed: {type(e).__name__}: {e}", flush=True)
+            row.update(median_ms=float("nan"), error=f"{type(e).__name__}: {e}"[:500])
+        finally:
+            importance._KEY_TILE = default_tile
+        rows.append(row)
 
 
 def main():
@@ -211,6 +271,8 @@ def main():
     ap.add_argument("--shapes", default="wan,cog")
     ap.add_argument("--reps", type=int, default=30)
     ap.add_argument("--densities", default=None, help="comma list overriding the density sweep (partial run)")
+    ap.add_argument("--levels", action=argparse.BooleanOptionalAction, default=True,
+                    help="also time multi-level ASA (SPEC 1.6) at the config defaults")
     args = ap.parse_args()
     dev = "cuda"
     torch.backends.cuda.matmul.allow_tf32 = False
@@ -232,7 +294,7 @@ def main():
     res = {}
     gen = torch.Generator(device=dev).manual_seed(0)
     for name in args.shapes.split(","):
-        bench_shape(name, reps, dens_list, gen, rows, res, flex, t0)
+        bench_shape(name, reps, dens_list, gen, rows, res, flex, t0, levels=args.levels)
         torch.cuda.empty_cache()
 
     targets = {}
@@ -277,8 +339,10 @@ def main():
         for key, cfg in d.items():
             print(f"tuned {kname} {key}: {cfg}")
     print("wrote", path)
-    if not math.isfinite(sum(r["median_ms"] for r in rows)):
+    if not math.isfinite(sum(r["median_ms"] for r in rows if "error" not in r)):
         raise SystemExit("non-finite timing")
+    if any("error" in r for r in rows):
+        raise SystemExit("some rows failed (their error is in the results)")
 
 
 if __name__ == "__main__":

@@ -9,7 +9,8 @@ Rows:
 * ``forward, ASA + rank-64 LoRA`` (compiled rows): the student as inference loads it, with the LoRA
   kept as peft adapter layers (``--no-fuse-lora``) and merged into the base weights (the default).
 * ``attn_error``: relative L2 error of ASA's attention output against fp32 dense attention on
-  q/k/v with 3D locality (``videoblade.attention.synthetic.local_qkv``) at density 0.15
+  q/k/v with 3D locality (``videoblade.attention.synthetic.local_qkv``) at density 0.15 (and
+  multi-level ASA, SPEC 1.6, at about the same cost density)
   (top-k), for raster order / Gilbert reordering / reordering + compensation.
 
 With ``--compile`` (default) the dense, floor and ASA forwards are repeated with every block
@@ -420,9 +421,13 @@ def error_rows(label: str, grid, text: int, heads: int, head_dim: int, pool: int
                         dtype=torch.float32 if SMOKE else torch.bfloat16, device=DEVICE)
     ref = dense_attention_ref(q, k, v)
     rows = []
-    for variant, reorder, comp in [("raster order", False, False), ("Gilbert reorder", True, False),
-                                   ("reorder + compensation", True, True)]:
-        asa = AdaptiveSparseAttention(ASAConfig(mode="topk", topk=0.15, reorder=reorder, compensation=comp, pool=pool))
+    topk = dict(mode="topk", topk=0.15)
+    # multi-level (SPEC 1.6) at about the same cost: exact 3 %, then 10 % 2x, 15 % 4x, 20 % 8x pooled
+    levels = dict(mode="levels", level_pools=[2, 4, 8], level_fractions=[0.03, 0.10, 0.15, 0.20])
+    for variant, reorder, comp, mode in [("raster order", False, False, topk), ("Gilbert reorder", True, False, topk),
+                                         ("reorder + compensation", True, True, topk),
+                                         ("reorder + compensation, multi-level", True, True, levels)]:
+        asa = AdaptiveSparseAttention(ASAConfig(**mode, reorder=reorder, compensation=comp, pool=pool))
         with torch.no_grad():
             out = asa(q, k, v, grid=grid, text_tokens=text)
         err = _rel_l2(out.float(), ref)
