@@ -1,5 +1,7 @@
 """Typed configs: YAML load, dotted overrides, validation errors, resolved dump."""
 
+from pathlib import Path
+
 import pytest
 
 from videoblade.config import ASAConfig, ConfigError, RunConfig, dump_config, load_config
@@ -88,3 +90,20 @@ def test_mixed_precision_no_survives_yaml_booleans(tmp_path):
     y = tmp_path / "c.yaml"
     y.write_text("train:\n  mixed_precision: no\n")
     assert load_config(y).train.mixed_precision == "no"
+
+
+@pytest.mark.parametrize("path,cfg_scale,lambda_reg,pool,family",
+                         [("wanx/configs/tdm_asa.yaml", 5.0, 0.0, 32, "wan"),
+                          ("cogvideox/configs/tdm_asa.yaml", 3.5, 0.5, 16, "cogvideox")])
+def test_shipped_recipes_are_the_published_ones(path, cfg_scale, lambda_reg, pool, family):
+    # issue 5: the YAML defaults reproduce the published recipes
+    root = Path(__file__).resolve().parents[1]
+    c = load_config(root / path)
+    assert c.model.family == family
+    assert (c.tdm.cfg, c.tdm.lambda_reg, c.tdm.k_step, c.tdm.eta) == (cfg_scale, lambda_reg, 8, 0.9)
+    assert (c.train.max_train_steps, c.train.train_batch_size, c.train.gradient_accumulation_steps) == (300, 5, 4)
+    assert (c.optim.learning_rate, c.optim.learning_rate_fake) == (1e-4, 5e-4)
+    assert (c.optim.adam_beta1, c.optim.adam_beta2, c.optim.max_grad_norm, c.optim.lr_warmup_steps) == (0.0, 0.95, 1.0, 5)
+    assert c.optim.lr_scheduler == "cosine_with_restarts"
+    assert (c.lora.rank, c.lora.lora_alpha) == (64, 64)
+    assert (c.asa.enabled, c.asa.mode, c.asa.pool, c.asa.compensation, c.asa.reorder) == (True, "energy", pool, True, True)
