@@ -158,6 +158,29 @@ def _assert_same_run(a, b):
             assert torch.equal(ta[k], tb[k]), k
 
 
+CURVE = ROOT / "tests" / "data" / "tdm_tiny_wan_curve.json"
+
+
+@pytest.mark.slow
+def test_loss_curve_matches_the_committed_one(straight):
+    """The tiny Wan run's per-step losses, grad norms and density against the committed curve
+    (torchtitan's practice): a change to the TDM functions, the sampler, the schedule or ASA that
+    moves the numbers shows here even when every run still trains. Tolerance rtol 1e-3: float32
+    CPU matmuls may round differently across CPUs and BLAS builds, far below any real change.
+    After an intended change: VIDEOBLADE_UPDATE_CURVES=1 rewrites the file (commit it, say why)."""
+    keys = ("loss_fake", "loss_gen", "grad_norm_fake", "grad_norm_student", "density_student")
+    got = {k: [r[k] for r in _metrics(straight)] for k in keys}
+    if os.environ.get("VIDEOBLADE_UPDATE_CURVES") == "1":
+        CURVE.parent.mkdir(parents=True, exist_ok=True)
+        CURVE.write_text(json.dumps({"run": "tests/test_trainer.py straight fixture (tiny Wan, 6 steps)", **got},
+                                    indent=1) + "\n")
+    want = json.loads(CURVE.read_text())
+    for k in keys:
+        assert len(got[k]) == len(want[k]) == 6, k
+        torch.testing.assert_close(torch.tensor(got[k], dtype=torch.float64), torch.tensor(want[k], dtype=torch.float64),
+                                   rtol=1e-3, atol=1e-6, msg=lambda m, k=k: f"{k}: {m} (see the docstring)")
+
+
 @pytest.mark.slow
 def test_resume_is_bit_exact(tiny, straight, tmp_path):
     out = tmp_path / "resumed"
