@@ -9,6 +9,8 @@ separately.
 
     python benchmarks/attention.py --out DIR           # full run, writes DIR/attention_h200.json
     python benchmarks/attention.py --quick              # fewer reps/densities (smoke)
+    python benchmarks/attention.py --shapes wan --densities 0.15 \
+        --merge-from benchmarks/results/attention_h200.json --out DIR   # partial re-run, rest kept
 """
 # ruff: noqa: B023  (closures are timed immediately, inside the iteration that defines them)
 
@@ -26,7 +28,15 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from common import cuda_median_ms, gpu_tag, print_table, print_targets, target, write_results  # noqa: E402
+from common import (  # noqa: E402
+    carry_over,
+    cuda_median_ms,
+    gpu_tag,
+    print_table,
+    print_targets,
+    target,
+    write_results,
+)
 
 from videoblade.kernels import (  # noqa: E402
     block_sparse_attention,
@@ -273,6 +283,10 @@ def main():
     ap.add_argument("--densities", default=None, help="comma list overriding the density sweep (partial run)")
     ap.add_argument("--levels", action=argparse.BooleanOptionalAction, default=True,
                     help="also time multi-level ASA (SPEC 1.6) at the config defaults")
+    ap.add_argument("--merge-from", default=None,
+                    help="an earlier attention_<gpu>.json: its rows this (partial) run did not re-measure (same "
+                         "what, shape, density and pass) and its targets not recomputed are kept, tagged with "
+                         "the commit and date they were measured at")
     args = ap.parse_args()
     dev = "cuda"
     torch.backends.cuda.matmul.allow_tf32 = False
@@ -329,6 +343,12 @@ def main():
         targets["wan_estimate_overhead_d0.15_mean_mode"] = target(
             get("wan", "estimate", "mean") / get("wan", "ours", 0.15, "fwd"), 0.15, False)
 
+    if args.merge_from:
+        def key(r):
+            return r["what"], tuple(r.get("shape") or ()), r.get("density"), r.get("pass")
+
+        redone = {key(r) for r in rows}
+        rows = carry_over(args.merge_from, lambda r: key(r) not in redone, targets) + rows
     print_table(rows, ["what", "shape", "density", "pass", "median_ms", "tflops", "peer"])
     print_targets(targets)
     path = write_results(f"attention_{gpu_tag()}", rows, targets, out_dir=args.out,
