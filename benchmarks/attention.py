@@ -28,15 +28,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from common import (  # noqa: E402
-    carry_over,
-    cuda_median_ms,
-    gpu_tag,
-    print_table,
-    print_targets,
-    target,
-    write_results,
-)
+from common import carry_over, cuda_median_ms, gpu_tag, print_table, print_targets, target, write_results  # noqa: E402
 
 from videoblade.kernels import (  # noqa: E402
     block_sparse_attention,
