@@ -164,7 +164,9 @@ def _fwd_tile(acc, l_i, m_i, q, K, V, b, h, start_n, offs_nb, offs_d, stride_kl,
 def _fwd_biased_tile(acc, l_i, m_i, q, pk, pv, bias, qk_scale, DOT_PREC: tl.constexpr):
     # one tile of pooled tokens (compensation summaries, multi-level blocks): logits carry a
     # per-token bias in log2 units (log2 of the tokens averaged, -inf for a masked token), so a
-    # tile may be all -inf: the row max is guarded
+    # tile may be all -inf: the row max is guarded. Not shared with _fwd_tile on purpose: that one
+    # keeps the scale inside one FMA with the max (qk * qk_scale - m), the bias here needs the
+    # scaled logits first
     qk = tl.dot(q, tl.trans(pk), input_precision=DOT_PREC) * qk_scale + bias[None, :]
     m_new = tl.maximum(m_i, tl.max(qk, 1))
     m_new = tl.where(m_new == float("-inf"), 0.0, m_new)
