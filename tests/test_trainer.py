@@ -345,3 +345,51 @@ def test_latest_checkpoint_ignores_incomplete(tmp_path):
     (root / "checkpoint-3").mkdir()  # no state.json: not complete
     assert latest_checkpoint(tmp_path) == root / "checkpoint-2"
     assert latest_checkpoint(tmp_path / "nothing") is None
+
+
+def _average_worker(rank, port, out):
+    # one rank of test_skipped_boundary_step_averages_the_window_over_ranks
+    from types import SimpleNamespace
+
+    import torch.distributed as dist
+
+    from videoblade.distill.trainer import TDMTrainer
+
+    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=2)
+    try:
+        a, b, c = (torch.nn.Parameter(torch.zeros(3)) for _ in range(3))
+        a.grad = torch.full((3,), float(rank + 1))  # rank 0: 1, rank 1: 2 -> mean 1.5
+        b.grad = torch.tensor([float(rank) * 4.0, 0.0, -2.0])
+        fake = SimpleNamespace(engines=None, params={"fake": [a, b, c]},
+                               accelerator=SimpleNamespace(num_processes=2, sync_gradients=True))
+        TDMTrainer._average_unsynced_grads(fake, "fake")
+        out.put((rank, a.grad.tolist(), b.grad.tolist(), c.grad))
+        fake.accelerator.sync_gradients = False  # inside the window: DDP's own no_sync, left alone
+        a.grad = torch.full((3,), float(rank))
+        TDMTrainer._average_unsynced_grads(fake, "fake")
+        out.put((rank, a.grad.tolist()))
+    finally:
+        dist.destroy_process_group()
+
+
+def test_skipped_boundary_step_averages_the_window_over_ranks():
+    # DDP + gradient accumulation: a fake step skipped at the accumulation boundary runs no backward,
+    # so DDP never all-reduces the window's earlier (no_sync) gradients; the trainer averages them by
+    # hand, or each rank would step on its own and the fake LoRAs would drift apart
+    import torch.multiprocessing as mp
+
+    ctx = mp.get_context("spawn")
+    out = ctx.Queue()
+    port = _port()
+    procs = [ctx.Process(target=_average_worker, args=(r, port, out)) for r in range(2)]
+    for p in procs:
+        p.start()
+    got = [out.get(timeout=120) for _ in range(4)]
+    for p in procs:
+        p.join(60)
+        assert p.exitcode == 0
+    synced = sorted((g for g in got if len(g) == 4), key=lambda g: g[0])
+    assert [g[0] for g in synced] == [0, 1]
+    for _, a, b, c in synced:  # both ranks: the mean of the two, and no gradient made up for c
+        assert a == [1.5, 1.5, 1.5] and b == [2.0, 0.0, -2.0] and c is None
+    assert sorted(g for g in got if len(g) == 2) == [(0, [0.0, 0.0, 0.0]), (1, [1.0, 1.0, 1.0])]

@@ -24,7 +24,9 @@ back-propagates (see `_fake_step` / `_generator_step`).
 
 Skipped fake steps: a fake-score loss that is non-finite or above `tdm.max_fake_loss` (on any rank:
 the decision is all-reduced) gets no backward and is counted (`skipped_fake_steps`). Under DeepSpeed a
-skipped micro-step at an accumulation boundary defers that engine's update to the next boundary.
+skipped micro-step at an accumulation boundary defers that engine's update to the next boundary; under
+DDP the window's gradients are averaged over the ranks by hand before the step
+(`_average_unsynced_grads`: the skipped backward was the one that would have all-reduced them).
 
 Checkpoints (`<output_dir>/checkpoints/checkpoint-<step>`): written into a temporary folder and
 renamed, so a kill during a save leaves the previous checkpoint usable; the last
@@ -585,6 +587,28 @@ class TDMTrainer:
             t = self.accelerator.reduce(t, reduction="sum")
         return bool(t.item() > 0)
 
+    def _average_unsynced_grads(self, role: str) -> None:
+        """Average ``role``'s gradients over the ranks by hand (DDP, at an accumulation boundary whose
+        backward was skipped). DDP all-reduces only inside the boundary's backward: without it the
+        gradients the window's earlier micro-steps gathered under ``no_sync`` are still each rank's
+        own, and stepping on them would leave the LoRAs different on every rank. Averaged, every
+        rank steps on what one process would have: the window minus the skipped micro-step."""
+        acc = self.accelerator
+        if self.engines is not None or acc.num_processes == 1 or not acc.sync_gradients:
+            return
+        # the same parameters hold gradients on every rank: the skip decisions are all-reduced, so every
+        # rank ran the same backwards in this window (none at all: nothing to average)
+        params = [p for p in self.params[role] if p.grad is not None]
+        if not params:
+            return
+        flat = torch.cat([p.grad.reshape(-1) for p in params])
+        torch.distributed.all_reduce(flat)
+        flat /= acc.num_processes
+        offset = 0
+        for p in params:
+            p.grad = flat[offset : offset + p.numel()].view_as(p).clone()
+            offset += p.numel()
+
     def _optimizer_step(self, role: str) -> float | None:
         """Clip + step + zero_grad (non-DeepSpeed; DeepSpeed stepped inside backward). Returns the grad norm."""
         acc = self.accelerator
@@ -634,6 +658,7 @@ class TDMTrainer:
         if bad:
             self.skipped_fake += 1
             del fake_out, loss_f
+            self._average_unsynced_grads("fake")
         else:
             self.roles.select("fake")  # the recompute of checkpointed blocks sees the fake role
             self._backward("fake", loss_f)
