@@ -646,3 +646,22 @@ def test_wan_fast_decode_matches_diffusers_on_the_gpu(tiny_wan):
     err_fast = (fast - ref).pow(2).mean().sqrt().item()
     err_plain = (plain - ref).pow(2).mean().sqrt().item()
     assert err_fast < 2 * err_plain + 1e-3, (err_fast, err_plain)  # bf16 rounding, not a different function
+
+
+def test_steps_and_eta_default_to_what_the_lora_was_trained_with(tiny_wan, trained, tmp_path, no_weight_loads):
+    # the fixture's student was trained with tdm.k_step=2 (eta 0.9): sampled on its own grid by
+    # default; explicit flags win; without a LoRA the defaults stay 8 and 0.9
+    from videoblade.inference import inspect_lora
+
+    lora = trained / "pytorch_lora_weights.safetensors"
+    assert (inspect_lora(lora).k_step, inspect_lora(lora).eta) == (2, 0.9)
+    base = ["--model", str(tiny_wan), "--height", str(H), "--width", str(W), "--frames", str(FRAMES), "--no-progress",
+            "--prompt", "x", "--out", str(tmp_path)]
+    plan = plan_from_args(build_parser().parse_args([*base, "--lora", str(lora)]))
+    assert (plan.steps, plan.eta) == (2, 0.9) and any("k_step the LoRA was trained with" in n for n in plan.notes)
+    plan = plan_from_args(build_parser().parse_args([*base, "--lora", str(lora), "--steps", "6", "--eta", "0.5"]))
+    assert (plan.steps, plan.eta) == (6, 0.5) and not any(n.startswith(("--steps", "--eta")) for n in plan.notes)
+    plan = plan_from_args(build_parser().parse_args(base))
+    assert (plan.steps, plan.eta) == (8, 0.9)
+    plan = plan_from_args(build_parser().parse_args([*base, "--baseline", "--lora", str(lora)]))
+    assert plan.steps == 50

@@ -104,14 +104,16 @@ def build_parser(prog: str = "videoblade generate") -> argparse.ArgumentParser:
     p.add_argument("--height", type=int, default=None, help="default: the family's (Wan 480, CogVideoX 480)")
     p.add_argument("--width", type=int, default=None, help="default: the family's (Wan 832, CogVideoX 720)")
     p.add_argument("--frames", type=int, default=None, help="default: the family's (Wan 81, CogVideoX 49); 4k+1")
-    p.add_argument("--steps", type=int, default=None, help="denoising steps (default 8; --baseline: 50)")
+    p.add_argument("--steps", type=int, default=None,
+                   help="denoising steps (default: the k_step recorded in the LoRA, else 8; --baseline: 50)")
     p.add_argument("--guidance", type=float, default=None,
                    help="CFG scale; 1 = no unconditional pass (default 1.0; --baseline: the family's, Wan 5.0, "
                         "CogVideoX 3.5)")
     p.add_argument("--sampler", choices=("tdm", "unipc"), default=None,
                    help="tdm: the eta-stochastic sampler the student was distilled with (default); unipc: "
                         "diffusers' UniPC (with flow shift for Wan; the --baseline default)")
-    p.add_argument("--eta", type=float, default=None, help="tdm sampler stochasticity (default 0.9)")
+    p.add_argument("--eta", type=float, default=None,
+                   help="tdm sampler stochasticity (default: the eta recorded in the LoRA, else 0.9)")
     p.add_argument("--flow-shift", type=float, default=None, help="UniPC flow shift (default: the model folder's)")
     sp = p.add_mutually_exclusive_group()
     sp.add_argument("--sparse", dest="sparse", action="store_true", default=None,
@@ -181,6 +183,8 @@ class LoRAInfo:
     asa: dict | None  # ASA config recorded at training time (metadata), if any
     num_tensors: int
     target_modules: list[str]
+    k_step: int | None = None  # the student's step count and sampler eta recorded at training time, if any
+    eta: float | None = None
 
 
 def _resolve_lora_file(path: str | Path) -> Path:
@@ -285,9 +289,12 @@ def inspect_lora(path: str | Path) -> LoRAInfo:
                              f"{rank}; the file is inconsistent, re-export it")
     family = record.get("family")
     asa = record.get("asa") if isinstance(record.get("asa"), dict) else None
+    k_step, eta = record.get("k_step"), record.get("eta")
     return LoRAInfo(path=f, layout=layout, rank=rank, alpha=float(alpha) if alpha is not None else None,
                     family=str(family).lower().replace("tiny-", "") if family else None, metadata=meta, asa=asa,
-                    num_tensors=len(shapes), target_modules=sorted(mods))
+                    num_tensors=len(shapes), target_modules=sorted(mods),
+                    k_step=int(k_step) if isinstance(k_step, (int, float)) and k_step >= 1 else None,
+                    eta=float(eta) if isinstance(eta, (int, float)) and 0.0 <= eta <= 1.0 else None)
 
 
 def _check_lora_against_model(lora: LoRAInfo, adapter, info, expected_rank: int | None) -> None:
@@ -479,7 +486,6 @@ def plan_from_args(args: argparse.Namespace) -> Plan:
     if baseline and lora_arg:
         notes.append("--baseline ignores --lora (the baseline is the teacher)")
         lora_arg = None
-    steps = args.steps if args.steps is not None else (BASELINE_STEPS if baseline else 8)
     guidance = args.guidance if args.guidance is not None else (float(adapter.default_cfg) if baseline else 1.0)
     sampler = args.sampler or ("unipc" if baseline else "tdm")
     if args.sparse is None:
@@ -488,13 +494,8 @@ def plan_from_args(args: argparse.Namespace) -> Plan:
         sparse = bool(args.sparse)
         if baseline and sparse:
             raise InferenceError("--baseline is dense by definition: drop --sparse (or drop --baseline)")
-    if steps < 1:
-        raise InferenceError(f"--steps must be >= 1, got {steps}")
     if guidance < 1.0:
         raise InferenceError(f"--guidance must be >= 1 (1 = no CFG pass), got {guidance}")
-    eta = 0.9 if args.eta is None else float(args.eta)
-    if not 0.0 <= eta <= 1.0:
-        raise InferenceError(f"--eta must be in [0, 1], got {eta}")
     if args.flow_shift is not None and sampler != "unipc":
         raise InferenceError("--flow-shift applies to --sampler unipc only")
     schedule_kind = "flow" if (info.scheduler_config or {}).get("prediction_type") == "flow_prediction" or (
@@ -511,6 +512,22 @@ def plan_from_args(args: argparse.Namespace) -> Plan:
         _check_lora_against_model(lora, adapter, info, args.lora_rank)
     elif args.lora_rank is not None and not baseline:
         raise InferenceError("--lora-rank needs --lora")
+
+    # steps and eta: the flags, else what the student was trained for (its LoRA's record), else 8 / 0.9
+    steps, eta = args.steps, args.eta
+    if steps is None:
+        steps = BASELINE_STEPS if baseline else (lora.k_step if lora is not None and lora.k_step else 8)
+        if lora is not None and lora.k_step and not baseline:
+            notes.append(f"--steps {steps}: the k_step the LoRA was trained with (its metadata)")
+    if eta is None:
+        eta = lora.eta if lora is not None and lora.eta is not None else 0.9
+        if lora is not None and lora.eta is not None and sampler == "tdm":
+            notes.append(f"--eta {eta:g}: the eta the LoRA was trained with (its metadata)")
+    eta = float(eta)
+    if steps < 1:
+        raise InferenceError(f"--steps must be >= 1, got {steps}")
+    if not 0.0 <= eta <= 1.0:
+        raise InferenceError(f"--eta must be in [0, 1], got {eta}")
 
     # ASA
     asa = None
