@@ -76,8 +76,23 @@ def _run(args, launcher=(), timeout=600, check=True, env=None):
     return r
 
 
+def _no_constants(name):
+    raise AssertionError(f"{name} in a JSON file: not JSON, strict readers reject it")
+
+
 def _metrics(out_dir):
-    return [json.loads(x) for x in (Path(out_dir) / "metrics.jsonl").read_text().splitlines()]
+    # strict: a bare NaN / Infinity fails (other tools read these files)
+    return [json.loads(x, parse_constant=_no_constants) for x in (Path(out_dir) / "metrics.jsonl").read_text().splitlines()]
+
+
+def test_run_files_are_strict_json():
+    # a skipped fake step's loss can be NaN: the run files write null there
+    from videoblade.distill.trainer import _strict_json
+
+    rec = {"loss_fake": float("nan"), "x": [1.5, float("-inf")], "nested": {"y": float("inf")}, "n": 3, "s": "a"}
+    text = json.dumps(_strict_json(rec))
+    assert json.loads(text, parse_constant=_no_constants) == {"loss_fake": None, "x": [1.5, None],
+                                                              "nested": {"y": None}, "n": 3, "s": "a"}
 
 
 def _tensors(path):
@@ -87,7 +102,7 @@ def _tensors(path):
 
 def _check_trained(out_dir, fake_trained=True):
     out_dir = Path(out_dir)
-    summary = json.loads((out_dir / "summary.json").read_text())
+    summary = json.loads((out_dir / "summary.json").read_text(), parse_constant=_no_constants)
     assert summary["finished"]
     rows = _metrics(out_dir)
     assert [r["step"] for r in rows] == list(range(1, summary["step"] + 1))
