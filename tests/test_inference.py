@@ -495,7 +495,12 @@ def test_wan_decode_in_chunks_matches_diffusers(tiny_wan, monkeypatch):
     lat = torch.randn(1, 4, 6, 4, 6, generator=torch.Generator().manual_seed(0))
     z = ad.denormalize_latents(vae, lat)
     with torch.no_grad():
+        fresh = ad.load(tiny_wan, dtype="fp32", components=("vae",)).vae  # has never decoded
+        configure_vae(fresh, adapter=ad, chunk="all")
+        first = ad.vae_decode(fresh, z)
+        assert ad.last_decode_chunk(fresh) == 5  # the first decode of a run takes the chunked path too
         ref = vae.decode(z, return_dict=False)[0]
+        torch.testing.assert_close(first, ref, rtol=1e-5, atol=1e-5)
         assert ref.shape[2] == 21
         configure_vae(vae, adapter=ad)  # auto on the CPU: diffusers' own loop, bit for bit
         assert torch.equal(ad.vae_decode(vae, z), ref) and ad.last_decode_chunk(vae) == 1

@@ -301,8 +301,10 @@ def _auto_chunk(vae, z: torch.Tensor) -> int:
 
 
 def _chunked_decode_applies(vae) -> bool:
-    # diffusers' internals this relies on, no tiling (its own loop) and no patchified VAE (Wan2.2)
-    return (all(hasattr(vae, a) for a in ("clear_cache", "_feat_map", "post_quant_conv", "decoder"))
+    # diffusers' internals this relies on, no tiling (its own loop) and no patchified VAE (Wan2.2).
+    # Not _feat_map: clear_cache() creates it, so a VAE that has never decoded lacks it (requiring it
+    # sent every run's first decode down diffusers' one-frame loop)
+    return (all(hasattr(vae, a) for a in ("clear_cache", "post_quant_conv", "decoder"))
             and not getattr(vae, "use_tiling", False)
             and getattr(vae.config, "patch_size", None) is None)
 
