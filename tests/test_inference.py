@@ -244,8 +244,17 @@ def _foreign_loras(tmp_path: Path, trained: Path) -> dict[str, Path]:
             for k, v in wan_sd.items()}
     bigger = save_lora(tmp_path / "big", {k[len("transformer."):]: v for k, v in wide.items()}, family="wan", rank=4,
                        alpha=4)
+    # key layouts the loader does not read: original-Wan names without diffusion_model., peft's ".default"
+    noprefix = {k.replace("transformer.", "").replace("attn1.to_q", "self_attn.q").replace("lora_A", "lora_down")
+                .replace("lora_B", "lora_up"): v for k, v in wan_sd.items()}
+    save_file(noprefix, str(tmp_path / "wan_noprefix.safetensors"))
+    for name, strip in (("peft_default", "transformer."), ("diffusers_default", "")):
+        save_file({k.replace(strip, "", 1).replace(".weight", ".default.weight"): v for k, v in wan_sd.items()},
+                  str(tmp_path / f"{name}.safetensors"))
     return {"cog": cog, "cog_nometa": tmp_path / "cog_nometa.safetensors", "bad_meta": tmp_path / "bad_meta.safetensors",
-            "bigger": bigger}
+            "bigger": bigger, "noprefix": tmp_path / "wan_noprefix.safetensors",
+            "peft_default": tmp_path / "peft_default.safetensors",
+            "diffusers_default": tmp_path / "diffusers_default.safetensors"}
 
 
 @pytest.fixture(scope="module")
@@ -262,7 +271,8 @@ def _foreign_folder(root: Path) -> Path:
 
 @pytest.mark.parametrize("case", [
     "missing_model", "foreign_model", "incomplete_model", "lora_other_family", "lora_other_family_no_metadata",
-    "lora_rank_expected", "lora_rank_inconsistent", "lora_other_size", "lora_missing", "bad_frames", "bad_height",
+    "lora_rank_expected", "lora_rank_inconsistent", "lora_other_size", "lora_missing", "lora_layout_noprefix",
+    "lora_layout_peft_default", "lora_layout_diffusers_default", "bad_frames", "bad_height",
     "empty_prompt_file", "out_is_file", "out_unwritable", "asa_unknown_key", "bad_vae_chunk",
 ])
 def test_errors_before_weights(case, tiny_wan, trained, bad_loras, tmp_path, no_weight_loads, capsys):
@@ -298,6 +308,9 @@ def test_errors_before_weights(case, tiny_wan, trained, bad_loras, tmp_path, no_
         "lora_rank_expected": (with_(lora=trained, lora_rank=8), "has rank 4, but --lora-rank 8"),
         "lora_rank_inconsistent": (with_(lora=bad_loras["bad_meta"]), "metadata says rank 8 but the tensors have rank 4"),
         "lora_other_size": (with_(lora=bad_loras["bigger"]), "a LoRA for a different model size"),
+        "lora_layout_noprefix": (with_(lora=bad_loras["noprefix"]), "unknown LoRA key layout"),
+        "lora_layout_peft_default": (with_(lora=bad_loras["peft_default"]), "unknown LoRA key layout"),
+        "lora_layout_diffusers_default": (with_(lora=bad_loras["diffusers_default"]), "unknown LoRA key layout"),
         "lora_missing": (with_(lora=tmp_path / "none.safetensors"), "does not exist"),
         "bad_frames": (with_(frames=10), "frames=10 is not of the form 4k+1"),
         "bad_height": (with_(height=50), "height=50 is not divisible by"),

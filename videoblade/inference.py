@@ -175,7 +175,7 @@ def video_filename(prompt: str, index: int) -> str:
 @dataclass
 class LoRAInfo:
     path: Path
-    layout: str  # "diffusers" | "wan_original"
+    layout: str  # "diffusers" | "wan_original" | "peft" (videoblade.io.lora.lora_layout)
     rank: int
     alpha: float | None
     family: str | None  # from metadata (None when the file does not say)
@@ -247,6 +247,8 @@ def inspect_lora(path: str | Path) -> LoRAInfo:
     """Read a LoRA's safetensors header (metadata + shapes; no tensor data)."""
     from safetensors import safe_open
 
+    from videoblade.io.lora import LoRAError, lora_layout
+
     f = _resolve_lora_file(path)
     try:
         with safe_open(str(f), framework="pt") as st:
@@ -257,7 +259,10 @@ def inspect_lora(path: str | Path) -> LoRAInfo:
     if not shapes:
         raise InferenceError(f"--lora {f} holds no tensors")
     keys = list(shapes)
-    layout = "wan_original" if any(k.startswith("diffusion_model.") or ".lora_down." in k for k in keys) else "diffusers"
+    try:  # the layout rule read_lora applies when the weights load, checked here on the header alone
+        layout = lora_layout(keys, f"--lora {f}")[0]
+    except LoRAError as e:
+        raise InferenceError(str(e)) from None
     ranks = {}
     mods = set()
     for k, shp in shapes.items():

@@ -184,6 +184,28 @@ def export_comfy(src: str | Path, dst: str | Path | None = None) -> Path:
 
 
 # ---------------------------------------------------------------------------- read / check / load
+def lora_layout(keys, path: str | Path = "LoRA") -> tuple[str, str | None]:
+    """(layout, family guessed from the key names or None) of a LoRA's tensor keys: "wan_original"
+    (diffusion_model.*), "diffusers" (transformer.*) or "peft" (bare *.lora_A/B.weight); anything
+    else raises LoRAError. The one rule for every reader (inference checks it on the header alone)."""
+    keys = list(keys)
+    if keys and all(k.startswith("diffusion_model.") for k in keys):
+        return "wan_original", "wan"
+    tensors_ok = keys and all(re.search(r"\.lora_[AB]\.weight$", k) for k in keys)
+    if tensors_ok and all(k.startswith("transformer.") for k in keys):
+        layout = "diffusers"
+    elif tensors_ok:
+        layout = "peft"
+    else:
+        raise LoRAError(f"{path}: unknown LoRA key layout (first keys: {keys[:3]}); expected diffusers "
+                        "(transformer.*.lora_A.weight) or original-Wan / ComfyUI (diffusion_model.*.lora_down.weight)")
+    if any(".attn1." in k and k.split(".")[1] == "blocks" for k in keys):
+        return layout, "wan"
+    if any("transformer_blocks." in k for k in keys):
+        return layout, "cogvideox"
+    return layout, None
+
+
 def read_lora(path: str | Path) -> LoRAInfo:
     """Read a LoRA file (or a folder holding `pytorch_lora_weights.safetensors`) and detect its layout."""
     p = Path(path)
@@ -205,24 +227,12 @@ def read_lora(path: str | Path) -> LoRAInfo:
         packed = json.loads(meta_raw[_DIFFUSERS_META_KEY])
         adapter_meta = {k[len("transformer."):]: v for k, v in packed.items() if k.startswith("transformer.")} or None
     keys = list(sd)
-    if keys and all(k.startswith("diffusion_model.") for k in keys):
-        layout, fam_guess = "wan_original", "wan"
+    layout, fam_guess = lora_layout(keys, p)
+    if layout == "wan_original":
         alphas = {float(v) for k, v in sd.items() if k.endswith(".alpha")}
         alpha = alphas.pop() if len(alphas) == 1 else None
-    elif keys and all(k.startswith("transformer.") for k in keys):
-        layout, fam_guess = "diffusers", None
-        alpha = adapter_meta.get("lora_alpha") if adapter_meta else None
-    elif keys and all(re.search(r"\.lora_[AB]\.weight$", k) for k in keys):
-        layout, fam_guess = "peft", None
-        alpha = adapter_meta.get("lora_alpha") if adapter_meta else None
     else:
-        raise LoRAError(f"{p}: unknown LoRA key layout (first keys: {keys[:3]}); expected diffusers "
-                        "(transformer.*.lora_A.weight) or original-Wan / ComfyUI (diffusion_model.*.lora_down.weight)")
-    if fam_guess is None:
-        if any(".attn1." in k and k.split(".")[1] == "blocks" for k in keys):
-            fam_guess = "wan"
-        elif any("transformer_blocks." in k for k in keys):
-            fam_guess = "cogvideox"
+        alpha = adapter_meta.get("lora_alpha") if adapter_meta else None
     family = meta.get("family") or fam_guess
     if alpha is None:
         alpha = meta.get("lora_alpha")
