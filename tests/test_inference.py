@@ -272,7 +272,8 @@ def _foreign_folder(root: Path) -> Path:
 @pytest.mark.parametrize("case", [
     "missing_model", "foreign_model", "incomplete_model", "lora_other_family", "lora_other_family_no_metadata",
     "lora_rank_expected", "lora_rank_inconsistent", "lora_other_size", "lora_missing", "lora_layout_noprefix",
-    "lora_layout_peft_default", "lora_layout_diffusers_default", "bad_frames", "bad_height",
+    "lora_layout_peft_default", "lora_layout_diffusers_default", "eval_names_collide", "eval_base_unnamed",
+    "bad_method_name", "bad_fps", "bad_text_length", "nan_guidance", "bad_device", "bad_frames", "bad_height",
     "empty_prompt_file", "out_is_file", "out_unwritable", "asa_unknown_key", "bad_vae_chunk",
 ])
 def test_errors_before_weights(case, tiny_wan, trained, bad_loras, tmp_path, no_weight_loads, capsys):
@@ -312,6 +313,14 @@ def test_errors_before_weights(case, tiny_wan, trained, bad_loras, tmp_path, no_
         "lora_layout_peft_default": (with_(lora=bad_loras["peft_default"]), "unknown LoRA key layout"),
         "lora_layout_diffusers_default": (with_(lora=bad_loras["diffusers_default"]), "unknown LoRA key layout"),
         "lora_missing": (with_(lora=tmp_path / "none.safetensors"), "does not exist"),
+        "eval_names_collide": ([*with_(lora=trained, eval_dir=tmp_path / "ev", prompt_file=_write(
+            tmp_path / "c.txt", "a cat?\na cat\n"))], "'a cat?' and 'a cat' both become 'a cat-<k>.mp4'"),
+        "eval_base_unnamed": (with_(eval_dir=tmp_path / "ev"), "name its --eval-dir folder with --method"),
+        "bad_method_name": (with_(lora=trained, eval_dir=tmp_path / "ev", method="../up"), "--method '../up'"),
+        "bad_fps": (with_(fps=0), "--fps must be positive, got 0"),
+        "bad_text_length": (with_(max_text_length=0), "--max-text-length must be >= 1, got 0"),
+        "nan_guidance": (with_(guidance="nan"), "--guidance must be >= 1"),
+        "bad_device": (with_(device="tpu"), "--device 'tpu': use cpu, cuda or cuda:N"),
         "bad_frames": (with_(frames=10), "frames=10 is not of the form 4k+1"),
         "bad_height": (with_(height=50), "height=50 is not divisible by"),
         "empty_prompt_file": (with_(prompt_file=_write(tmp_path / "empty.txt", "\n# only a comment\n\n")),
@@ -683,3 +692,28 @@ def test_steps_and_eta_default_to_what_the_lora_was_trained_with(tiny_wan, train
     assert (plan.steps, plan.eta) == (8, 0.9)
     plan = plan_from_args(build_parser().parse_args([*base, "--baseline", "--lora", str(lora)]))
     assert plan.steps == 50
+
+
+def test_method_labels_and_custom_method_folder(tiny_wan, trained, tmp_path, no_weight_loads):
+    # the base model with its own settings is not the baseline; --method names any folder
+    base = ["--model", str(tiny_wan), "--height", str(H), "--width", str(W), "--frames", str(FRAMES), "--prompt",
+            "a cat", "--prompt", "a cat", "--no-progress"]
+    plan = plan_from_args(build_parser().parse_args([*base, "--steps", "3", "--out", str(tmp_path / "o")]))
+    assert plan.method == "teacher" and len(plan.jobs) == 2  # --out numbers the files: both kept
+    plan = plan_from_args(build_parser().parse_args([*base, "--baseline", "--out", str(tmp_path / "o")]))
+    assert plan.method == "baseline"
+    plan = plan_from_args(build_parser().parse_args([*base, "--lora", str(trained), "--method", "blade-step300",
+                                                     "--eval-dir", str(tmp_path / "ev")]))
+    assert plan.out_dir == tmp_path / "ev" / "wan_videos" / "blade-step300"
+    assert plan.report_path == tmp_path / "ev" / "wan_videos" / "blade-step300.json"
+    assert len(plan.jobs) == 1 and any("duplicate prompt skipped" in n for n in plan.notes)
+
+
+def test_prompt_file_with_a_byte_order_mark(tiny_wan, tmp_path, no_weight_loads):
+    # editors on Windows save UTF-8 with a BOM: it must not turn the comment line into a prompt
+    pf = tmp_path / "bom.txt"
+    pf.write_bytes("\ufeff# my prompts\na dog on a beach\n".encode("utf-8"))
+    plan = plan_from_args(build_parser().parse_args(["--model", str(tiny_wan), "--height", str(H), "--width", str(W),
+                                                     "--frames", str(FRAMES), "--prompt-file", str(pf), "--out",
+                                                     str(tmp_path / "o")]))
+    assert [j.prompt for j in plan.jobs] == ["a dog on a beach"]

@@ -16,7 +16,7 @@ three phases, and the first never touches weights:
 
 Output layout: `--out DIR` writes `DIR/<NNNN>-<prompt>-<k>.mp4` and `DIR/inference.json`;
 `--eval-dir DIR` writes the VBench-style `DIR/<family>_videos/<method>/<prompt>-<k>.mp4` (method:
-baseline, tdm, asa, blade) and the report next to that folder as `<method>.json`.
+baseline, tdm, asa, blade, or any `--method` name) and the report next to that folder as `<method>.json`.
 """
 
 from __future__ import annotations
@@ -130,9 +130,10 @@ def build_parser(prog: str = "videoblade generate") -> argparse.ArgumentParser:
     p.add_argument("--out", default="runs/inference", help="output folder (videos + inference.json)")
     p.add_argument("--eval-dir", default=None,
                    help="write <dir>/<family>_videos/<method>/<prompt>-<k>.mp4 (VBench layout) instead of --out")
-    p.add_argument("--method", choices=METHODS, default=None,
-                   help="method folder name under --eval-dir (default: baseline with --baseline, blade = LoRA + "
-                        "sparse, tdm = LoRA + dense, asa = sparse without LoRA)")
+    p.add_argument("--method", default=None,
+                   help="method folder name under --eval-dir, any name of letters, digits, '.', '_', '-' (default: "
+                        "baseline with --baseline, blade = LoRA + sparse, tdm = LoRA + dense, asa = sparse without "
+                        "LoRA; a dense run without LoRA and without --baseline must name itself)")
     p.add_argument("--vae-dtype", choices=("bf16", "fp16", "fp32"), default=None,
                    help=f"VAE decode dtype (default: {VAE_DTYPE_DEFAULT} on CUDA, chosen by benchmarks/e2e.py; "
                         "fp32 on CPU)")
@@ -416,7 +417,7 @@ def _read_prompts(args) -> list[str]:
         if not pf.is_file():
             raise InferenceError(f"--prompt-file {pf} does not exist")
         try:
-            text = pf.read_text(encoding="utf-8")
+            text = pf.read_text(encoding="utf-8-sig")  # a BOM would become part of the first prompt
         except UnicodeDecodeError:
             raise InferenceError(f"--prompt-file {pf} is not UTF-8 text") from None
         prompts = [ln.strip() for ln in text.splitlines()]
@@ -499,7 +500,7 @@ def plan_from_args(args: argparse.Namespace) -> Plan:
         sparse = bool(args.sparse)
         if baseline and sparse:
             raise InferenceError("--baseline is dense by definition: drop --sparse (or drop --baseline)")
-    if guidance < 1.0:
+    if not math.isfinite(guidance) or guidance < 1.0:
         raise InferenceError(f"--guidance must be >= 1 (1 = no CFG pass), got {guidance}")
     if args.flow_shift is not None and sampler != "unipc":
         raise InferenceError("--flow-shift applies to --sampler unipc only")
@@ -554,22 +555,33 @@ def plan_from_args(args: argparse.Namespace) -> Plan:
     prompts = _read_prompts(args)
 
     # method and outputs
+    if args.method is not None and not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9._-]*", args.method):
+        raise InferenceError(f"--method {args.method!r}: use letters, digits, '.', '_' and '-' (it names a folder)")
     method = args.method or ("baseline" if baseline else
                              "blade" if (lora is not None and sparse) else
                              "tdm" if lora is not None else
-                             "asa" if sparse else "baseline")
+                             "asa" if sparse else None)
+    if method is None:  # the base model with other settings than the --baseline preset: not the baseline
+        if args.eval_dir:
+            raise InferenceError("this run is neither the --baseline preset nor a student (no --lora, dense): "
+                                 "name its --eval-dir folder with --method, or add --baseline")
+        method = "teacher"
     if args.eval_dir:
         root = Path(args.eval_dir) / f"{family}_videos"
         out_dir = root / method
         report_path = root / f"{method}.json"
-        seen = set()
+        by_stem: dict[str, str] = {}
         uniq = []
         for pr in prompts:
             stem = sanitize_prompt(pr)
-            if stem in seen:
+            if stem in by_stem:
+                if by_stem[stem] != pr:
+                    raise InferenceError(
+                        f"--eval-dir names each video after its prompt: {by_stem[stem]!r} and {pr!r} both become "
+                        f"'{stem}-<k>.mp4'; reword one of them (--out numbers the files instead)")
                 notes.append(f"duplicate prompt skipped in eval layout: {pr!r}")
                 continue
-            seen.add(stem)
+            by_stem[stem] = pr
             uniq.append(pr)
         prompts = uniq
         _check_writable(out_dir, "--eval-dir")
@@ -587,17 +599,27 @@ def plan_from_args(args: argparse.Namespace) -> Plan:
             jobs.append(Job(i, pr, k, int(args.seed) + k, out_dir / name))
 
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        dev_type = torch.device(device).type
+    except (RuntimeError, ValueError):
+        dev_type = None
+    if dev_type not in ("cpu", "cuda"):
+        raise InferenceError(f"--device {device!r}: use cpu, cuda or cuda:N")
     if device.startswith("cuda") and not torch.cuda.is_available():
         raise InferenceError(f"--device {device} requested but CUDA is not available: use --device cpu")
     on_cuda = device.startswith("cuda")
     dtype = args.dtype or ("bf16" if on_cuda else "fp32")
     vae_dtype = args.vae_dtype or (VAE_DTYPE_DEFAULT if on_cuda else "fp32")
-    fps = args.fps or (16 if family == "wan" else 8)
+    fps = args.fps if args.fps is not None else (16 if family == "wan" else 8)
+    if fps <= 0:
+        raise InferenceError(f"--fps must be positive, got {fps}")
     try:
         vae_chunk = adapter.check_decode_chunk(args.vae_chunk)
     except ModelRequestError as e:
         raise InferenceError(str(e).replace("decode chunk", "--vae-chunk")) from None
-    text_max_length = args.max_text_length or adapter.text_max_length(info)
+    text_max_length = args.max_text_length if args.max_text_length is not None else adapter.text_max_length(info)
+    if text_max_length < 1:
+        raise InferenceError(f"--max-text-length must be >= 1, got {text_max_length}")
     if family == "cogvideox" and text_max_length != geometry.text_tokens:
         raise InferenceError(f"--max-text-length must be {geometry.text_tokens} for this CogVideoX model "
                              "(its max_text_seq_length)")
@@ -913,6 +935,8 @@ def main(argv: list[str] | None = None, prog: str = "videoblade generate") -> in
     except InferenceError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
+    for note in plan.notes:
+        print(f"[videoblade] note: {note}", file=sys.stderr)
     report = generate(plan)
     s = report["summary"]
     print(f"[videoblade] {s['ok']}/{s['videos']} videos in {plan.out_dir}; report {plan.report_path}")
