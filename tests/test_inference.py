@@ -702,6 +702,10 @@ def test_method_labels_and_custom_method_folder(tiny_wan, trained, tmp_path, no_
     assert plan.method == "teacher" and len(plan.jobs) == 2  # --out numbers the files: both kept
     plan = plan_from_args(build_parser().parse_args([*base, "--baseline", "--out", str(tmp_path / "o")]))
     assert plan.method == "baseline"
+    assert plan.sampler == "unipc" and plan.flow_shift == plan.adapter.schedule(tiny_wan).shift  # resolved, not null
+    (tmp_path / "o2" / "inference.json").mkdir(parents=True)
+    with pytest.raises(InferenceError, match="is a folder"):
+        plan_from_args(build_parser().parse_args([*base, "--baseline", "--out", str(tmp_path / "o2")]))
     plan = plan_from_args(build_parser().parse_args([*base, "--lora", str(trained), "--method", "blade-step300",
                                                      "--eval-dir", str(tmp_path / "ev")]))
     assert plan.out_dir == tmp_path / "ev" / "wan_videos" / "blade-step300"

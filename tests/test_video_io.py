@@ -62,3 +62,15 @@ def test_gif(tmp_path):
     write_gif(tmp_path / "a.gif", clip, fps=10)
     back = iio.imread(tmp_path / "a.gif")
     assert back.shape[:3] == (6, 20, 30)
+
+
+def test_write_is_atomic_and_failures_raise(tmp_path):
+    frames = np.zeros((3, 16, 16, 3), dtype=np.uint8)
+    write_video(tmp_path / "a.mp4", frames)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["a.mp4"]  # no temporary file left
+    (tmp_path / "dir.mp4").mkdir()  # the target is a folder: an error, not a silent success
+    with pytest.raises(OSError):
+        write_video(tmp_path / "dir.mp4", frames)
+    with pytest.raises(ValueError, match="fps"):
+        write_video(tmp_path / "b.mp4", frames, fps=-1)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["a.mp4", "dir.mp4"]

@@ -589,6 +589,8 @@ def plan_from_args(args: argparse.Namespace) -> Plan:
         out_dir = Path(args.out)
         report_path = out_dir / "inference.json"
         _check_writable(out_dir, "--out")
+    if report_path.is_dir():
+        raise InferenceError(f"report {report_path} is a folder: move it or choose another output folder")
     if report_path.exists() and not os.access(report_path, os.W_OK):
         raise InferenceError(f"report {report_path} exists and cannot be overwritten: choose another --out")
 
@@ -623,9 +625,12 @@ def plan_from_args(args: argparse.Namespace) -> Plan:
     if family == "cogvideox" and text_max_length != geometry.text_tokens:
         raise InferenceError(f"--max-text-length must be {geometry.text_tokens} for this CogVideoX model "
                              "(its max_text_seq_length)")
+    flow_shift = args.flow_shift
+    if sampler == "unipc" and schedule_kind == "flow" and flow_shift is None:
+        flow_shift = float(adapter.schedule(model).shift)  # the folder's: recorded as used, not as null
     return Plan(adapter=adapter, family=family, model=model, info=info, geometry=geometry, prompts=prompts,
                 jobs=jobs, lora=lora, asa=asa, method=method, steps=int(steps), guidance=float(guidance),
-                sampler=sampler, eta=eta, flow_shift=args.flow_shift, negative_prompt=args.negative_prompt,
+                sampler=sampler, eta=eta, flow_shift=flow_shift, negative_prompt=args.negative_prompt,
                 seed=int(args.seed), dtype=dtype, vae_dtype=vae_dtype, vae_tiling=bool(args.vae_tiling),
                 vae_chunk=vae_chunk, vae_compile=bool(args.vae_compile), compile=bool(args.compile), device=device, fps=int(fps),
                 text_max_length=int(text_max_length), lora_scale=float(args.lora_scale), out_dir=out_dir,

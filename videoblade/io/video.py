@@ -7,6 +7,7 @@ every pixel of the input is kept exactly where it was; `write_video` returns the
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 import numpy as np
@@ -49,22 +50,35 @@ def _pad_even(frames: np.ndarray) -> np.ndarray:
 
 
 def write_video(path: str | Path, frames, fps: float = 16, crf: int = 18) -> tuple[int, int]:
-    """Write an H.264 mp4 (yuv420p, plays everywhere). Returns the written (height, width)."""
+    """Write an H.264 mp4 (yuv420p, plays everywhere). Returns the written (height, width).
+
+    Written to a temporary file beside ``path`` and renamed when ffmpeg has finished, so a scorer
+    never reads a half-written video; imageio-ffmpeg does not report ffmpeg's exit status, so a
+    missing or empty result raises here instead of passing for a video."""
     import imageio_ffmpeg
 
     path = Path(path)
+    if not float(fps) > 0:
+        raise ValueError(f"fps must be positive, got {fps}")
     path.parent.mkdir(parents=True, exist_ok=True)
     frames = _pad_even(to_uint8_frames(frames))
     _, h, w, _ = frames.shape
-    writer = imageio_ffmpeg.write_frames(
-        str(path), (w, h), fps=float(fps), codec="libx264", pix_fmt_in="rgb24", pix_fmt_out="yuv420p",
-        quality=None, macro_block_size=1, ffmpeg_log_level="error",
-        output_params=["-crf", str(int(crf)), "-movflags", "+faststart"],
-    )
-    writer.send(None)  # start the generator
-    for frame in frames:
-        writer.send(frame)
-    writer.close()
+    tmp = path.with_name(f".{path.stem}.{os.getpid()}.tmp{path.suffix or '.mp4'}")
+    try:
+        writer = imageio_ffmpeg.write_frames(
+            str(tmp), (w, h), fps=float(fps), codec="libx264", pix_fmt_in="rgb24", pix_fmt_out="yuv420p",
+            quality=None, macro_block_size=1, ffmpeg_log_level="error",
+            output_params=["-crf", str(int(crf)), "-movflags", "+faststart"],
+        )
+        writer.send(None)  # start the generator
+        for frame in frames:
+            writer.send(frame)
+        writer.close()
+        if not tmp.is_file() or tmp.stat().st_size == 0:
+            raise OSError(f"ffmpeg wrote no video for {path}")
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
     return h, w
 
 
