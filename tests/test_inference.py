@@ -125,7 +125,7 @@ def _check_report(report: dict, n_videos: int):
         assert 0 < v["density"] <= 1
         assert (v["frames"], v["height"], v["width"]) == (FRAMES, H, W)
     s = report["summary"]
-    assert s["videos"] == n_videos and s["ok"] + s["failed"] == n_videos
+    assert s["videos"] == n_videos and s["ok"] + s["failed"] == n_videos and s["complete"] is True
     assert s["mean_denoising_s"] > 0 and s["mean_decoding_s"] > 0 and s["mean_text_encoding_s"] > 0
 
 
@@ -721,3 +721,25 @@ def test_prompt_file_with_a_byte_order_mark(tiny_wan, tmp_path, no_weight_loads)
                                                      "--frames", str(FRAMES), "--prompt-file", str(pf), "--out",
                                                      str(tmp_path / "o")]))
     assert [j.prompt for j in plan.jobs] == ["a dog on a beach"]
+
+
+def test_report_is_written_after_every_prompt(tiny_wan, tmp_path, monkeypatch):
+    # a run stopped part-way (Ctrl-C, a kill) still leaves a report of the videos it made
+    from videoblade import inference as inf
+
+    real, calls = inf._write_video, []
+
+    def stop_at_second(path, frames, fps):
+        calls.append(path)
+        if len(calls) == 2:
+            raise KeyboardInterrupt  # not an Exception: ends the run like Ctrl-C
+        return real(path, frames, fps)
+
+    monkeypatch.setattr(inf, "_write_video", stop_at_second)
+    out = tmp_path / "out"
+    with pytest.raises(KeyboardInterrupt):
+        main(_common(tiny_wan, "--prompt", "a red kite", "--prompt", "a blue kite", "--out", str(out)))
+    report = json.loads((out / "inference.json").read_text())
+    assert report["summary"]["complete"] is False and report["summary"]["ok"] == 1
+    assert [e["prompt"] for e in report["prompts"]] == ["a red kite"]
+    assert not [p for p in out.iterdir() if p.name.startswith(".")]  # no temporary files left

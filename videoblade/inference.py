@@ -846,20 +846,30 @@ def generate(plan: Plan, comps: Components | None = None) -> dict:
                 print(f"[videoblade] prompt {pi} video {job.sample_index} failed: {vid['error']}", file=sys.stderr)
             finally:
                 bar.update(1)
+        _write_report(plan, report, n_failed, complete=False)  # a killed run keeps what it made
     bar.close()
+    _write_report(plan, report, n_failed, complete=True)
+    return report
+
+
+def _write_report(plan: Plan, report: dict, n_failed: int, complete: bool) -> None:
+    """Fill the report's summary and write it atomically (temporary file, then rename). Called after
+    every prompt (``summary.complete`` false) and once at the end."""
     ok = [v for e in report["prompts"] for v in e["videos"] if "error" not in v]
     te = [e["text_encoding_s"] for e in report["prompts"] if e["text_encoding_s"] is not None]
     report["summary"] = {
-        "videos": len(plan.jobs), "ok": len(ok), "failed": n_failed,
+        "videos": len(plan.jobs), "ok": len(ok), "failed": n_failed, "complete": complete,
         "mean_text_encoding_s": sum(te) / len(te) if te else None,
         "mean_denoising_s": sum(v["denoising_s"] for v in ok) / len(ok) if ok else None,
         "mean_decoding_s": sum(v["decoding_s"] for v in ok) / len(ok) if ok else None,
         "mean_density": (sum(v["density"] for v in ok) / len(ok)) if ok else None,
         "first_video_includes_warmup": True,
     }
-    plan.report_path.parent.mkdir(parents=True, exist_ok=True)
-    plan.report_path.write_text(json.dumps(report, indent=2))
-    return report
+    path = plan.report_path
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    tmp.write_text(json.dumps(report, indent=2))
+    os.replace(tmp, path)
 
 
 def _error_text(e: BaseException) -> str:
