@@ -120,3 +120,68 @@ def test_sampler_resume_is_exact():
     assert [c.next_indices() for _ in range(4)] == first
     with pytest.raises(PromptStoreError, match="same prompt store"):
         DistributedPromptSampler(12, 2, 2, 1).load_state_dict(state)
+
+
+def test_sampler_resume_refuses_another_seed():
+    state = DistributedPromptSampler(11, 2, 1, 0, seed=5).state_dict()
+    with pytest.raises(PromptStoreError, match="same train.seed"):
+        DistributedPromptSampler(11, 2, 1, 0, seed=6).load_state_dict(state)
+
+
+def test_multi_shard_store_reads_rows_and_replaces_safely(tmp_path, monkeypatch):
+    # rows come from the right shards in the requested order; re-writing a store puts the new one in
+    # place before the old is deleted, and a failed write leaves the old store and no temporary folder
+    emb = torch.arange(7 * 2 * 3, dtype=torch.float32).reshape(7, 2, 3)
+    kw = dict(family="wan", text_max_length=2, negative_embeds=torch.zeros(1, 2, 3), dtype="fp32", shard_size=3)
+    write_prompt_store(tmp_path / "s", [emb[:4], emb[4:]], [f"p{i}" for i in range(7)], **kw)
+    st = PromptStore(tmp_path / "s")
+    assert len(st.manifest["shards"]) == 3
+    idx = [6, 0, 3, 2, 5, 3]
+    assert torch.equal(st.get(idx), emb[idx])
+
+    def broken():
+        yield emb[:2]
+        raise RuntimeError("encoder died")
+
+    with pytest.raises(RuntimeError, match="encoder died"):
+        write_prompt_store(tmp_path / "s", broken(), ["x"] * 2, **kw)
+    assert torch.equal(PromptStore(tmp_path / "s").get([1]), emb[[1]])  # the old store is intact
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["s"]
+    write_prompt_store(tmp_path / "s", [emb[:2]], ["a", "b"], **kw)
+    assert len(PromptStore(tmp_path / "s")) == 2 and sorted(p.name for p in tmp_path.iterdir()) == ["s"]
+    with pytest.raises(PromptStoreError, match="embeddings must be"):  # hidden size changes between batches
+        write_prompt_store(tmp_path / "t", [emb[:2], torch.zeros(1, 2, 5)], ["a", "b", "c"], **kw)
+
+
+def test_store_never_overwrites_other_folders_and_reads_bom_files(tmp_path):
+    other = tmp_path / "mine"
+    other.mkdir()
+    (other / "data.txt").write_text("keep me")
+    with pytest.raises(PromptStoreError, match="not a prompt store"):
+        write_prompt_store(other, [torch.zeros(1, 2, 3)], ["a"], family="wan", text_max_length=2,
+                           negative_embeds=torch.zeros(1, 2, 3))
+    assert (other / "data.txt").read_text() == "keep me"
+    f = tmp_path / "p.txt"
+    f.write_bytes("\ufeff# comment\nfirst prompt\n".encode())
+    assert read_prompt_file(f) == ["first prompt"]
+    f.write_bytes(b"\xff\xfe bad")
+    with pytest.raises(PromptStoreError, match="not UTF-8"):
+        read_prompt_file(f)
+
+
+def test_encode_checks_settings_before_loading(tiny_wan, tmp_path, monkeypatch):
+    import diffusers
+    import transformers
+
+    def forbid(*a, **k):
+        raise AssertionError("the text encoder was loaded before the request was checked")
+
+    monkeypatch.setattr(transformers.PreTrainedModel, "from_pretrained", classmethod(forbid))
+    monkeypatch.setattr(diffusers.ModelMixin, "from_pretrained", classmethod(forbid))
+    for kw, msg in ((dict(dtype="float16"), "dtype must be"), (dict(text_max_length=0), ">= 1"),
+                    (dict(device="tpu"), "not available")):
+        with pytest.raises(PromptStoreError, match=msg):
+            encode_prompts_to_store(tiny_wan, ["a"], tmp_path / "s", progress=False, **kw)
+    with pytest.raises(PromptStoreError, match="CogVideoX takes exactly"):
+        encode_prompts_to_store(tiny_model_folder("cogvideox"), ["a"], tmp_path / "c", text_max_length=7,
+                                progress=False)

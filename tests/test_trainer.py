@@ -348,6 +348,14 @@ def test_validate_request_fails_before_loading(tiny, tmp_path):
         validate_request(cfg(**{"train.deepspeed_config": bad}))
     with pytest.raises(TrainRequestError, match="train.compile does not work under DeepSpeed"):
         validate_request(cfg(**{"train.deepspeed_config": ROOT / "ds_config.json", "train.compile": "true"}))
+    # a Wan store encoded at another text length than the family's (what WanPipeline uses) is refused
+    # unless the run asks for that length explicitly
+    folder, _ = tiny["wan"]
+    short = encode_prompts_to_store(folder, PROMPTS[:3], tmp_path / "short", text_max_length=8, dtype="fp32",
+                                    progress=False)
+    with pytest.raises(TrainRequestError, match="has text_max_length 8"):
+        validate_request(cfg(**{"train.prompt_store": short}))
+    assert validate_request(cfg(**{"train.prompt_store": short, "model.text_max_length": 8})).store.text_max_length == 8
 
 
 def test_latest_checkpoint_ignores_incomplete(tmp_path):

@@ -13,7 +13,12 @@ from pathlib import Path
 
 import torch
 
-from videoblade.data.prompt_store import PromptStoreError, read_prompt_file, write_prompt_store
+from videoblade.data.prompt_store import (
+    PromptStoreError,
+    check_store_target,
+    read_prompt_file,
+    write_prompt_store,
+)
 
 __all__ = ["encode_prompt_file", "encode_prompts_to_store"]
 
@@ -32,10 +37,24 @@ def encode_prompts_to_store(model_path: str | Path, prompts: list[str], out_dir:
     if batch_size < 1 or shard_size < 1:
         raise PromptStoreError("batch_size and shard_size must be >= 1")
     out_dir = Path(out_dir)
-    if out_dir.exists() and not (out_dir / "manifest.json").is_file() and any(out_dir.iterdir()):
-        raise PromptStoreError(f"{out_dir} exists and is not a prompt store: choose an empty or new folder")
-    max_len = int(text_max_length or adapter.text_max_length(model_path))
+    check_store_target(out_dir)
+    # everything checked before the (multi-GB) text encoder loads
+    if dtype not in ("bf16", "fp16", "fp32"):
+        raise PromptStoreError(f"dtype must be bf16, fp16 or fp32, got {dtype!r}")
+    family_len = adapter.text_max_length(model_path)
+    max_len = int(text_max_length) if text_max_length is not None else int(family_len)
+    if max_len < 1:
+        raise PromptStoreError(f"text_max_length must be >= 1, got {max_len}")
+    if adapter.family.replace("tiny-", "") == "cogvideox" and max_len != family_len:
+        raise PromptStoreError(f"CogVideoX takes exactly {family_len} text tokens (its max_text_seq_length), "
+                               f"got text_max_length {max_len}")
     device = device or ("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        dev_type = torch.device(device).type
+    except (RuntimeError, ValueError):
+        dev_type = None
+    if dev_type not in ("cpu", "cuda") or (dev_type == "cuda" and not torch.cuda.is_available()):
+        raise PromptStoreError(f"device {device!r} is not available here: use cpu or an available cuda device")
     enc_dtype = parse_dtype(dtype) if device != "cpu" else torch.float32  # bf16 matmuls are slow on CPU
     loaded = adapter.load(model_path, dtype=enc_dtype, device=device, components=("text_encoder", "tokenizer"))
 

@@ -18,8 +18,10 @@ across all ranks, and the position (an integer) is all that a checkpoint needs t
 
 from __future__ import annotations
 
+import bisect
 import json
 import os
+import shutil
 import tempfile
 from collections.abc import Iterable
 from pathlib import Path
@@ -52,7 +54,11 @@ def read_prompt_file(path: str | Path) -> list[str]:
     p = Path(path)
     if not p.is_file():
         raise PromptStoreError(f"prompt file {p} not found")
-    out = [ln.strip() for ln in p.read_text(encoding="utf-8").splitlines()]
+    try:  # utf-8-sig: a byte-order mark (Windows editors) would otherwise join the first line
+        text = p.read_text(encoding="utf-8-sig")
+    except UnicodeDecodeError as e:
+        raise PromptStoreError(f"prompt file {p} is not UTF-8 text ({e}): save it as UTF-8") from None
+    out = [ln.strip() for ln in text.splitlines()]
     out = [ln for ln in out if ln and not ln.startswith("#")]
     if not out:
         raise PromptStoreError(f"prompt file {p} holds no prompts (one per line)")
@@ -66,8 +72,37 @@ def write_prompt_store(out_dir: str | Path, batches: Iterable[torch.Tensor], pro
     if dtype not in _DTYPES:
         raise PromptStoreError(f"dtype must be one of {sorted(_DTYPES)}, got {dtype!r}")
     out_dir = Path(out_dir)
+    check_store_target(out_dir)
     out_dir.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.writing-", dir=out_dir.parent))
+    try:
+        _write_store_files(tmp, batches, prompts, family=family, text_max_length=text_max_length,
+                           negative_embeds=negative_embeds, negative_prompt=negative_prompt, dtype=dtype,
+                           shard_size=shard_size, model_path=model_path)
+        # the new store goes in place before the old one is deleted: a kill at any point leaves a
+        # complete store at out_dir, or the old one beside it
+        old = None
+        if out_dir.exists():
+            old = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.old-", dir=out_dir.parent))
+            os.replace(out_dir, old / "s")
+        os.replace(tmp, out_dir)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    if old is not None:
+        shutil.rmtree(old, ignore_errors=True)
+    return out_dir
+
+
+def check_store_target(out_dir: Path) -> None:
+    """Refuse to write a store over anything but an empty folder or an earlier store."""
+    if out_dir.exists() and not out_dir.is_dir():
+        raise PromptStoreError(f"{out_dir} exists and is not a folder: choose another output path")
+    if out_dir.is_dir() and not (out_dir / MANIFEST).is_file() and any(out_dir.iterdir()):
+        raise PromptStoreError(f"{out_dir} exists and is not a prompt store: choose an empty or new folder")
+
+
+def _write_store_files(tmp: Path, batches, prompts, *, family, text_max_length, negative_embeds, negative_prompt,
+                       dtype, shard_size, model_path) -> None:
     td = _DTYPES[dtype]
     shards, pending, count, hidden = [], [], 0, None
 
@@ -82,8 +117,8 @@ def write_prompt_store(out_dir: str | Path, batches: Iterable[torch.Tensor], pro
             pending = [rest] if rest.shape[0] else []
 
     for emb in batches:
-        if emb.ndim != 3 or emb.shape[1] != text_max_length:
-            raise PromptStoreError(f"embeddings must be [b, {text_max_length}, C], got {tuple(emb.shape)}")
+        if emb.ndim != 3 or emb.shape[1] != text_max_length or (hidden is not None and emb.shape[2] != hidden):
+            raise PromptStoreError(f"embeddings must be [b, {text_max_length}, {hidden or 'C'}], got {tuple(emb.shape)}")
         hidden = hidden or int(emb.shape[2])
         pending.append(emb.detach().to("cpu", td))
         count += emb.shape[0]
@@ -103,14 +138,6 @@ def write_prompt_store(out_dir: str | Path, batches: Iterable[torch.Tensor], pro
                 "shards": shards, "negative_prompt": negative_prompt, "negative_file": "negative.safetensors",
                 "prompts_file": "prompts.txt"}
     (tmp / MANIFEST).write_text(json.dumps(manifest, indent=2))
-    if out_dir.exists():
-        old = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.old-", dir=out_dir.parent))
-        os.replace(out_dir, old / "s")
-        import shutil
-
-        shutil.rmtree(old, ignore_errors=True)
-    os.replace(tmp, out_dir)
-    return out_dir
 
 
 class PromptStore:
@@ -134,6 +161,8 @@ class PromptStore:
         self.family: str = m["family"]
         self.text_max_length: int = int(m["text_max_length"])
         self.hidden_size: int = int(m["hidden_size"])
+        if m.get("dtype") not in _DTYPES:
+            raise PromptStoreError(f"{mf}: dtype {m.get('dtype')!r} is not one of {sorted(_DTYPES)}: rebuild the store")
         self.dtype: torch.dtype = _DTYPES[m["dtype"]]
         self.count: int = int(m["count"])
         self._starts, s = [], 0
@@ -146,7 +175,6 @@ class PromptStore:
             raise PromptStoreError(f"{mf}: shards hold {s} prompts but count says {self.count}")
         if not (self.path / m["negative_file"]).is_file():
             raise PromptStoreError(f"{self.path / m['negative_file']} (the negative embedding) is missing")
-        self._cache: tuple[int, torch.Tensor] | None = None
 
     def __len__(self) -> int:
         return self.count
@@ -170,22 +198,25 @@ class PromptStore:
                 f"{hidden_size}: it was encoded with another text encoder; re-encode with this model folder"
             )
 
-    def _shard(self, i: int) -> torch.Tensor:
-        if self._cache is None or self._cache[0] != i:
-            with safe_open(str(self.path / self.manifest["shards"][i]["file"]), framework="pt") as f:
-                self._cache = (i, f.get_tensor("embeds"))
-        return self._cache[1]
-
     def get(self, indices: Iterable[int]) -> torch.Tensor:
-        """Embeddings [len(indices), T, C] in the store dtype."""
-        out = []
+        """Embeddings [len(indices), T, C] in the store dtype. Reads only the requested rows (a Wan
+        shard of 1024 prompts is 4 GiB; the sampler's random order would otherwise reload a whole
+        shard for nearly every index)."""
+        indices = [int(i) for i in indices]
         for idx in indices:
-            idx = int(idx)
             if not 0 <= idx < self.count:
                 raise IndexError(f"prompt index {idx} out of range [0, {self.count})")
-            shard = max(i for i, s in enumerate(self._starts) if s <= idx)
-            out.append(self._shard(shard)[idx - self._starts[shard]])
-        return torch.stack(out, 0)
+        rows: dict[int, torch.Tensor] = {}
+        by_shard: dict[int, list[int]] = {}
+        for idx in indices:
+            by_shard.setdefault(bisect.bisect_right(self._starts, idx) - 1, []).append(idx)
+        for shard, idxs in by_shard.items():
+            with safe_open(str(self.path / self.manifest["shards"][shard]["file"]), framework="pt") as f:
+                sl = f.get_slice("embeds")
+                for idx in idxs:
+                    r = idx - self._starts[shard]
+                    rows[idx] = sl[r : r + 1][0]
+        return torch.stack([rows[i] for i in indices], 0)
 
     def negative(self) -> torch.Tensor:
         with safe_open(str(self.path / self.manifest["negative_file"]), framework="pt") as f:
@@ -247,5 +278,10 @@ class DistributedPromptSampler:
             raise PromptStoreError(
                 f"the checkpoint was taken with {state['num_prompts']} prompts, the store now holds {self.n}: "
                 "resume with the same prompt store"
+            )
+        if int(state.get("seed", self.seed)) != int(self.seed):
+            raise PromptStoreError(
+                f"the checkpoint's prompt order was drawn with seed {state['seed']}, this run uses {self.seed}: "
+                "resume with the same train.seed (another seed would repeat and skip prompts mid-epoch)"
             )
         self.position = int(state["position"])

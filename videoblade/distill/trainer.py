@@ -163,7 +163,10 @@ def validate_request(cfg: RunConfig) -> TrainRequest:
         store = PromptStore(tr.prompt_store)
         tcfg = info.transformer_config
         hidden = tcfg.get("text_dim", tcfg.get("text_embed_dim"))
-        store.check(adapter.family, m.text_max_length, hidden)
+        # model.text_max_length None means the family's length (Wan 512): the store must have it too, or
+        # the teacher would be conditioned on other padding than WanPipeline's at inference
+        expected_len = m.text_max_length if m.text_max_length is not None else adapter.text_max_length(folder)
+        store.check(adapter.family, expected_len, hidden)
     except PromptStoreError as e:
         raise TrainRequestError(str(e)) from None
     if adapter.family == "cogvideox" and store.text_max_length != geometry.text_tokens:
@@ -817,13 +820,17 @@ class TDMTrainer:
             return self.req.store.get(range(min(n, len(self.req.store)))).to(self.device)
         cache = self.out / "validation_embeds.safetensors"
         acc = self.accelerator
-        if acc.is_main_process and not cache.is_file():
+        # keyed on what they were encoded from: an output folder reused with other prompts or another
+        # model re-encodes instead of validating on stale embeddings
+        key = {"prompts": list(self.req.validation_prompts[:n]), "model": str(self.req.folder),
+               "text_max_length": int(self.req.store.text_max_length)}
+        if acc.is_main_process and (not cache.is_file() or _load_tensors(cache)[1] != key):
             adapter = self.req.adapter
             te = adapter.load(self.req.folder, dtype=torch.float32 if self.device.type == "cpu" else torch.bfloat16,
                               device=self.device, components=("text_encoder", "tokenizer"))
             emb = adapter.encode_prompts(te.text_encoder, te.tokenizer, self.req.validation_prompts[:n],
                                          max_length=self.req.store.text_max_length)
-            _save_tensors(cache, {"embeds": emb.float()})
+            _save_tensors(cache, {"embeds": emb.float()}, key)
             del te
         acc.wait_for_everyone()
         return _load_tensors(cache)[0]["embeds"].to(self.device)
