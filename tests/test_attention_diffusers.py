@@ -378,3 +378,16 @@ def test_multilevel_mode_in_the_transformer_eager_and_compiled(family):
     assert grads_e["<input>"].abs().sum() > 0
     d = asa_e.density_stats()["mean"]
     assert 0.2 < d < 1.0  # exact band + pooled blocks at 1/2 and 1/4, diagonal and text forced exact
+
+
+def test_one_config_for_two_transformers_does_not_couple_them():
+    # the config is copied at install: switching one install off (as the trainer's role switch does)
+    # or editing the caller's config afterwards leaves the other install alone
+    cfg = ASAConfig(**SPARSE)
+    a, b = make("wan"), make("wan")
+    asa_a, asa_b = set_adaptive_sparse_attention(a, cfg), set_adaptive_sparse_attention(b, cfg)
+    assert asa_a.cfg is not asa_b.cfg and asa_a.cfg is not cfg
+    asa_a.cfg.enabled = False
+    cfg.max_retain = 1.0
+    run(b, inputs("wan"))
+    assert asa_b.density_stats()["mean"] < 1.0  # b is still sparse, with its own max_retain

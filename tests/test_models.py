@@ -176,7 +176,7 @@ def test_nothing_hard_coded_in_geometry(tmp_path):
     [
         ((480, 832, 80), r"frames=80 is not of the form 4k\+1 .*use 77 or 81"),
         ((480, 832, 50), r"use 49 or 53"),
-        ((480, 832, 0), r"frames=0 .*use 5"),
+        ((480, 832, 0), r"frames=0 .*use 1$"),
         ((500, 832, 81), r"height=500 is not divisible by 16 \(VAE spatial factor 8 x patch 2\): use 496 or 512"),
         ((480, 830, 81), r"width=830 .*use 816 or 832"),
         ((8, 832, 81), r"height=8 .*use 16$"),
@@ -202,6 +202,13 @@ def test_cogvideox_bad_width(cog_cfg_folder):
 def test_cogvideox_even_latent_frames_rejected(cog_cfg_folder, tiny_cog):
     with pytest.raises(ModelRequestError, match=r"frames=45 gives 12 latent frames.*use 41 or 49"):
         CogVideoXAdapter().geometry(cog_cfg_folder, 480, 720, 45)
+    # a frame count off the 4k+1 grid is pointed at counts CogVideoX accepts (odd latent counts),
+    # not merely at the neighbouring 4k+1 values (53 and 5 would be refused in turn)
+    for frames, want in ((50, "49 or 57"), (6, "1 or 9"), (18, "17 or 25")):
+        with pytest.raises(ModelRequestError, match=f"frames={frames} is not of the form 4k\\+1 .*use {want}$"):
+            CogVideoXAdapter().geometry(cog_cfg_folder, 480, 720, frames)
+        for n in map(int, want.split(" or ")):
+            CogVideoXAdapter().geometry(cog_cfg_folder, 480, 720, n)
     # why: the VAE really decodes an even latent count to 4F frames, an odd one to 4(F-1)+1
     ad = get_adapter(tiny_cog)
     vae = ad.load(tiny_cog, "fp32", components=("vae",)).vae

@@ -73,7 +73,10 @@ class ASAConfig:
     compensation: bool = True
     reorder: bool = True  # Gilbert locality reordering
     dense_layers: list[int] = field(default_factory=list)  # layer indices that stay dense
-    dense_timestep_above: int | None = None  # steps with t above this stay dense
+    # steps whose model timestep input is above this stay dense: Wan's input is sigma * 1000 after the
+    # flow shift (8-step grid at shift 3: 1000, 954, 900, 833, 750, ...), CogVideoX's the integer t; one
+    # decision per forward, from the largest timestep in the batch
+    dense_timestep_above: int | None = None
     apply_to_fake: bool = True  # the fake score model uses ASA too
     # CPU path (no Triton): "reference" = masked dense float32 (the kernels' spec); "gathered" = scores
     # only the kept blocks + summaries (same results to float rounding, several times less work;

@@ -30,6 +30,7 @@ a block recomputed during backward finds its context in its own saved arguments.
 
 from __future__ import annotations
 
+import copy
 import inspect
 
 import torch
@@ -286,7 +287,8 @@ def set_adaptive_sparse_attention(
     ``CogVideoXTransformer3DModel``, possibly with peft LoRA) adaptive block-sparse.
 
     Returns the ``AdaptiveSparseAttention`` object; its ``density_stats()`` /
-    ``reset_stats()`` read and clear the realised density per layer and head.  Installing
+    ``reset_stats()`` read and clear the realised density per layer and head. ``config`` is copied:
+    the install's own settings are the returned object's ``cfg``.  Installing
     again replaces the previous install.  ``reorder_scope``: "forward" (tokens permuted once
     per transformer forward, default) or "attention" (around every attention call).
     ``backend``: "auto" (Triton on CUDA, torch reference elsewhere) or "torch".
@@ -296,7 +298,10 @@ def set_adaptive_sparse_attention(
     family = model_family(transformer)
     if getattr(transformer, _STATE_ATTR, None) is not None:
         unset_adaptive_sparse_attention(transformer)
-    state = _ASAInstallState(transformer, config if config is not None else ASAConfig(), family, reorder_scope, backend)
+    # a copy: one config passed to several transformers (or edited later) must not couple them; change
+    # an install's settings through the returned object's .cfg
+    cfg = copy.deepcopy(config) if config is not None else ASAConfig()
+    state = _ASAInstallState(transformer, cfg, family, reorder_scope, backend)
     state.install(transformer)
     # a plain attribute (not a submodule): state_dict, parameters and LoRA saving are unchanged
     object.__setattr__(transformer, _STATE_ATTR, state)

@@ -366,6 +366,24 @@ class ModelAdapter:
         return (int(dh if height is None else height), int(dw if width is None else width),
                 int(df if frames is None else frames))
 
+    def _frames_ok(self, info: ModelInfo, frames: int) -> bool:
+        """Whether a frame count passes every frame rule of :meth:`geometry` (VAE, temporal patch, family)."""
+        tc, _ = self.vae_factors(info)
+        pt = self.patch_size(info)[0]
+        if frames < 1 or (frames - 1) % tc != 0 or ((frames - 1) // tc + 1) % pt != 0:
+            return False
+        try:
+            self._check_latent_frames(info, frames, (frames - 1) // tc + 1)
+        except ModelRequestError:
+            return False
+        return True
+
+    def _nearest_frames(self, info: ModelInfo, frames: int) -> str:
+        """The nearest valid frame counts below and above ``frames`` ("49 or 57"), for error messages."""
+        below = next((n for n in range(frames - 1, 0, -1) if self._frames_ok(info, n)), None)
+        above = next(n for n in range(max(frames + 1, 1), max(frames, 1) + 1000) if self._frames_ok(info, n))
+        return f"{below} or {above}" if below is not None else str(above)
+
     def geometry(self, folder_or_info, height: int | None = None, width: int | None = None,
                  frames: int | None = None) -> VideoGeometry:
         """Validate (height, width, frames) against the configs and derive every shape."""
@@ -374,10 +392,9 @@ class ModelAdapter:
         tc, sc = self.vae_factors(info)
         pt, ph, pw = self.patch_size(info)
         if frames < 1 or (frames - 1) % tc != 0:
-            lo = ((frames - 1) // tc) * tc + 1 if frames > 1 else None
-            near = f"{lo} or {lo + tc}" if lo and lo >= 1 else f"{tc + 1}"
             raise ModelRequestError(
-                f"frames={frames} is not of the form {tc}k+1 (VAE temporal compression {tc}): use {near}"
+                f"frames={frames} is not of the form {tc}k+1 (VAE temporal compression {tc}): "
+                f"use {self._nearest_frames(info, frames)}"
             )
         for name, val, p in (("height", height, ph), ("width", width, pw)):
             m = sc * p
@@ -388,13 +405,14 @@ class ModelAdapter:
                 )
         F = (frames - 1) // tc + 1
         if F % pt != 0:
-            step = pt * tc
-            lo = ((F // pt) * pt - 1) * tc + 1
-            near = f"{lo} or {lo + step}" if lo >= 1 else f"{lo + step}"
             raise ModelRequestError(
-                f"frames={frames} gives {F} latent frames, not divisible by the temporal patch {pt}: use {near}"
+                f"frames={frames} gives {F} latent frames, not divisible by the temporal patch {pt}: "
+                f"use {self._nearest_frames(info, frames)}"
             )
-        self._check_latent_frames(info, frames, F)
+        try:
+            self._check_latent_frames(info, frames, F)
+        except ModelRequestError as e:  # the family's own rule: its message, with suggestions that pass every rule
+            raise ModelRequestError(f"{str(e).split(': use ')[0]}: use {self._nearest_frames(info, frames)}") from None
         H, W = height // sc, width // sc
         C = self.latent_channels(info)
         return VideoGeometry(
