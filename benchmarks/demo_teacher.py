@@ -257,7 +257,7 @@ def ideal_rows(steps_list=(50, 8, 4, 2, 1), etas=(0.9,)) -> list[dict]:
     rows = []
     for steps in steps_list:
         for eta in etas:
-            g = torch.Generator().manual_seed(prof.eval_seed)
+            g = P.eval_generator(prof.eval_seed, noise)  # the eta noise continues after the initial draw
             x, _ = rollout(predict, schedule, noise.clone(), stage_timesteps(steps, 1000), eta, g)
             m = evaluate(x, clips, reference)
             rows.append({"what": "ideal denoiser", "variant": "ideal", "steps": steps, "sampler": "eta", "eta": eta,

@@ -55,7 +55,7 @@ def test_quick_demo_end_to_end(quick_run):
 
     rows = {r["name"]: r for r in summary["rows"]}
     assert rows["data"]["coverage"] == 1.0
-    # the held-out draws are exact clips: they follow their prompts in colour and motion
+    # the fresh draws of the factor grid are exact clips: they follow their prompts in colour and motion
     assert rows["data"]["colour_ok"] == 1.0 and rows["data"]["motion_ok"] == 1.0
     assert all(0.0 <= r["colour_ok"] <= 1.0 and 0.0 <= r["motion_ok"] <= 1.0 for r in summary["rows"])
     assert "motion" in (out / "table.txt").read_text().splitlines()[0]
@@ -67,7 +67,7 @@ def test_quick_demo_end_to_end(quick_run):
         assert 0.0 < r["density"] < 1.0  # ASA really skipped blocks
         assert 0.0 <= r["precision"] and 0.0 <= r["coverage"]
         # distillation spreads the few-step samples over more of the data than the teacher's own
-        # few-step samples reach (measured: coverage 0.89 vs 0.77 at 4 steps in --quick)
+        # few-step samples reach (measured: coverage 0.773 vs 0.636 at 4 steps in --quick)
         teacher_same = rows[f"teacher_{r['steps']}"]
         assert r["coverage"] > teacher_same["coverage"], (r, teacher_same)
     assert set(summary["goals"]) and all("value" in g for g in summary["goals"].values())

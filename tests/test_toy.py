@@ -293,3 +293,19 @@ def test_teacher_x0_loss_is_the_error_of_the_implied_x0():
         TeacherConfig(loss_weighting="snr")
     with pytest.raises(ValueError, match="flow schedule"):
         teacher_loss(Schedule.v_prediction(torch.linspace(0.999, 0.01, 1000)), out, target, t, "x0")
+
+
+def test_eval_sampler_noise_is_independent_of_the_initial_noise():
+    # the demo's evaluation shares one initial noise across methods; the eta sampler's own noise
+    # must continue after it, not repeat it (seeded afresh, its first draw was the initial noise)
+    import torch
+
+    from videoblade.toy.pipeline import eval_generator
+
+    noise = torch.randn((4, 3, 2, 6, 6), generator=torch.Generator().manual_seed(1234))
+    g = eval_generator(1234, noise)
+    nxt = torch.randn(noise.shape, generator=g)
+    assert not torch.allclose(nxt, noise)
+    assert abs(torch.corrcoef(torch.stack([nxt.flatten(), noise.flatten()]))[0, 1].item()) < 0.1
+    with pytest.raises(RuntimeError, match="first draw"):
+        eval_generator(1235, noise)

@@ -100,7 +100,7 @@ def _profiles() -> dict[str, DemoProfile]:
 
 PROFILES = _profiles()
 
-METHOD_LABELS = {"data": "data (held-out draws)", "teacher": "teacher (dense, CFG {cfg:g})",
+METHOD_LABELS = {"data": "data (fresh draws of the factor grid)", "teacher": "teacher (dense, CFG {cfg:g})",
                  "tdm": "student TDM (dense)", "blade": "student TDM + ASA"}
 
 
@@ -210,12 +210,24 @@ def distill(out: Path, prof: DemoProfile, folder: Path, store: Path, teacher_sta
 
 
 # ---------------------------------------------------------------------------- evaluation
+def eval_generator(seed: int, noise: torch.Tensor) -> torch.Generator:
+    """The eta sampler's generator for a run whose initial noise ``noise`` is the first draw of ``seed``
+    (``eval_inputs``): positioned after that draw, as inference and training draw both from one
+    stream. Seeded afresh, its first eta-step noise would *be* the initial noise (about 1.34x the
+    noise after step one, every sample skewed alike)."""
+    g = torch.Generator().manual_seed(int(seed))
+    first = torch.randn(tuple(noise.shape), generator=g)
+    if not torch.equal(first, noise.cpu()):
+        raise RuntimeError("the evaluation noise is not the first draw of its seed")
+    return g
+
+
 def _sample(adapter, transformer, schedule, emb, neg, geometry, steps, guidance, eta, noise, seed, desc, progress):
     from videoblade.sampling import sample
 
-    g = torch.Generator(device=noise.device).manual_seed(seed)
-    return sample(adapter, transformer, schedule, emb, geometry, steps=steps, eta=eta, generator=g,
-                  guidance=guidance, negative_embeds=neg, latents=noise.clone(), progress=progress, desc=desc)
+    return sample(adapter, transformer, schedule, emb, geometry, steps=steps, eta=eta,
+                  generator=eval_generator(seed, noise), guidance=guidance, negative_embeds=neg,
+                  latents=noise.clone(), progress=progress, desc=desc)
 
 
 @dataclass
@@ -343,7 +355,7 @@ def plot_metrics(rows: list[dict], path: Path, prof: DemoProfile) -> Path:
             if pts:
                 ax.plot([p[0] for p in pts], [p[1] for p in pts], style, color=colour,
                         label=METHOD_LABELS[method].format(cfg=prof.cfg))
-        ax.axhline(data[key], color="tab:green", lw=1, ls=":", label="data (held-out draws)")
+        ax.axhline(data[key], color="tab:green", lw=1, ls=":", label="data (fresh draws of the factor grid)")
         ax.set_xscale("log", base=2)
         ticks = sorted({r["steps"] for r in rows if r["steps"] is not None})
         ax.set_xticks(ticks)
