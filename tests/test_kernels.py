@@ -853,3 +853,38 @@ def test_pooling_compiled_with_gradients(backend):
         torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-6)
     assert any("pool_geometry" in c for c in calls), calls
     assert not any(c in ("log", "clamp") or "method full" in c for c in calls), calls  # the counts, rebuilt
+
+
+def test_mixed_dtypes_are_refused_with_a_message():
+    # on the GPU tl.dot would fail to compile instead
+    q = torch.randn(1, 1, 32, 16)
+    with pytest.raises(ValueError, match="share one dtype"):
+        block_sparse_attention(q, q.half(), q, *mask_to_block_lists(torch.ones(1, 1, 2, 2, dtype=torch.bool)), 16)
+
+
+def test_untuned_launch_falls_back_when_a_config_runs_out_of_resources(monkeypatch):
+    # VIDEOBLADE_KERNEL_AUTOTUNE=0 takes the first config that fits the block; a config that
+    # overflows shared memory (fp32 at D=128 on an H100) must give way to the next one
+    from triton.runtime.errors import OutOfResources
+
+    from videoblade.kernels import block_sparse as bsk
+
+    class FakeKernel:  # records each config it is launched with; the first `fail` launches overflow
+        def __init__(self, fail):
+            self.fail, self.tried = fail, []
+
+        def __getitem__(self, grid):
+            def run(*args, **kw):
+                self.tried.append((kw["BLOCK_M"], kw["BLOCK_N"], kw["num_warps"], kw["num_stages"]))
+                if len(self.tried) <= self.fail:
+                    raise OutOfResources(263168, 232448, "shared memory")
+            return run
+
+    monkeypatch.setenv("VIDEOBLADE_KERNEL_AUTOTUNE", "0")
+    kern = bsk._Kernel(bsk._fwd_kernel, bsk._FWD_CONFIGS, bsk._KEY, bsk._prune)
+    kern.kernel = FakeKernel(fail=2)
+    kern.launch(lambda meta: (1,), (), {"BLOCK": 128}, {})
+    assert len(kern.kernel.tried) == 3 and len(set(kern.kernel.tried)) == 3
+    kern.kernel = FakeKernel(fail=100)  # nothing fits: the error surfaces
+    with pytest.raises(OutOfResources):
+        kern.launch(lambda meta: (1,), (), {"BLOCK": 128}, {})

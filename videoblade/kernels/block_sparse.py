@@ -57,6 +57,7 @@ from typing import NamedTuple
 import torch
 import triton
 import triton.language as tl
+from triton.runtime.errors import OutOfResources
 
 from .blocks import PooledLevels, Summary, _last_unit, dot_precision, num_blocks, transpose_block_lists
 
@@ -678,11 +679,20 @@ class _Kernel:
         if _autotune():
             self.tuned[grid](*args, **const)
             return
-        cfg = self.prune(self.configs, {}, **const)[0]
-        if cfg.pre_hook is not None:
-            cfg.pre_hook({**named, **const, **cfg.kwargs})
-        self.kernel[grid(cfg.kwargs)](*args, **const, **cfg.kwargs, num_warps=cfg.num_warps,
-                                      num_stages=cfg.num_stages)
+        # the first config that fits the block and compiles within the GPU's resources: shared memory
+        # depends on the dtype and head dim (fp32 at D=128 overflows most of the configs, which are
+        # sized for 16-bit inputs); the autotuner skips such configs by itself
+        cfgs = self.prune(self.configs, {}, **const)
+        for i, cfg in enumerate(cfgs):
+            if cfg.pre_hook is not None:
+                cfg.pre_hook({**named, **const, **cfg.kwargs})
+            try:
+                self.kernel[grid(cfg.kwargs)](*args, **const, **cfg.kwargs, num_warps=cfg.num_warps,
+                                              num_stages=cfg.num_stages)
+                return
+            except OutOfResources:
+                if i == len(cfgs) - 1:
+                    raise
 
 
 _fwd_k = _Kernel(_fwd_kernel, _FWD_CONFIGS, _KEY, _prune)
@@ -719,6 +729,8 @@ def _check(q, k, v, kv_indices, kv_counts, block_size):
         raise ValueError(f"head dim {D} not supported {HEAD_DIMS}")
     if block_size < 16 or block_size & (block_size - 1):
         raise ValueError(f"block_size must be a power of two >= 16, got {block_size}")
+    if k.dtype != q.dtype or v.dtype != q.dtype:
+        raise ValueError(f"q, k, v must share one dtype; got {q.dtype}, {k.dtype}, {v.dtype}")
     B, H, L, _ = q.shape
     nq = num_blocks(L, block_size)
     if tuple(kv_counts.shape) != (B, H, nq) or tuple(kv_indices.shape[:3]) != (B, H, nq):
@@ -1104,10 +1116,13 @@ def _bsa_bwd_op(
 @_bsa_bwd_op.register_fake
 def _(do, q, k, v, out, lse, kv_indices, kv_counts, block_size, sm_scale, sk, sv, sbias, pk, pv, pbias, p_indices,
       p_counts, pools):
-    def like(t):
-        return torch.empty_like(t) if t is not None else q.new_empty(0)
+    def like(t, contiguous=False):  # the summaries' gradients keep their layout (empty_like); the
+        # levels' are computed on contiguous copies (_level_ops), so they come out contiguous
+        if t is None:
+            return q.new_empty(0)
+        return t.new_empty(t.shape) if contiguous else torch.empty_like(t)
 
-    return _out_like(q), _out_like(k), _out_like(v), like(sk), like(sv), like(pk), like(pv)
+    return _out_like(q), _out_like(k), _out_like(v), like(sk), like(sv), like(pk, True), like(pv, True)
 
 
 def _setup_context(ctx, inputs, output):
