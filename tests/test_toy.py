@@ -309,3 +309,15 @@ def test_eval_sampler_noise_is_independent_of_the_initial_noise():
     assert abs(torch.corrcoef(torch.stack([nxt.flatten(), noise.flatten()]))[0, 1].item()) < 0.1
     with pytest.raises(RuntimeError, match="first draw"):
         eval_generator(1235, noise)
+
+
+def test_cached_teacher_needs_its_weights(tmp_path):
+    # a stamp without the weights beside it (a half-deleted run folder) is not a trained teacher
+    from videoblade.toy.teacher import STAMP, teacher_is_trained
+
+    (tmp_path / STAMP).write_text(json.dumps({"stamp": {"a": 1}}))
+    assert not teacher_is_trained(tmp_path, {"a": 1})
+    w = tmp_path / "transformer" / "diffusion_pytorch_model.safetensors"
+    w.parent.mkdir()
+    w.write_bytes(b"x")
+    assert teacher_is_trained(tmp_path, {"a": 1}) and not teacher_is_trained(tmp_path, {"a": 2})

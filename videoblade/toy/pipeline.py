@@ -136,13 +136,13 @@ def ensure_teacher(out: Path, prof: DemoProfile, clips: torch.Tensor, prompts: l
                    progress: bool) -> tuple[Path, dict, bool]:
     """Build + train the teacher folder unless a matching one is cached. Returns (folder, summary, trained_now)."""
     from videoblade.models import get_adapter
-    from videoblade.models.toy import TOY_TRANSFORMER, build_toy_model
+    from videoblade.models.toy import TOY_TEXT_ENCODER, TOY_TRANSFORMER, build_toy_model
     from videoblade.toy.teacher import STAMP, teacher_is_trained, train_teacher
 
     folder = out / "teacher"
     tcfg = dict(TOY_TRANSFORMER, **prof.transformer)
     stamp = {"version": PIPELINE_VERSION, "data": prof.data.to_dict(), "transformer": tcfg,
-             "teacher": prof.teacher.to_dict(), "vocabulary": _vocabulary()}
+             "text_encoder": TOY_TEXT_ENCODER, "teacher": prof.teacher.to_dict(), "vocabulary": _vocabulary()}
     if teacher_is_trained(folder, stamp):
         return folder, json.loads((folder / STAMP).read_text()), False
     if folder.exists():
@@ -194,7 +194,11 @@ def distill(out: Path, prof: DemoProfile, folder: Path, store: Path, teacher_sta
 
     run_dir = out / "students" / f"k{k}_{'asa' if asa else 'dense'}"
     overrides = _student_overrides(prof, folder, store, run_dir, k, asa, seed=prof.eval_seed + k)
-    stamp = {"teacher": _hash(teacher_stamp), "overrides": overrides, "version": PIPELINE_VERSION}
+    # the teacher's weights, not only its settings: a teacher retrained elsewhere (other CPU kernels
+    # give other weights) must not reuse students distilled from the old one
+    weights = folder / "transformer" / "diffusion_pytorch_model.safetensors"
+    stamp = {"teacher": _hash(teacher_stamp), "teacher_weights": hashlib.sha1(weights.read_bytes()).hexdigest(),
+             "overrides": overrides, "version": PIPELINE_VERSION}
     stamp_file = run_dir / "demo_stamp.json"
     if stamp_file.is_file() and json.loads(stamp_file.read_text()) == stamp and (run_dir / "summary.json").is_file():
         summary = json.loads((run_dir / "summary.json").read_text())

@@ -57,7 +57,7 @@ class TeacherConfig:
 
 def teacher_is_trained(folder: str | Path, stamp: dict) -> bool:
     p = Path(folder) / STAMP
-    if not p.is_file():
+    if not p.is_file() or not (Path(folder) / "transformer" / "diffusion_pytorch_model.safetensors").is_file():
         return False
     try:
         return json.loads(p.read_text()).get("stamp") == stamp
