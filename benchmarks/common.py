@@ -137,20 +137,30 @@ def write_results(name: str, rows: Sequence[dict], targets: dict | None = None, 
     return path
 
 
-def carry_over(path: str | os.PathLike, keep: Callable[[dict], bool], targets: dict) -> list[dict]:
+def carry_over(path: str | os.PathLike, keep: Callable[[dict], bool], targets: dict,
+               gpu: str | None = None) -> list[dict]:
     """Rows of an earlier results file that this run did not re-measure (``keep(row)``), each
     tagged with the commit and date it was measured at; targets this run did not recompute are
-    copied into ``targets``. Lets a benchmark too long for one GPU call be run in parts."""
+    copied into ``targets``, tagged alike (a tag already there, from an earlier merge, is kept: it
+    names the run that measured it). Lets a benchmark too long for one GPU call be run in parts.
+
+    ``gpu`` (default: this machine's, ``env_info()["gpu"]``): a file measured on another card is
+    refused, since its rows and targets would be filed under this run's card."""
     old = json.loads(Path(path).read_text())
-    rows = []
-    for r in old["rows"]:
-        if keep(r):
-            r = dict(r)
-            r.setdefault("measured_at_commit", old.get("commit"))
-            r.setdefault("measured_at_date", old.get("date"))
-            rows.append(r)
+    here = gpu if gpu is not None else env_info()["gpu"]
+    if old.get("gpu") not in (None, here):
+        raise SystemExit(f"--merge-from {path} was measured on {old['gpu']!r}, this run is on {here!r}: "
+                         "merge only files of the same card")
+
+    def tag(x: dict) -> dict:
+        x = dict(x)
+        x.setdefault("measured_at_commit", old.get("commit"))
+        x.setdefault("measured_at_date", old.get("date"))
+        return x
+
+    rows = [tag(r) for r in old["rows"] if keep(r)]
     for k, v in old.get("targets", {}).items():
-        targets.setdefault(k, dict(v, measured_at_commit=old.get("commit")))
+        targets.setdefault(k, tag(v))
     return rows
 
 

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import pytest
+
 
 def test_e2e_out_is_a_folder_or_a_json_file(tmp_path):
     from benchmarks.common import gpu_tag
@@ -33,14 +35,20 @@ def test_carry_over_keeps_only_rows_not_remeasured(tmp_path):
         {"what": "c", "median_ms": 3.0, "measured_at_commit": "0000000", "measured_at_date": "2026-11-01"}],
         "targets": {"t_old": {"value": 1.0, "target": 2.0, "higher_is_better": True},
                     "t_new": {"value": 5.0, "target": 2.0, "higher_is_better": True}}}
+    old["gpu"] = "NVIDIA H200"
+    old["targets"]["t_twice"] = {"value": 3.0, "target": 2.0, "higher_is_better": True,
+                                 "measured_at_commit": "0000000", "measured_at_date": "2026-11-01"}
     path = tmp_path / "old.json"
     path.write_text(json.dumps(old))
     targets = {"t_new": {"value": 9.0, "target": 2.0, "higher_is_better": True}}
-    kept = carry_over(path, lambda r: r["what"] != "b", targets)
+    kept = carry_over(path, lambda r: r["what"] != "b", targets, gpu="NVIDIA H200")
     assert [r["what"] for r in kept] == ["a", "c"]
     assert kept[0]["measured_at_commit"] == "abc1234" and kept[0]["measured_at_date"] == "2026-12-01"
     assert kept[1]["measured_at_commit"] == "0000000"  # carried twice: the original measurement stays named
     assert targets["t_new"]["value"] == 9.0 and targets["t_old"]["measured_at_commit"] == "abc1234"
+    assert targets["t_twice"]["measured_at_commit"] == "0000000"  # targets keep their first tag too
+    with pytest.raises(SystemExit, match="measured on 'NVIDIA H200'"):  # another card's file is refused
+        carry_over(path, lambda r: True, {}, gpu="NVIDIA H100 80GB HBM3")
 
 
 def test_attention_benchmark_takes_merge_from_and_levels_flags():
