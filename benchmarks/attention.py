@@ -87,7 +87,7 @@ def bench_levels(name, q, k, v, fwd_bwd, reps, gen, rows, res):
     its cost density (a pooled block counts 1/pool) is about keep/skip's 0.15-0.16, so compare with
     the "ours + compensation" rows at density 0.15. A failure is printed and recorded as a row, so
     the rest of the run survives it."""
-    from videoblade.attention.mask import block_levels, level_lists
+    from videoblade.attention.mask import block_levels, level_density, level_lists
     from videoblade.config import ASAConfig
     from videoblade.kernels import pool_levels
 
@@ -97,7 +97,7 @@ def bench_levels(name, q, k, v, fwd_bwd, reps, gen, rows, res):
     pools, pool = list(c.level_pools), POOL[name]
     lev = block_levels(torch.rand(B, H, n, n, device=q.device, generator=gen), c.level_fractions)
     kvi, kvc, pidx, pcnt = level_lists(lev, len(pools))
-    cost = (kvc.sum() + sum(pcnt[i].sum() / p for i, p in enumerate(pools))).item() / (B * H * n * n)
+    cost = level_density(kvc, pcnt, pools, n).mean().item()
     what = f"ours multi-level {'/'.join(f'{p}x' for p in pools)} + compensation (pool {pool}, incl. pooling)"
 
     def ours_l(a, b, c_):
@@ -105,16 +105,22 @@ def bench_levels(name, q, k, v, fwd_bwd, reps, gen, rows, res):
                                       levels=pool_levels(b, c_, BLOCK, pools, pidx, pcnt))[0]
 
     for p_, key, f_ in (("fwd", "fwd", lambda: ours_l(q, k, v)), ("fwd+bwd", "fwdbwd", fwd_bwd(ours_l))):
-        try:
-            ms = cuda_median_ms(f_, reps=reps)
-        except Exception as e:  # noqa: BLE001 - reported in the results, the other rows still count
-            print(f"multi-level {p_} failed: {type(e).__name__}: {e}", flush=True)
-            rows.append({"what": what, "shape": [B, H, L, D], "density": cost, "pass": p_, "median_ms": float("nan"),
-                         "peer": "ours", "error": f"{type(e).__name__}: {e}"[:500]})
-            continue
-        res[(name, "levels", key)] = ms
-        rows.append({"what": what, "shape": [B, H, L, D], "density": cost, "pass": p_, "median_ms": ms,
-                     "peer": "ours", "level_fractions": list(c.level_fractions)})
+        row = {"what": what, "shape": [B, H, L, D], "density": cost, "pass": p_, "peer": "ours",
+               "level_fractions": list(c.level_fractions)}
+        if _guarded(rows, row, lambda: {"median_ms": cuda_median_ms(f_, reps=reps)}):
+            res[(name, "levels", key)] = row["median_ms"]
+
+
+def _guarded(rows: list, row: dict, measure) -> bool:
+    """Append ``row`` completed with the fields ``measure()`` returns, or with the error it raised (an
+    optional row that fails must not end the run; main() exits non-zero at the end). True if it ran."""
+    try:
+        row.update(measure())
+    except Exception as e:  # noqa: BLE001 - reported in the results, the other rows still count
+        print(f"{row['what']} ({row['pass']}) failed: {type(e).__name__}: {e}", flush=True)
+        row.update(median_ms=float("nan"), error=f"{type(e).__name__}: {e}"[:500])
+    rows.append(row)
+    return "error" not in row
 
 
 def bench_shape(name, reps, dens_list, gen, rows, res, flex, t0, levels=True):
@@ -249,21 +255,20 @@ def bench_shape(name, reps, dens_list, gen, rows, res, flex, t0, levels=True):
 
     default_tile = importance._KEY_TILE
     res_est = estimate_block_importance(q, k, BLOCK, 16, mode="sample")
-    for tile in (128,):
+
+    def with_tile(tile):
         importance._KEY_TILE = tile
-        row = {"what": f"estimate_block_importance sample S=16, key tile {tile} (default {default_tile})",
-               "shape": [B, H, L, D], "density": None, "pass": "fwd", "peer": "ours"}
         try:
-            ref = estimate_block_importance(q, k, BLOCK, 16, mode="sample")
-            row["max_abs_diff_vs_default"] = (ref - res_est).abs().max().item()
-            row["median_ms"] = cuda_median_ms(lambda: estimate_block_importance(q, k, BLOCK, 16, mode="sample"),
-                                              reps=reps)
-        except Exception as e:  # noqa: BLE001 - reported in the results, the other rows still count
-            print(f"estimate key tile {tile} failed: {type(e).__name__}: {e}", flush=True)
-            row.update(median_ms=float("nan"), error=f"{type(e).__name__}: {e}"[:500])
+            diff = (estimate_block_importance(q, k, BLOCK, 16, mode="sample") - res_est).abs().max().item()
+            ms = cuda_median_ms(lambda: estimate_block_importance(q, k, BLOCK, 16, mode="sample"), reps=reps)
+            return {"max_abs_diff_vs_default": diff, "median_ms": ms}
         finally:
             importance._KEY_TILE = default_tile
-        rows.append(row)
+
+    for tile in (128,):
+        _guarded(rows, {"what": f"estimate_block_importance sample S=16, key tile {tile} (default {default_tile})",
+                        "shape": [B, H, L, D], "density": None, "pass": "fwd", "peer": "ours"},
+                 lambda: with_tile(tile))
 
 
 def main():

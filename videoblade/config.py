@@ -175,16 +175,26 @@ class RunConfig:
 
 
 # ---------------------------------------------------------------------------- validation
-MAX_POOLED_LEVELS = 3  # the kernels walk at most three pooled levels (videoblade.kernels.block_sparse)
+MAX_POOLED_LEVELS = 3  # the Triton kernels walk at most three pooled levels (kernels.block_sparse.MAX_LEVELS)
 
 
-def level_config_error(block_size: int, pools, fractions) -> str | None:
-    """What is wrong with a multi-level setting (ASA ``mode: levels``), or None."""
-    pools, fractions = [int(p) for p in pools], [float(f) for f in fractions]
+def level_pools_error(block_size: int, pools) -> str | None:
+    """What is wrong with a list of pooled levels, or None (the one rule for the config, the ASA
+    object, ``kernels.pool_levels`` and the kernels, which add their own tile limit)."""
+    pools = [int(p) for p in pools]
     if not 1 <= len(pools) <= MAX_POOLED_LEVELS:
         return f"level_pools needs 1 to {MAX_POOLED_LEVELS} pooled levels, got {pools}"
     if pools != sorted(set(pools)) or any(p < 2 or p & (p - 1) or block_size % p for p in pools):
         return f"level_pools must be distinct powers of two >= 2, ascending, dividing block_size={block_size}; got {pools}"
+    return None
+
+
+def level_config_error(block_size: int, pools, fractions) -> str | None:
+    """What is wrong with a multi-level setting (ASA ``mode: levels``), or None."""
+    err = level_pools_error(block_size, pools)
+    if err:
+        return err
+    pools, fractions = [int(p) for p in pools], [float(f) for f in fractions]
     if len(fractions) != len(pools) + 1:
         return (f"level_fractions needs {len(pools) + 1} entries (the exact band, then one per pooled level), "
                 f"got {fractions}")

@@ -473,7 +473,7 @@ def _asa_from_dict(d: dict, where: str) -> ASAConfig:
 
 def plan_from_args(args: argparse.Namespace) -> Plan:
     """Resolve and validate a request without loading any weights (configs and file headers only)."""
-    from videoblade.models import ModelRequestError, get_adapter
+    from videoblade.models import ModelRequestError, device_problem, get_adapter
 
     model = Path(args.model)
     try:
@@ -601,14 +601,9 @@ def plan_from_args(args: argparse.Namespace) -> Plan:
             jobs.append(Job(i, pr, k, int(args.seed) + k, out_dir / name))
 
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
-    try:
-        dev_type = torch.device(device).type
-    except (RuntimeError, ValueError):
-        dev_type = None
-    if dev_type not in ("cpu", "cuda"):
-        raise InferenceError(f"--device {device!r}: use cpu, cuda or cuda:N")
-    if device.startswith("cuda") and not torch.cuda.is_available():
-        raise InferenceError(f"--device {device} requested but CUDA is not available: use --device cpu")
+    problem = device_problem(device)
+    if problem:
+        raise InferenceError(f"--device {device!r}: {problem}")
     on_cuda = device.startswith("cuda")
     dtype = args.dtype or ("bf16" if on_cuda else "fp32")
     vae_dtype = args.vae_dtype or (VAE_DTYPE_DEFAULT if on_cuda else "fp32")

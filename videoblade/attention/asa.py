@@ -31,7 +31,7 @@ import torch.nn.functional as F
 
 from ..config import ASAConfig, level_config_error
 from .gilbert import gilbert_order_on
-from .mask import block_levels, block_lists, block_mask, level_lists, num_blocks
+from .mask import block_levels, block_lists, block_mask, level_density, level_lists, num_blocks
 
 __all__ = ["AdaptiveSparseAttention", "timestep_value"]
 
@@ -156,13 +156,22 @@ class AdaptiveSparseAttention:
             return block_sparse_attention_gathered(q, k, v, mask, c.block_size, summary=self._summary(k, v))
         return self.sparse_attention_lists(q, k, v, *mask_to_block_lists(mask))
 
-    def sparse_attention_lists(self, q, k, v, kv_indices: torch.Tensor, kv_counts: torch.Tensor) -> torch.Tensor:
-        """The same on block lists (the Triton kernel on CUDA, the float32 reference elsewhere)."""
-        if self._use_triton(q):
+    def sparse_attention_lists(self, q, k, v, kv_indices: torch.Tensor, kv_counts: torch.Tensor,
+                               levels=None) -> torch.Tensor:
+        """The same on block lists (the Triton kernel on CUDA, the float32 reference elsewhere), with
+        ``levels`` (``kernels.PooledLevels``, SPEC 1.6) also the pooled levels: "auto" takes the
+        reference for levels the kernels cannot walk, slow but exact, as for head dims they do not take."""
+        from ..kernels.block_sparse import levels_fit_kernels
+
+        use_kernel = self._use_triton(q)
+        if use_kernel and levels is not None and self.backend == "auto":
+            use_kernel = levels_fit_kernels(levels.pools, self.cfg.block_size)
+        if use_kernel:
             from ..kernels import block_sparse_attention as attn_fn
         else:
             from ..kernels.reference import block_sparse_attention_ref as attn_fn
-        out, _ = attn_fn(q, k, v, kv_indices, kv_counts, block_size=self.cfg.block_size, summary=self._summary(k, v))
+        out, _ = attn_fn(q, k, v, kv_indices, kv_counts, block_size=self.cfg.block_size, summary=self._summary(k, v),
+                         levels=levels)
         return out.to(q.dtype)
 
     def make_levels(self, P: torch.Tensor, text_tokens: int = 0) -> torch.Tensor:
@@ -173,31 +182,14 @@ class AdaptiveSparseAttention:
 
     def multilevel_attention(self, q, k, v, levels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Attention of q, k, v [B, H, L, D] on a level map (SPEC 1.6; + compensation if configured):
-        (out in q.dtype, realised density float32 [H], a pooled block counting 1/pool). The Triton
-        kernels on CUDA (when every level has at least 16 pooled rows per block), else the reference."""
+        (out in q.dtype, realised density float32 [H], a pooled block counting 1/pool)."""
         from ..kernels import pool_levels
-        from ..kernels.block_sparse import check_levels
 
         c = self.cfg
         pools = [int(p) for p in c.level_pools]
         kvi, kvc, pidx, pcnt = level_lists(levels, len(pools))
-        pooled = pool_levels(k, v, c.block_size, pools, pidx, pcnt)
-        triton_ok = self._use_triton(q)
-        if triton_ok and self.backend == "auto":
-            try:
-                check_levels(pools, c.block_size)
-            except ValueError:
-                triton_ok = False  # slow but exact, as for head dims the kernels do not take
-        if triton_ok:
-            from ..kernels import block_sparse_attention as attn_fn
-        else:
-            from ..kernels.reference import block_sparse_attention_ref as attn_fn
-        out, _ = attn_fn(q, k, v, kvi, kvc, block_size=c.block_size, summary=self._summary(k, v), levels=pooled)
-        B, H, NQ, NK = levels.shape
-        cost = kvc.sum(dim=(0, 2), dtype=torch.float32)
-        for i, p in enumerate(pools):
-            cost = cost + pcnt[i].sum(dim=(0, 2), dtype=torch.float32) / p
-        return out.to(q.dtype), cost / (B * NQ * NK)
+        out = self.sparse_attention_lists(q, k, v, kvi, kvc, levels=pool_levels(k, v, c.block_size, pools, pidx, pcnt))
+        return out, level_density(kvc, pcnt, pools, levels.shape[-1])
 
     def _summary(self, k, v):
         from ..kernels import pool_summaries

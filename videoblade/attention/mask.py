@@ -44,6 +44,7 @@ __all__ = [
     "level_band_counts",
     "block_levels",
     "level_lists",
+    "level_density",
 ]
 
 
@@ -219,3 +220,13 @@ def level_lists(levels: torch.Tensor, n_pooled: int) -> tuple[torch.Tensor, torc
     kvi, kvc = mask_to_block_lists(levels == 1)
     pooled = [mask_to_block_lists(levels == 2 + i) for i in range(n_pooled)]
     return kvi, kvc, torch.stack([a for a, _ in pooled]), torch.stack([c for _, c in pooled])
+
+
+def level_density(kv_counts: torch.Tensor, level_counts: torch.Tensor, pools, num_key_blocks: int) -> torch.Tensor:
+    """Realised density per head (float32 [H]) of a level map's lists (``level_lists``): kept blocks /
+    all blocks over batch and query blocks, a block at a pooled level counting 1/pool, its cost."""
+    B, _, NQ = kv_counts.shape
+    cost = kv_counts.sum(dim=(0, 2), dtype=torch.float32)
+    for counts, p in zip(level_counts, pools):
+        cost = cost + counts.sum(dim=(0, 2), dtype=torch.float32) / int(p)
+    return cost / (B * NQ * num_key_blocks)

@@ -14,6 +14,7 @@ from pathlib import Path
 import torch
 
 from videoblade.data.prompt_store import (
+    STORE_DTYPES,
     PromptStoreError,
     check_store_target,
     read_prompt_file,
@@ -27,7 +28,7 @@ def encode_prompts_to_store(model_path: str | Path, prompts: list[str], out_dir:
                             text_max_length: int | None = None, dtype: str = "bf16", negative_prompt: str = "",
                             batch_size: int = 8, shard_size: int = 1024, device: str | None = None,
                             progress: bool = True) -> Path:
-    from videoblade.models import get_adapter, parse_dtype
+    from videoblade.models import device_problem, get_adapter, parse_dtype
 
     model_path = Path(model_path)
     adapter = get_adapter(model_path)  # reads configs only; raises ModelRequestError with a fix
@@ -39,8 +40,8 @@ def encode_prompts_to_store(model_path: str | Path, prompts: list[str], out_dir:
     out_dir = Path(out_dir)
     check_store_target(out_dir)
     # everything checked before the (multi-GB) text encoder loads
-    if dtype not in ("bf16", "fp16", "fp32"):
-        raise PromptStoreError(f"dtype must be bf16, fp16 or fp32, got {dtype!r}")
+    if dtype not in STORE_DTYPES:
+        raise PromptStoreError(f"dtype must be one of {sorted(STORE_DTYPES)}, got {dtype!r}")
     family_len = adapter.text_max_length(model_path)
     max_len = int(text_max_length) if text_max_length is not None else int(family_len)
     if max_len < 1:
@@ -49,12 +50,9 @@ def encode_prompts_to_store(model_path: str | Path, prompts: list[str], out_dir:
         raise PromptStoreError(f"CogVideoX takes exactly {family_len} text tokens (its max_text_seq_length), "
                                f"got text_max_length {max_len}")
     device = device or ("cuda" if torch.cuda.is_available() else "cpu")
-    try:
-        dev_type = torch.device(device).type
-    except (RuntimeError, ValueError):
-        dev_type = None
-    if dev_type not in ("cpu", "cuda") or (dev_type == "cuda" and not torch.cuda.is_available()):
-        raise PromptStoreError(f"device {device!r} is not available here: use cpu or an available cuda device")
+    problem = device_problem(device)
+    if problem:
+        raise PromptStoreError(f"device {device!r} is not available here: {problem}")
     enc_dtype = parse_dtype(dtype) if device != "cpu" else torch.float32  # bf16 matmuls are slow on CPU
     loaded = adapter.load(model_path, dtype=enc_dtype, device=device, components=("text_encoder", "tokenizer"))
 

@@ -43,6 +43,7 @@ MANIFEST = "manifest.json"
 FORMAT = "videoblade-prompt-store"
 _DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
 _DTYPE_NAMES = {v: k for k, v in _DTYPES.items()}
+STORE_DTYPES = tuple(_DTYPES)  # the dtypes a store holds (process_prompts --dtype)
 
 
 class PromptStoreError(ValueError):

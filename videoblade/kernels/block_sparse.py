@@ -59,6 +59,7 @@ import triton
 import triton.language as tl
 from triton.runtime.errors import OutOfResources
 
+from ..config import MAX_POOLED_LEVELS, level_pools_error
 from .blocks import PooledLevels, Summary, _last_unit, dot_precision, num_blocks, transpose_block_lists
 
 try:  # host-side TMA descriptors (triton >= 3.4)
@@ -830,7 +831,7 @@ def _sm_count(device) -> int:
     return _SM_COUNT[key]
 
 
-MAX_LEVELS = 3  # pooled levels the kernels walk (SPEC 1.6: 2x, 4x, 8x)
+MAX_LEVELS = MAX_POOLED_LEVELS  # pooled levels the kernels walk (SPEC 1.6: 2x, 4x, 8x)
 _LEVEL_TILE = 64  # pooled rows per tile of a level's walk (fewer when a block has fewer)
 
 
@@ -882,16 +883,20 @@ def _level_args(lv: _LevelOps | None, placeholder: torch.Tensor) -> tuple:
             (lv.idx.shape[-1], lv.cnt[0].numel()))
 
 
+def levels_fit_kernels(pools, block_size: int) -> bool:
+    """Whether the kernels walk these pooled levels: the config's rule (``level_pools_error``: at most
+    MAX_LEVELS ascending powers of two dividing the block) and at least 16 pooled rows per block
+    (the smallest tile ``tl.dot`` takes)."""
+    return level_pools_error(block_size, pools) is None and all(block_size // int(p) >= 16 for p in pools)
+
+
 def check_levels(pools, block_size: int) -> None:
-    """The kernels' limits on pooled levels: at most MAX_LEVELS, ascending powers of two that
-    divide the block, and at least 16 pooled rows per block (the smallest tile ``tl.dot`` takes)."""
-    pools = [int(p) for p in pools]
-    if len(pools) > MAX_LEVELS:
-        raise ValueError(f"the kernels take at most {MAX_LEVELS} pooled levels, got {pools}")
-    if pools != sorted(set(pools)) or any(p < 2 or p & (p - 1) for p in pools):
-        raise ValueError(f"pooled levels must be distinct powers of two >= 2, ascending; got {pools}")
+    """Raise ValueError, saying why, unless :func:`levels_fit_kernels`."""
+    err = level_pools_error(block_size, pools)
+    if err:
+        raise ValueError(err)
     for p in pools:
-        if block_size % p or block_size // p < 16:
+        if block_size // int(p) < 16:
             raise ValueError(f"pool {p}: the kernels need block_size / pool >= 16 pooled rows per block "
                              f"(block_size {block_size}); use a larger block or a smaller pool")
 

@@ -314,9 +314,12 @@ def pool_levels(k: torch.Tensor, v: torch.Tensor, block_size: int, pools, indice
     """:class:`PooledLevels` for the pooled levels ``pools`` (ascending) and their block lists
     (int32 [NLEV, B, H, NQ, MAXK] / [NLEV, B, H, NQ]): one :func:`pool_summaries` per level, so
     gradients reach k and v the same way."""
+    from ..config import level_pools_error
+
     pools = tuple(int(p) for p in pools)
-    if list(pools) != sorted(set(pools)) or not pools or pools[0] < 2:
-        raise ValueError(f"pooled levels must be distinct pools >= 2 in ascending order, got {pools}")
+    err = level_pools_error(block_size, pools)
+    if err:
+        raise ValueError(err)
     if indices.dim() != 5 or counts.dim() != 4 or indices.shape[0] != len(pools) or counts.shape[0] != len(pools):
         raise ValueError(f"level lists must be [NLEV={len(pools)}, B, H, NQ(, MAXK)], got "
                          f"{tuple(indices.shape)} and {tuple(counts.shape)}")

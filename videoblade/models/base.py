@@ -34,6 +34,7 @@ __all__ = [
     "register_adapter",
     "family_of_folder",
     "parse_dtype",
+    "device_problem",
     "parse_decode_chunk",
     "attach_schedule",
     "schedule_of",
@@ -108,6 +109,20 @@ def parse_dtype(dtype: str | torch.dtype) -> torch.dtype:
         return _DTYPES[str(dtype).lower()]
     except KeyError:
         raise ModelRequestError(f"dtype {dtype!r} is not supported: use bf16, fp16 or fp32") from None
+
+
+def device_problem(device: str) -> str | None:
+    """Why ``device`` cannot run on this machine (not a cpu/cuda device, or CUDA absent), or None.
+    Callers raise their own request error with it before any weights load."""
+    try:
+        kind = torch.device(device).type
+    except (RuntimeError, ValueError):
+        kind = None
+    if kind not in ("cpu", "cuda"):
+        return "use cpu, cuda or cuda:N"
+    if kind == "cuda" and not torch.cuda.is_available():
+        return "CUDA is not available here: use cpu"
+    return None
 
 
 @dataclass(frozen=True)
@@ -372,11 +387,7 @@ class ModelAdapter:
         pt = self.patch_size(info)[0]
         if frames < 1 or (frames - 1) % tc != 0 or ((frames - 1) // tc + 1) % pt != 0:
             return False
-        try:
-            self._check_latent_frames(info, frames, (frames - 1) // tc + 1)
-        except ModelRequestError:
-            return False
-        return True
+        return self._latent_frames_problem(info, frames, (frames - 1) // tc + 1) is None
 
     def _nearest_frames(self, info: ModelInfo, frames: int) -> str:
         """The nearest valid frame counts below and above ``frames`` ("49 or 57"), for error messages."""
@@ -409,10 +420,9 @@ class ModelAdapter:
                 f"frames={frames} gives {F} latent frames, not divisible by the temporal patch {pt}: "
                 f"use {self._nearest_frames(info, frames)}"
             )
-        try:
-            self._check_latent_frames(info, frames, F)
-        except ModelRequestError as e:  # the family's own rule: its message, with suggestions that pass every rule
-            raise ModelRequestError(f"{str(e).split(': use ')[0]}: use {self._nearest_frames(info, frames)}") from None
+        problem = self._latent_frames_problem(info, frames, F)
+        if problem:
+            raise ModelRequestError(f"{problem}: use {self._nearest_frames(info, frames)}")
         H, W = height // sc, width // sc
         C = self.latent_channels(info)
         return VideoGeometry(
@@ -424,8 +434,10 @@ class ModelAdapter:
             spatial_compression=sc, temporal_compression=tc,
         )
 
-    def _check_latent_frames(self, info: ModelInfo, frames: int, latent_frames: int) -> None:
-        """Family-specific rule on the latent frame count (raise ModelRequestError); none by default."""
+    def _latent_frames_problem(self, info: ModelInfo, frames: int, latent_frames: int) -> str | None:
+        """Family-specific rule on the latent frame count: why ``frames`` is refused (geometry adds
+        the nearest counts that pass every rule), or None; no rule by default."""
+        return None
 
     def schedule(self, folder: str | Path, shift: float | None = None) -> Schedule:
         self.check_components(folder, ("scheduler",))

@@ -76,18 +76,14 @@ class CogVideoXAdapter(ModelAdapter):
         p = int(c.get("patch_size", 2))
         return (int(c.get("patch_size_t") or 1), p, p)
 
-    def _check_latent_frames(self, info: ModelInfo, frames: int, latent_frames: int) -> None:
+    def _latent_frames_problem(self, info: ModelInfo, frames: int, latent_frames: int) -> str | None:
         # AutoencoderKLCogVideoX decodes latent frames in pairs after an odd-sized first group; its
         # temporal upsampler keeps the first frame only for odd counts, so an even latent count F
         # decodes to 4F frames instead of 4(F-1)+1: the requested frame count cannot come out.
-        tc, _ = self.vae_factors(info)
-        pt = self.patch_size(info)[0]
-        if pt == 1 and latent_frames % 2 == 0:
-            lo, hi = (latent_frames - 2) * tc + 1, latent_frames * tc + 1
-            raise ModelRequestError(
-                f"frames={frames} gives {latent_frames} latent frames; CogVideoX's VAE needs an odd latent "
-                f"frame count to decode exactly {frames} frames: use {lo} or {hi}"
-            )
+        if self.patch_size(info)[0] == 1 and latent_frames % 2 == 0:
+            return (f"frames={frames} gives {latent_frames} latent frames; CogVideoX's VAE needs an odd latent "
+                    f"frame count to decode exactly {frames} frames")
+        return None
 
     def text_tokens(self, info: ModelInfo) -> int:
         return int(info.transformer_config.get("max_text_seq_length", 226))
