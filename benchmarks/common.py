@@ -56,6 +56,8 @@ def env_info() -> dict:
         "triton": triton_version,
         "commit": git_commit(),
         "date": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
+        # kernel switches set for the whole run (A/B rows set theirs per row and say so)
+        "kernel_env": {k: v for k, v in sorted(os.environ.items()) if k.startswith("VIDEOBLADE_KERNEL_")},
     }
 
 
