@@ -553,6 +553,30 @@ def test_kernel_levels_fwd_bwd_matches_reference(case):
         assert err < 2 * tol, f"{name}: rel err {err:.2e}"
 
 
+@pytest.mark.parametrize("case", [LEVEL_CASES[-1]], ids=[_lids(LEVEL_CASES[-1])])
+def test_kernel_levels_through_tma_descriptors(case, monkeypatch):
+    # head dim 128 on Hopper streams K/V and Q/dO through TMA descriptors by default: the level
+    # walks and their dk/dv run alongside those loads
+    monkeypatch.setenv("VIDEOBLADE_KERNEL_TMA", "1")
+    test_kernel_levels_fwd_bwd_matches_reference(case)
+
+
+def test_tma_default_follows_head_dim_and_gpu():
+    from videoblade.kernels import block_sparse as bsa
+
+    if bsa.TensorDescriptor is None:
+        pytest.skip("this triton has no host-side tensor descriptors")
+    want = bsa._tma_wanted
+    assert want("auto", 128, (9, 0)) and want("auto", 128, (10, 0))  # Hopper, Blackwell at D=128
+    assert not want("auto", 64, (9, 0))  # CogVideoX's head dim: measured slower, stays off
+    assert not want("auto", 128, (8, 0))  # no TMA before Hopper
+    assert not want("auto", 128, None)  # the interpreter takes it only when asked
+    assert want("1", 64, (9, 0)) and want("1", 16, None) and not want("1", 128, (8, 9))
+    assert not want("0", 128, (9, 0))
+    with pytest.raises(ValueError, match="VIDEOBLADE_KERNEL_TMA"):
+        want("yes", 128, (9, 0))
+
+
 def test_public_fn_autograd_through_levels():
     # grads reach k and v through every level's pooling and the compensation summaries
     g = torch.Generator().manual_seed(12)

@@ -76,18 +76,42 @@ def _interpret() -> bool:
     return os.environ.get("TRITON_INTERPRET", "0") == "1"
 
 
-def _use_tma(*tensors) -> bool:
-    """Tensor-memory-accelerator loads for the streamed K/V (fwd, dq) and Q/dO (dk/dv) tiles.
+_TMA_MODES = ("auto", "1", "0")  # VIDEOBLADE_KERNEL_TMA
 
-    Opt-in: ``VIDEOBLADE_KERNEL_TMA=1`` (Hopper+ GPUs, or the interpreter so the CPU tests
-    cover that path). Measured on H200 (benchmarks/NOTES_attention.md) it was within run-to-run
-    noise of the plain pointer loads in the forward, so the simpler path is the default.
-    Needs 16-byte aligned base and strides (4-D descriptor [B, H, L, D], any layout).
+
+def _tma_wanted(mode: str, head_dim: int, capability: tuple[int, int] | None) -> bool:
+    """Whether the streamed tiles go through TMA descriptors, before the layout checks.
+
+    ``capability``: the GPU's compute capability, None under the interpreter. ``auto`` (the default):
+    on Hopper and newer at head dim 128; measured on an H100 (benchmarks/results/attention_h100.json,
+    c3eaaad, Wan 1x12x32760x128 at density 0.15) it takes the forward from 2.02 to 1.85 ms, with
+    compensation from 2.68 to 2.34 ms, forward + backward 3-4 % less, and the compiled Wan2.1
+    forward with ASA (benchmarks/results/transformer_h100.json, same commit) to 248.7 ms from
+    252.9 ms at f14f233. At head dim 64 (CogVideoX) the same file has it 2-4 % slower, so it stays off.
+    ``1`` forces it wherever it can run (the interpreter included, so the CPU tests cover it), ``0``
+    turns it off.
     """
-    flag = os.environ.get("VIDEOBLADE_KERNEL_TMA", "0")
-    if TensorDescriptor is None or flag != "1":
+    if mode not in _TMA_MODES:
+        raise ValueError(f"VIDEOBLADE_KERNEL_TMA must be one of {_TMA_MODES}, got {mode!r}")
+    if TensorDescriptor is None or mode == "0":
         return False
-    if not _interpret() and not (tensors[0].is_cuda and torch.cuda.get_device_capability(tensors[0].device)[0] >= 9):
+    if capability is not None and capability[0] < 9:
+        return False
+    return mode == "1" or (capability is not None and head_dim >= 128)
+
+
+def _use_tma(*tensors) -> bool:
+    """Tensor-memory-accelerator loads for the streamed K/V (fwd, dq) and Q/dO (dk/dv) tiles
+    (``_tma_wanted``). Needs 16-byte aligned base and strides (4-D descriptor [B, H, L, D], any layout).
+    """
+    t0 = tensors[0]
+    if _interpret():
+        capability = None
+    elif t0.is_cuda:
+        capability = torch.cuda.get_device_capability(t0.device)
+    else:
+        return False
+    if not _tma_wanted(os.environ.get("VIDEOBLADE_KERNEL_TMA", "auto"), t0.shape[-1], capability):
         return False
     for t in tensors:
         es = t.element_size()
