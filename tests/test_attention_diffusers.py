@@ -391,3 +391,49 @@ def test_one_config_for_two_transformers_does_not_couple_them():
     cfg.max_retain = 1.0
     run(b, inputs("wan"))
     assert asa_b.density_stats()["mean"] < 1.0  # b is still sparse, with its own max_retain
+
+
+@pytest.mark.parametrize("bad", [dict(pool=7), dict(mode="nope")], ids=["pool", "mode"])
+def test_a_failed_reinstall_keeps_the_previous_install(bad):
+    # installing again replaces the install only once the new settings are known to be good: a bad
+    # config raises and leaves the model exactly as it was (still patched, same statistics object)
+    model = make("wan")
+    inp = inputs("wan")
+    asa = set_adaptive_sparse_attention(model, ASAConfig(**SPARSE))
+    before = run(model, inp)
+    with pytest.raises(ValueError):
+        set_adaptive_sparse_attention(model, ASAConfig(**dict(SPARSE, **bad)))
+    assert get_adaptive_sparse_attention(model) is asa
+    assert all(b.attn1.processor.asa is asa for b in model.blocks)
+    assert torch.equal(run(model, inp), before)
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_dense_layers_outside_the_model_are_rejected(family):
+    # a dense layer the model does not have (here 2 layers: 0 and 1) would silently stay sparse
+    model = make(family)
+    with pytest.raises(ValueError, match=r"dense_layers.*\[2\].*2 layers"):
+        set_adaptive_sparse_attention(model, ASAConfig(**SPARSE, dense_layers=[1, 2]))
+    assert get_adaptive_sparse_attention(model) is None
+    assert set_adaptive_sparse_attention(model, ASAConfig(**SPARSE, dense_layers=[1])) is not None
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_reorder_per_attention_in_compiled_blocks_at_a_new_grid(family):
+    """reorder_scope="attention" builds the Gilbert order inside the attention call, so with
+    regionally compiled blocks a grid seen for the first time is built inside the compiled region:
+    it must still run (and give the eager result), not fail while tracing the curve's numpy code."""
+    from videoblade.attention import gilbert
+    from videoblade.models import get_adapter
+
+    torch._dynamo.reset()
+    gilbert._DEVICE_CACHE.clear()
+    gilbert.gilbert_order.cache_clear()
+    gilbert._curve_cached.cache_clear()
+    eager, comp = make(family), make(family)
+    for m in (eager, comp):
+        set_adaptive_sparse_attention(m, ASAConfig(**SPARSE), reorder_scope="attention")
+    get_adapter(family).compile_blocks(comp, backend="aot_eager")
+    for size in [(5, 10, 14), (5, 10, 14), (3, 6, 18)]:  # the first call at a grid: its order is not cached yet
+        inp = inputs(family, *size)
+        torch.testing.assert_close(run(comp, inp), run(eager, inp), rtol=1e-5, atol=1e-5)

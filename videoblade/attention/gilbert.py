@@ -188,13 +188,19 @@ def gilbert_order_on(grid, text_tokens: int, device) -> tuple[torch.Tensor, torc
     key = (grid, int(text_tokens), str(device))
     hit = _DEVICE_CACHE.get(key)
     if hit is None:
-        perm, inv = gilbert_order(grid, int(text_tokens))
-        if device.type != "cpu":
-            perm = perm.to(device, non_blocking=False)
-            inv = inv.to(device, non_blocking=False)
-        if len(_DEVICE_CACHE) > 256:  # many distinct grids: forget the oldest
-            _DEVICE_CACHE.pop(next(iter(_DEVICE_CACHE)))
-        hit = _DEVICE_CACHE[key] = (perm, inv)
+        hit = _cache_order(key, grid, int(text_tokens), device)
+    return hit
+
+
+@torch.compiler.disable  # the curve is numpy and recursion: built eagerly when first met inside a compiled graph
+def _cache_order(key, grid, text_tokens: int, device) -> tuple[torch.Tensor, torch.Tensor]:
+    perm, inv = gilbert_order(grid, text_tokens)
+    if device.type != "cpu":
+        perm = perm.to(device, non_blocking=False)
+        inv = inv.to(device, non_blocking=False)
+    if len(_DEVICE_CACHE) > 256:  # many distinct grids: forget the oldest
+        _DEVICE_CACHE.pop(next(iter(_DEVICE_CACHE)))
+    hit = _DEVICE_CACHE[key] = (perm, inv)
     return hit
 
 

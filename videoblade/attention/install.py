@@ -126,6 +126,12 @@ class _ASAInstallState:
             pt = transformer.config.patch_size_t
             self.patch = (int(pt) if pt else 1, int(cfg_patch), int(cfg_patch))
         self.num_layers = len(_blocks(transformer, family))
+        missing = sorted(i for i in self.asa._dense_layers if not 0 <= i < self.num_layers)
+        if missing:  # would silently stay sparse
+            raise ValueError(
+                f"asa.dense_layers {missing} are not layers of this {type(transformer).__name__}: it has "
+                f"{self.num_layers} layers (indices 0..{self.num_layers - 1})"
+            )
 
     # -------------------------------------------------------------- context
     def _context(self, latents: torch.Tensor, timestep, text_tokens: int) -> ASAForwardContext:
@@ -288,20 +294,22 @@ def set_adaptive_sparse_attention(
 
     Returns the ``AdaptiveSparseAttention`` object; its ``density_stats()`` /
     ``reset_stats()`` read and clear the realised density per layer and head. ``config`` is copied:
-    the install's own settings are the returned object's ``cfg``.  Installing
-    again replaces the previous install.  ``reorder_scope``: "forward" (tokens permuted once
+    the install's own settings are the returned object's ``cfg`` (read per forward, except
+    ``dense_layers``, fixed at install).  Installing again replaces the previous install; a config
+    that fails its checks raises and keeps it.  ``reorder_scope``: "forward" (tokens permuted once
     per transformer forward, default) or "attention" (around every attention call).
     ``backend``: "auto" (Triton on CUDA, torch reference elsewhere) or "torch".
     """
     if reorder_scope not in ("forward", "attention"):
         raise ValueError(f"reorder_scope must be 'forward' or 'attention', got {reorder_scope!r}")
     family = model_family(transformer)
-    if getattr(transformer, _STATE_ATTR, None) is not None:
-        unset_adaptive_sparse_attention(transformer)
     # a copy: one config passed to several transformers (or edited later) must not couple them; change
     # an install's settings through the returned object's .cfg
     cfg = copy.deepcopy(config) if config is not None else ASAConfig()
+    # checks the config before the previous install goes: a bad one raises and leaves the model as it was
     state = _ASAInstallState(transformer, cfg, family, reorder_scope, backend)
+    if getattr(transformer, _STATE_ATTR, None) is not None:
+        unset_adaptive_sparse_attention(transformer)
     state.install(transformer)
     # a plain attribute (not a submodule): state_dict, parameters and LoRA saving are unchanged
     object.__setattr__(transformer, _STATE_ATTR, state)
