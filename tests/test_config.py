@@ -49,6 +49,18 @@ def test_dump_round_trip(tmp_path):
         ("asa.not_a_key=1", "not_a_key"),
         ("lora.rank=many", "could not be converted"),
         ("tdm.cfg", "key=value"),
+        # values that would otherwise fail only after the weights load or mid-run
+        ("optim.lr_scheduler=cosine_restarts", "optim.lr_scheduler: must be one of"),
+        ("optim.lr_scheduler=piecewise_constant", "optim.lr_scheduler: must be one of"),
+        ("optim.lr_num_cycles=0", "optim.lr_num_cycles"),
+        ("optim.adam_epsilon=-1e-8", "optim.adam_epsilon"),
+        ("optim.adam_weight_decay=-0.1", "adam_weight_decay: must be >= 0"),
+        ("train.logging_steps=0", "train.logging_steps: must be >= 1"),
+        ("train.validation_steps=-1", "train.validation_steps"),
+        ("train.num_validation_videos=-1", "train.num_validation_videos"),
+        ("lora.lora_dropout=1.5", "lora.lora_dropout"),
+        ("tdm.huber_c=0", "tdm.huber_c"),
+        ("sample.fps=0", "sample.fps"),
     ],
 )
 def test_validation_errors(override, message):
@@ -107,3 +119,34 @@ def test_shipped_recipes_are_the_published_ones(path, cfg_scale, lambda_reg, poo
     assert c.optim.lr_scheduler == "cosine_with_restarts"
     assert (c.lora.rank, c.lora.lora_alpha) == (64, 64)
     assert (c.asa.enabled, c.asa.mode, c.asa.pool, c.asa.compensation, c.asa.reorder) == (True, "energy", pool, True, True)
+
+
+def test_shipped_ds_config_follows_the_run_config(monkeypatch):
+    # under DeepSpeed the engine clips and accumulates (the trainer does not clip itself there): the shipped
+    # ds_config.json must take optim.max_grad_norm / train.* from the run config, not fixed numbers of its own
+    from videoblade.distill.trainer import _fill_ds_config
+
+    monkeypatch.setenv("WORLD_SIZE", "8")
+    root = Path(__file__).resolve().parents[1]
+    cfg = load_config(root / "wanx/configs/tdm_asa.yaml",
+                      ["optim.max_grad_norm=0.5", "train.gradient_accumulation_steps=2", "train.train_batch_size=3"])
+    ds = _fill_ds_config(str(root / "ds_config.json"), cfg)
+    assert ds["gradient_clipping"] == 0.5
+    assert (ds["gradient_accumulation_steps"], ds["train_micro_batch_size_per_gpu"], ds["train_batch_size"]) == (2, 3, 48)
+    assert ds["bf16"]["enabled"] == "auto"  # accelerate fills it from train.mixed_precision
+    assert _fill_ds_config(str(root / "ds_config.json"), load_config(root / "wanx/configs/tdm_asa.yaml"))[
+        "gradient_clipping"] == 1.0  # the published recipe's clip
+
+
+@pytest.mark.parametrize("spelling", ["None", "none", "null", "~"])
+def test_none_spellings_clear_optional_paths(tmp_path, spelling):
+    # `train.resume_from_checkpoint=None` (Python's spelling) must mean no resume, not a checkpoint folder
+    # named "None" that the trainer rejects only after the weights load; likewise the other optional paths
+    keys = ("train.resume_from_checkpoint", "train.deepspeed_config", "train.validation_prompts", "model.path")
+    c = load_config(None, [f"{k}={spelling}" for k in keys])
+    assert (c.train.resume_from_checkpoint, c.train.deepspeed_config, c.train.validation_prompts, c.model.path) == (
+        None, None, None, None)
+    y = tmp_path / "c.yaml"
+    y.write_text(f"train:\n  resume_from_checkpoint: {spelling}\n")
+    assert load_config(y).train.resume_from_checkpoint is None
+    assert load_config(None, ["train.report_to=none"]).train.report_to == "none"  # a plain string stays one

@@ -156,3 +156,52 @@ def test_loader_detects_layouts_and_checks_family_and_rank(tmp_path):
                                            "transformer_blocks.0.attn1.to_q.lora_B.weight": torch.zeros(8, 4)},
                           family="cogvideox", rank=4, alpha=4)
         export_comfy(cpath)
+
+
+def test_bare_peft_layout_keeps_family_alpha_and_loads_into_a_pipeline(tmp_path):
+    # a LoRA saved as bare peft keys (`blocks.0.attn1.to_q.lora_A.weight`, e.g. straight from
+    # get_peft_model_state_dict) with alpha != rank recorded only in the videoblade record
+    from safetensors.torch import save_file
+
+    folder = tiny_model_folder("wan")
+    adapter = get_adapter("wan")
+    src = adapter.load(folder, dtype=torch.float32, components=("transformer",)).transformer
+    sd = _trained_lora(src, 4, 8, adapter.lora_target_modules, seed=5)
+    assert all(k.startswith("blocks.") for k in sd)
+    path = tmp_path / "bare.safetensors"
+    save_file(sd, str(path), metadata={"format": "pt", "videoblade": json.dumps({"rank": 4, "lora_alpha": 8.0})})
+    info = read_lora(path)
+    assert info.layout == "peft" and info.rank == 4 and info.alpha == 8.0
+    assert info.family == "wan"  # guessed from the module names, as for the diffusers layout
+    with pytest.raises(LoRAError, match="wan model"):
+        check_lora(info, family="cogvideox")
+    geo = adapter.geometry(folder)
+    x = torch.randn(1, *geo.latent_shape, generator=torch.Generator().manual_seed(1))
+    emb = torch.randn(1, 8, src.config.text_dim)
+    sched = adapter.schedule(folder)
+    with torch.no_grad():
+        want = adapter.predict(src, x, torch.tensor([400]), emb, geo, schedule=sched)
+    # into a bare transformer: the recorded alpha (scale 2), not alpha = rank
+    fresh = adapter.load(folder, dtype=torch.float32, components=("transformer",)).transformer
+    load_lora_into(fresh, path, adapter_name="student")
+    assert fresh.peft_config["student"].lora_alpha == 8
+    # into a pipeline: the weights actually arrive (diffusers' loader finds no `transformer.` keys in a bare file)
+    pipe = adapter.pipeline(folder, torch_dtype=torch.float32)
+    load_lora_into(pipe, path, adapter_name="student")
+    got = _lora_params(pipe.transformer, "student")
+    assert got.keys() == _lora_params(src).keys()
+    with torch.no_grad():
+        for model in (fresh, pipe.transformer):
+            torch.testing.assert_close(adapter.predict(model, x, torch.tensor([400]), emb, geo, schedule=sched), want,
+                                       rtol=1e-5, atol=1e-5)
+
+
+def test_comfy_export_of_a_run_folder_lands_inside_it(tmp_path):
+    # read_lora takes a folder holding pytorch_lora_weights.safetensors; so does export_comfy, and the
+    # ComfyUI file goes beside that file (inside the folder), not beside the folder
+    run = tmp_path / "run"
+    save_lora(run, {"transformer.blocks.0.attn1.to_q.lora_A.weight": torch.ones(4, 8),
+                    "transformer.blocks.0.attn1.to_q.lora_B.weight": torch.ones(8, 4)}, family="wan", rank=4, alpha=4)
+    out = export_comfy(run)
+    assert out == run / "lora_comfy.safetensors" and out.is_file()
+    assert read_lora(out).layout == "wan_original"

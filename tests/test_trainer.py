@@ -416,3 +416,23 @@ def test_skipped_boundary_step_averages_the_window_over_ranks():
     for _, a, b, c in synced:  # both ranks: the mean of the two, and no gradient made up for c
         assert a == [1.5, 1.5, 1.5] and b == [2.0, 0.0, -2.0] and c is None
     assert sorted(g for g in got if len(g) == 2) == [(0, [0.0, 0.0, 0.0]), (1, [1.0, 1.0, 1.0])]
+
+
+def test_entry_point_takes_config_after_overrides(monkeypatch, tmp_path):
+    # the launch scripts put their own key=value pairs first and the user's arguments after them, so
+    # `bash wanx/train/train_wanx_1.3b.sh --config my.yaml tdm.cfg=4` reaches argparse as overrides,
+    # then --config, then more overrides
+    from videoblade import train as entry
+
+    y = tmp_path / "my.yaml"
+    y.write_text("tdm:\n  cfg: 3.0\n")
+    seen = {}
+
+    def fake_train(cfg):
+        seen["cfg"] = cfg
+        return {"step": 1, "max_train_steps": 1, "loras": {}}
+
+    monkeypatch.setattr("videoblade.distill.trainer.train", fake_train)
+    assert entry.main(["model.path=m", "train.prompt_store=s", "--config", str(y), "tdm.lambda_reg=0.5"]) == 0
+    c = seen["cfg"]
+    assert (c.model.path, c.train.prompt_store, c.tdm.cfg, c.tdm.lambda_reg) == ("m", "s", 3.0, 0.5)

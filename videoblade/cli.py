@@ -4,7 +4,7 @@
         --prompt "a corgi surfing a wave at sunset" --out runs/samples
     videoblade generate --model ckpt/Wan2.1-T2V-1.3B-Diffusers --baseline --prompt-file prompts.txt \
         --eval-dir runs/eval
-    videoblade train --config wanx/configs/wan_1.3b.yaml train.max_train_steps=300
+    videoblade train --config wanx/configs/tdm_asa.yaml model.path=... train.prompt_store=... train.max_train_steps=300
 
 `generate` is `videoblade.inference.main` (also `python utils/inference.py`); `train` hands its
 arguments to `videoblade.train.main`.

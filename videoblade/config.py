@@ -175,6 +175,8 @@ class RunConfig:
 
 
 # ---------------------------------------------------------------------------- validation
+# diffusers.optimization.get_scheduler names the trainer can build (piecewise_constant needs step rules)
+LR_SCHEDULERS = ("linear", "cosine", "cosine_with_restarts", "polynomial", "constant", "constant_with_warmup")
 MAX_POOLED_LEVELS = 3  # the Triton kernels walk at most three pooled levels (kernels.block_sparse.MAX_LEVELS)
 
 
@@ -243,6 +245,7 @@ def _validate(cfg: RunConfig) -> None:
 
     _check(lo.rank >= 1, "lora.rank", f"must be >= 1, got {lo.rank}")
     _check(lo.lora_alpha > 0, "lora.lora_alpha", f"must be > 0, got {lo.lora_alpha}")
+    _check(0.0 <= lo.lora_dropout < 1.0, "lora.lora_dropout", f"must be in [0, 1), got {lo.lora_dropout}")
 
     _check(1 <= t.k_step <= t.num_train_timesteps, "tdm.k_step", f"must be in [1, {t.num_train_timesteps}]")
     _check(0.0 <= t.eta <= 1.0, "tdm.eta", f"must be in [0, 1], got {t.eta}")
@@ -250,16 +253,24 @@ def _validate(cfg: RunConfig) -> None:
     _check(t.lambda_reg >= 0.0, "tdm.lambda_reg", f"must be >= 0, got {t.lambda_reg}")
     _check(0 < t.t_max <= t.num_train_timesteps, "tdm.t_max", f"must be in (0, {t.num_train_timesteps}]")
     _check(t.max_fake_loss > 0, "tdm.max_fake_loss", "must be > 0")
+    _check(t.huber_c > 0, "tdm.huber_c", f"must be > 0, got {t.huber_c}")
 
     _check(o.learning_rate > 0 and o.learning_rate_fake > 0, "optim.learning_rate", "learning rates must be > 0")
     _check(0.0 <= o.adam_beta1 < 1.0 and 0.0 <= o.adam_beta2 < 1.0, "optim.adam_beta", "betas in [0, 1)")
     _check(o.lr_warmup_steps >= 0 and o.max_grad_norm > 0, "optim", "lr_warmup_steps >= 0 and max_grad_norm > 0")
+    _check(o.adam_epsilon >= 0 and o.adam_weight_decay >= 0, "optim.adam_epsilon/adam_weight_decay", "must be >= 0")
+    _check(o.lr_scheduler in LR_SCHEDULERS, "optim.lr_scheduler",
+           f"must be one of {', '.join(LR_SCHEDULERS)}, got {o.lr_scheduler!r}")
+    _check(o.lr_num_cycles >= 1, "optim.lr_num_cycles", f"must be >= 1, got {o.lr_num_cycles}")
 
     _check(tr.max_train_steps >= 1, "train.max_train_steps", "must be >= 1")
     _check(tr.train_batch_size >= 1, "train.train_batch_size", "must be >= 1")
     _check(tr.gradient_accumulation_steps >= 1, "train.gradient_accumulation_steps", "must be >= 1")
     _check(tr.checkpointing_steps >= 1, "train.checkpointing_steps", "must be >= 1")
     _check(tr.checkpoints_total_limit >= 1, "train.checkpoints_total_limit", "must be >= 1")
+    _check(tr.logging_steps >= 1, "train.logging_steps", "must be >= 1")
+    _check(tr.validation_steps >= 0, "train.validation_steps", "must be >= 0 (0: no validation videos)")
+    _check(tr.num_validation_videos >= 0, "train.num_validation_videos", "must be >= 0")
     _check(tr.mixed_precision in ("no", "fp16", "bf16"), "train.mixed_precision", "must be no, fp16 or bf16")
     _check(tr.report_to in ("wandb", "tensorboard", "none"), "train.report_to", "must be wandb, tensorboard or none")
     _check(tr.stop_at_step is None or 1 <= tr.stop_at_step <= tr.max_train_steps, "train.stop_at_step",
@@ -271,6 +282,7 @@ def _validate(cfg: RunConfig) -> None:
     _check(s.guidance >= 1.0, "sample.guidance", "must be >= 1 (1 means no CFG pass)")
     _check(0.0 <= s.eta <= 1.0, "sample.eta", "must be in [0, 1]")
     _check(s.sampler in ("tdm", "unipc"), "sample.sampler", f"must be tdm or unipc, got {s.sampler!r}")
+    _check(s.fps >= 1, "sample.fps", "must be >= 1")
 
 
 # ---------------------------------------------------------------------------- load / dump
@@ -304,6 +316,12 @@ def load_config(path: str | Path | None = None, overrides: list[str] | None = No
         # YAML 1.1 reads a bare `no` as a boolean, which OmegaConf then stores as "False"
         if obj.train.mixed_precision in ("False", "false"):
             obj.train.mixed_precision = "no"
+        # `key=None` (Python's spelling of null) reaches an optional string field as the text "None"
+        for section in dataclasses.fields(obj):
+            sub = getattr(obj, section.name)
+            for f in dataclasses.fields(sub):
+                if f.type == "str | None" and getattr(sub, f.name) in ("None", "none"):
+                    setattr(sub, f.name, None)
         _validate(obj)
     return obj
 

@@ -18,7 +18,7 @@ def main(argv: list[str] | None = None) -> int:
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--config", default=None, help="YAML config (e.g. wanx/configs/tdm_asa.yaml)")
     ap.add_argument("overrides", nargs="*", help="dotted overrides, e.g. model.path=/models/wan train.max_train_steps=10")
-    args = ap.parse_args(argv)
+    args = ap.parse_intermixed_args(argv)  # the launch scripts append the user's arguments after their overrides
     from videoblade.distill.trainer import TrainRequestError, train
 
     try:

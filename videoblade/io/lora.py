@@ -178,7 +178,7 @@ def export_comfy(src: str | Path, dst: str | Path | None = None) -> Path:
         out[f"{orig}.{'lora_down' if m.group(2) == 'lora_A' else 'lora_up'}.weight"] = v
         out[f"{orig}.alpha"] = torch.tensor(alpha, dtype=torch.float32)
     record = dict(info.meta, layout="wan_original")
-    dst = Path(dst) if dst is not None else Path(src).with_name(COMFY_FILE)
+    dst = Path(dst) if dst is not None else info.path.with_name(COMFY_FILE)  # src may be the run folder
     _atomic_save(out, dst, {"format": "pt", _META_KEY: json.dumps(record, sort_keys=True, default=str)})
     return dst
 
@@ -199,7 +199,7 @@ def lora_layout(keys, path: str | Path = "LoRA") -> tuple[str, str | None]:
     else:
         raise LoRAError(f"{path}: unknown LoRA key layout (first keys: {keys[:3]}); expected diffusers "
                         "(transformer.*.lora_A.weight) or original-Wan / ComfyUI (diffusion_model.*.lora_down.weight)")
-    if any(".attn1." in k and k.split(".")[1] == "blocks" for k in keys):
+    if any(re.search(r"(^|\.)blocks\.\d+\.attn1\.", k) for k in keys):  # transformer.blocks.* or bare blocks.*
         return layout, "wan"
     if any("transformer_blocks." in k for k in keys):
         return layout, "cogvideox"
@@ -282,10 +282,13 @@ def load_lora_into(target, path: str | Path, *, family: str | None = None, rank:
     check_lora(info, family=family, rank=rank)
     sd = _diffusers_state_dict(info)
     adapter_meta = info.adapter_metadata
-    if adapter_meta is None:  # the converter folded alpha / rank into the weights
-        adapter_meta = {"r": info.rank, "lora_alpha": float(info.rank),
+    if adapter_meta is None:  # the converter folded alpha / rank into the weights; other layouts keep the record's
+        alpha = info.alpha if info.alpha is not None and info.layout != "wan_original" else info.rank
+        adapter_meta = {"r": info.rank, "lora_alpha": float(alpha),
                         "target_modules": sorted({re.sub(r"\.lora_[AB]\.(weight|bias)$", "", k)[len("transformer."):]
                                                   for k in sd})}
+    if hasattr(target, "load_lora_weights") and info.layout == "peft" and transformer is not None:
+        target = transformer  # diffusers' pipeline loader keeps only `transformer.*` keys: bare peft keys go in directly
     if hasattr(target, "load_lora_weights"):  # the pipeline reads the file itself (and converts layouts)
         target.load_lora_weights(str(info.path.parent), weight_name=info.path.name, adapter_name=adapter_name)
         if scale is not None:
