@@ -8,6 +8,8 @@ Rows:
   pool 16, SPEC 1.5); the realised density of (c) is read from the installed ASA.
 * ``forward, ASA + rank-64 LoRA`` (compiled rows): the student as inference loads it, with the LoRA
   kept as peft adapter layers (``--no-fuse-lora``) and merged into the base weights (the default).
+* ``A/B VIDEOBLADE_KERNEL_TMA=0`` (compiled rows): the ASA forward with the kernels' TMA loads off
+  against the default, alternating rounds in one process (skipped when the run sets the switch).
 * ``attn_error``: relative L2 error of ASA's attention output against fp32 dense attention on
   q/k/v with 3D locality (``videoblade.attention.synthetic.local_qkv``) at density 0.15 (and
   multi-level ASA, SPEC 1.6, at about the same cost density)
@@ -268,6 +270,9 @@ def compiled_rows(family, name, model, fwd, shape, dense_out, asa_cfg, reps, bes
                      compile_s=comp_a, rel_l2_vs_dense_output=rel, asa_config=dataclasses.asdict(asa_cfg),
                      **{"pass": bool(torch.isfinite(out).all())}))
     rows.append(kernel_breakdown(f"{name} forward, ASA defaults, compiled blocks{tag}", fwd, model, shape))
+    if "VIDEOBLADE_KERNEL_TMA" not in os.environ:  # a run that sets it records it as kernel_env instead
+        rows.append(switch_ab_row(f"{name} forward, ASA defaults, compiled blocks{tag}", fwd, shape,
+                                  "VIDEOBLADE_KERNEL_TMA", "0", dens["mean"]))
     rows += lora_rows(family, name, model, fwd, shape, t_asa, dens["mean"], out, tag)
     unset_adaptive_sparse_attention(model)
     return rows
@@ -320,6 +325,26 @@ def lora_rows(family, name, model, fwd, shape, t_asa, density, asa_out, tag) -> 
             for n, w in base.items():
                 params[n].copy_(w)
     return rows
+
+
+def switch_ab_row(label: str, fwd, shape, var: str, value: str, density: float, rounds: int = 4) -> dict:
+    """One kernel switch (an environment variable the kernels read per launch) flipped against the
+    default in the same process, timed in alternating rounds so drift hits both sides alike."""
+    times = {"default": [], value: []}
+    for _ in range(rounds):
+        for side in times:
+            if side == "default":
+                os.environ.pop(var, None)
+            else:
+                os.environ[var] = value
+            try:
+                times[side].append(_timer(fwd, warmup=1, reps=5, min_reps=3, max_total_ms=3000))
+            finally:
+                os.environ.pop(var, None)
+    med = {k: sorted(v)[len(v) // 2] for k, v in times.items()}
+    return dict(what=f"{label}: A/B {var}={value} against the default", shape=shape, density=density,
+                median_ms=med["default"], peer=f"{var}={value}", switched_ms=med[value], rounds_ms=times,
+                default_speedup_vs_switched=med[value] / med["default"], **{"pass": True})
 
 
 def _adapter(family: str):
