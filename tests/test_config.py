@@ -150,3 +150,23 @@ def test_none_spellings_clear_optional_paths(tmp_path, spelling):
     y.write_text(f"train:\n  resume_from_checkpoint: {spelling}\n")
     assert load_config(y).train.resume_from_checkpoint is None
     assert load_config(None, ["train.report_to=none"]).train.report_to == "none"  # a plain string stays one
+
+
+def test_sample_defaults_follow_the_student():
+    # validation videos sample like the student was trained (tdm.k_step / tdm.eta) unless set
+    c = load_config(None, ["tdm.k_step=4", "tdm.eta=0.5"])
+    assert (c.sample.steps, c.sample.eta, c.sample.guidance, c.sample.sampler, c.sample.flow_shift) == (
+        None, None, 1.0, "tdm", None)
+
+
+@pytest.mark.parametrize("overrides, message", [
+    (["sample.flow_shift=5.0"], "sample.flow_shift: .*sample.sampler=unipc"),
+    (["sample.sampler=unipc", "sample.eta=0.5"], "sample.eta: .*sample.sampler=tdm"),
+    (["sample.sampler=unipc", "sample.flow_shift=0"], "sample.flow_shift: must be > 0"),
+    (["sample.steps=0"], "sample.steps: must be >= 1"),
+    (["sample.steps=1001"], "sample.steps: must be"),
+    (["sample.eta=1.5"], "sample.eta"),
+])
+def test_sample_settings_that_would_do_nothing_are_refused(overrides, message):
+    with pytest.raises(ConfigError, match=message):
+        load_config(None, overrides)

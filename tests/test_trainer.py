@@ -436,3 +436,152 @@ def test_entry_point_takes_config_after_overrides(monkeypatch, tmp_path):
     assert entry.main(["model.path=m", "train.prompt_store=s", "--config", str(y), "tdm.lambda_reg=0.5"]) == 0
     c = seen["cfg"]
     assert (c.model.path, c.train.prompt_store, c.tdm.cfg, c.tdm.lambda_reg) == ("m", "s", 3.0, 0.5)
+
+
+def test_negative_prompt_must_be_the_one_the_store_embedded(tiny, tmp_path):
+    # the teacher's CFG uses the store's negative embedding: tdm.negative_prompt must name the same
+    # prompt, or the run would silently use another negative prompt than the config says
+    from videoblade.distill.trainer import TrainRequestError, validate_request
+
+    folder, _ = tiny["wan"]
+    store = encode_prompts_to_store(folder, PROMPTS[:2], tmp_path / "neg", dtype="fp32", negative_prompt="blurry",
+                                    progress=False)
+
+    def cfg(**over):
+        return load_config(None, _args(tiny, "wan", tmp_path / "v", **{"train.prompt_store": store, **over}))
+
+    assert validate_request(cfg(**{"tdm.negative_prompt": "blurry"})).store.negative_prompt == "blurry"
+    with pytest.raises(TrainRequestError, match=r"tdm.negative_prompt='' .*'blurry'.*process_prompts.py"):
+        validate_request(cfg())
+    with pytest.raises(TrainRequestError, match=r"tdm.negative_prompt='static' .*'blurry'.*--negative_prompt"):
+        validate_request(cfg(**{"tdm.negative_prompt": "static"}))
+    # the default store (negative "") and the default config agree
+    assert validate_request(cfg(**{"train.prompt_store": tiny["wan"][1]})).store.negative_prompt == ""
+    # an older store whose manifest does not record its negative prompt: only the default can run (with a note)
+    mf = Path(store) / "manifest.json"
+    m = json.loads(mf.read_text())
+    del m["negative_prompt"]
+    mf.write_text(json.dumps(m))
+    req = validate_request(cfg())
+    assert req.store.negative_prompt is None and any("negative prompt" in n for n in req.notes)
+    with pytest.raises(TrainRequestError, match=r"does not record.*re-encode"):
+        validate_request(cfg(**{"tdm.negative_prompt": "blurry"}))
+
+
+def test_validation_videos_follow_the_sample_settings(tiny, tmp_path):
+    # sample.steps / eta / guidance / sampler / flow_shift drive the validation videos (None: tdm.k_step, tdm.eta)
+    from types import SimpleNamespace
+
+    from videoblade.distill.trainer import TDMTrainer, validate_request
+    from videoblade.sampling import sample, sample_unipc
+
+    req = validate_request(load_config(None, _args(tiny, "wan", tmp_path / "v")))
+    transformer = req.adapter.load(req.folder, dtype=torch.float32, components=("transformer",)).transformer
+    calls = []
+    transformer.register_forward_pre_hook(lambda *a: calls.append(1))
+    embeds = req.store.get([0, 1]).float()
+    negative = req.store.negative().float()
+
+    def latents(**over):
+        cfg = load_config(None, _args(tiny, "wan", tmp_path / "v", **{"tdm.k_step": 3, "tdm.eta": 0.5, **over}))
+        fake = SimpleNamespace(cfg=cfg, req=req, roles=SimpleNamespace(select=lambda role: None),
+                               nograd_model={"student": transformer}, generator=torch.Generator(),
+                               device=torch.device("cpu"), negative=negative)
+        calls.clear()
+        out = TDMTrainer._validation_latents(fake, embeds)
+        return out, len(calls)
+
+    def gen():
+        return torch.Generator().manual_seed(0)
+
+    common = dict(progress=False)
+    got, n = latents()  # defaults: the student's own k_step and eta
+    assert n == 3
+    torch.testing.assert_close(got, sample(req.adapter, transformer, req.schedule, embeds, req.geometry, steps=3,
+                                           eta=0.5, generator=gen(), **common), rtol=0, atol=0)
+    got, n = latents(**{"sample.steps": 2, "sample.eta": 1.0, "sample.guidance": 2.0})
+    assert n == 4  # 2 steps x (cond + uncond)
+    want = sample(req.adapter, transformer, req.schedule, embeds, req.geometry, steps=2, eta=1.0, generator=gen(),
+                  guidance=2.0, negative_embeds=negative, **common)
+    torch.testing.assert_close(got, want, rtol=0, atol=0)
+    got, n = latents(**{"sample.sampler": "unipc", "sample.steps": 2, "sample.flow_shift": 5.0})
+    assert n == 2
+    want = sample_unipc(req.adapter, transformer, req.schedule, embeds, req.geometry, steps=2, generator=gen(),
+                        flow_shift=5.0, **common)
+    torch.testing.assert_close(got, want, rtol=0, atol=0)
+    other = sample_unipc(req.adapter, transformer, req.schedule, embeds, req.geometry, steps=2, generator=gen(),
+                         **common)
+    assert not torch.equal(want, other)  # the shift reached the scheduler
+
+
+def test_sample_settings_the_model_cannot_use_fail_before_loading(tiny, tmp_path):
+    from videoblade.distill.trainer import TrainRequestError, validate_request
+
+    with pytest.raises(TrainRequestError, match="sample.flow_shift.*flow-matching"):
+        validate_request(load_config(None, _args(tiny, "cogvideox", tmp_path / "c", **{
+            "sample.sampler": "unipc", "sample.flow_shift": 5.0})))
+    cfg = load_config(None, _args(tiny, "cogvideox", tmp_path / "c", **{"sample.sampler": "unipc"}))
+    assert validate_request(cfg).family == "cogvideox"
+
+
+def _ds_cfg(tmp_path, **keys):
+    ds = json.loads((ROOT / "ds_config.json").read_text())
+    ds.update(keys)
+    p = tmp_path / "ds.json"
+    p.write_text(json.dumps(ds))
+    return p
+
+
+@pytest.mark.parametrize("key, value, run_key, run_value", [
+    ("gradient_accumulation_steps", 8, "train.gradient_accumulation_steps", 2),
+    ("train_micro_batch_size_per_gpu", 4, "train.train_batch_size", 1),
+    ("train_batch_size", 16, "train.train_batch_size", 1),
+    ("gradient_clipping", 0.5, "optim.max_grad_norm", 1.0),
+    ("bf16", {"enabled": True}, "train.mixed_precision", "no"),
+    ("bf16", {"enabled": False}, "train.mixed_precision", "bf16"),
+    ("fp16", {"enabled": True}, "train.mixed_precision", "bf16"),
+], ids=["accum", "micro", "global", "clip", "bf16-on", "bf16-off", "fp16-on"])
+def test_deepspeed_json_contradicting_the_run_config_is_refused(tiny, tmp_path, monkeypatch, key, value, run_key,
+                                                                 run_value):
+    # an explicit number in the DeepSpeed JSON that the run config contradicts: DeepSpeed would train with
+    # one, the resolved config.yaml would record the other
+    from videoblade.distill.trainer import TrainRequestError, _fill_ds_config
+
+    monkeypatch.delenv("WORLD_SIZE", raising=False)
+    ds = _ds_cfg(tmp_path, **{key: value})
+    cfg = load_config(None, _args(tiny, "wan", tmp_path / "v", **{run_key: run_value}))
+    shown = value["enabled"] if isinstance(value, dict) else value
+    with pytest.raises(TrainRequestError, match=rf"{key}.*{str(shown).lower()}.*{run_key}.*ds\.json"):
+        _fill_ds_config(str(ds), cfg)
+
+
+def test_deepspeed_json_agreeing_with_the_run_config_is_kept(tiny, tmp_path, monkeypatch):
+    from videoblade.distill.trainer import _fill_ds_config
+
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    ds = _ds_cfg(tmp_path, gradient_accumulation_steps=2, train_micro_batch_size_per_gpu=1, train_batch_size=4,
+                 gradient_clipping=1, bf16={"enabled": False}, fp16={"enabled": "false"})
+    cfg = load_config(None, _args(tiny, "wan", tmp_path / "v"))  # batch 1 x accum 2, clip 1.0, precision no
+    d = _fill_ds_config(str(ds), cfg)
+    assert (d["gradient_accumulation_steps"], d["train_micro_batch_size_per_gpu"], d["train_batch_size"]) == (2, 1, 4)
+    bf = load_config(None, _args(tiny, "wan", tmp_path / "v", **{"train.mixed_precision": "bf16"}))
+    assert _fill_ds_config(str(_ds_cfg(tmp_path, bf16={"enabled": True})), bf)["bf16"]["enabled"] is True
+    # "auto" is still filled from the run config
+    auto = _fill_ds_config(str(ROOT / "ds_config.json"), cfg)
+    assert (auto["gradient_accumulation_steps"], auto["train_batch_size"], auto["gradient_clipping"]) == (2, 4, 1.0)
+
+
+def test_comfy_export_of_unmappable_lora_targets_fails_before_loading(tiny, tmp_path):
+    # the original-Wan / ComfyUI layout names the blocks' attention and feed-forward only: a LoRA on
+    # proj_out could not be exported at the end of the run, so the request is refused up front
+    from videoblade.distill.trainer import TrainRequestError, validate_request
+
+    def cfg(fam="wan", **over):
+        return load_config(None, _args(tiny, fam, tmp_path / "v", **over))
+
+    targets = {"lora.target_modules": "[to_q,to_k,ffn.net.0.proj,proj_out]"}
+    with pytest.raises(TrainRequestError, match=r"proj_out.*train.export_comfy=false"):
+        validate_request(cfg(**targets))
+    assert validate_request(cfg(**targets, **{"train.export_comfy": "false"})).target_modules[-1] == "proj_out"
+    assert validate_request(cfg(**{"lora.target_modules": "[to_q,to_out.0,ffn.net.0.proj,ffn.net.2]"}))
+    assert validate_request(cfg("cogvideox", **targets))  # no ComfyUI export for CogVideoX

@@ -4,7 +4,8 @@
         --prompts videoblade/data/prompts/train.txt --out runs/prompts-wan
 
 The model folder's own text encoder and tokenizer are used (the trainer never loads them);
-the store also holds the teacher's CFG negative-prompt embedding (`--negative_prompt`, default "").
+the store also holds the teacher's CFG negative-prompt embedding (`--negative_prompt`, default "") and
+records its text in manifest.json: the trainer refuses a run whose `tdm.negative_prompt` differs from it.
 """
 
 from __future__ import annotations
@@ -25,7 +26,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--out", required=True, help="output folder of the prompt store")
     ap.add_argument("--max_length", type=int, default=None, help="text tokens (default: the family's, Wan 512 / CogVideoX 226)")
     ap.add_argument("--dtype", default="bf16", choices=["bf16", "fp16", "fp32"], help="stored dtype")
-    ap.add_argument("--negative_prompt", default="", help="the teacher's CFG negative prompt")
+    ap.add_argument("--negative_prompt", default="", help="the teacher's CFG negative prompt (the run's tdm.negative_prompt must be the same text)")
     ap.add_argument("--batch_size", type=int, default=8)
     ap.add_argument("--shard_size", type=int, default=1024, help="prompts per safetensors shard")
     ap.add_argument("--device", default=None, help="cuda / cpu (default: cuda when available)")

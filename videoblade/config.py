@@ -105,7 +105,9 @@ class TDMConfig:
     huber_c: float = 1e-3  # c = huber_c * sqrt(numel per sample) / sqrt(64*64*4)
     sample_weighting: bool = False  # TDM's original 1 / mean|x0_s - x0_R| weighting
     max_fake_loss: float = 1e4  # a fake-score step whose loss is above this (or non-finite) is skipped
-    negative_prompt: str = ""  # the teacher's CFG negative prompt; embedded once by process_prompts
+    # the teacher's CFG negative prompt: embedded once by utils/process_prompts.py --negative_prompt; the
+    # trainer refuses a prompt store that embedded another one
+    negative_prompt: str = ""
 
 
 @dataclass
@@ -154,11 +156,13 @@ class TrainConfig:
 
 @dataclass
 class SampleConfig:
-    steps: int = 8
-    guidance: float = 1.0
-    eta: float = 0.9
+    """How the trainer samples its validation videos (the student, through `videoblade.sampling`)."""
+
+    steps: int | None = None  # None: tdm.k_step (the student's own step count)
+    guidance: float = 1.0  # > 1: CFG against the prompt store's negative embedding (tdm.negative_prompt)
+    eta: float | None = None  # tdm sampler stochasticity; None: tdm.eta. Not used by unipc
     sampler: str = "tdm"  # "tdm" (the eta-stochastic sampler) | "unipc"
-    flow_shift: float | None = None  # UniPC flow shift; None: the model folder's
+    flow_shift: float | None = None  # unipc on flow models (Wan) only; None: the model folder's
     seed: int = 0
     fps: int = 16
 
@@ -278,10 +282,17 @@ def _validate(cfg: RunConfig) -> None:
     _check(tr.compile_backend in ("inductor", "aot_eager", "eager"), "train.compile_backend",
            f"must be inductor, aot_eager or eager, got {tr.compile_backend!r}")
 
-    _check(s.steps >= 1, "sample.steps", "must be >= 1")
+    _check(s.steps is None or 1 <= s.steps <= t.num_train_timesteps, "sample.steps",
+           f"must be >= 1 and <= tdm.num_train_timesteps={t.num_train_timesteps}, or null (tdm.k_step), got {s.steps}")
     _check(s.guidance >= 1.0, "sample.guidance", "must be >= 1 (1 means no CFG pass)")
-    _check(0.0 <= s.eta <= 1.0, "sample.eta", "must be in [0, 1]")
+    _check(s.eta is None or 0.0 <= s.eta <= 1.0, "sample.eta", "must be in [0, 1] or null (tdm.eta)")
     _check(s.sampler in ("tdm", "unipc"), "sample.sampler", f"must be tdm or unipc, got {s.sampler!r}")
+    # a setting the chosen sampler would not read is refused rather than silently ignored
+    _check(s.eta is None or s.sampler == "tdm", "sample.eta",
+           f"applies to sample.sampler=tdm only (got sample.sampler={s.sampler}): set sample.eta=null")
+    _check(s.flow_shift is None or s.sampler == "unipc", "sample.flow_shift",
+           f"applies to sample.sampler=unipc only (got sample.sampler={s.sampler}): set sample.flow_shift=null")
+    _check(s.flow_shift is None or s.flow_shift > 0, "sample.flow_shift", f"must be > 0, got {s.flow_shift}")
     _check(s.fps >= 1, "sample.fps", "must be >= 1")
 
 

@@ -166,6 +166,10 @@ class PromptStore:
             raise PromptStoreError(f"{mf}: dtype {m.get('dtype')!r} is not one of {sorted(_DTYPES)}: rebuild the store")
         self.dtype: torch.dtype = _DTYPES[m["dtype"]]
         self.count: int = int(m["count"])
+        # the text the negative embedding was encoded from (the trainer checks it against tdm.negative_prompt);
+        # None: a store whose manifest does not record it
+        neg = m.get("negative_prompt")
+        self.negative_prompt: str | None = neg if isinstance(neg, str) else None
         self._starts, s = [], 0
         for sh in m["shards"]:
             if not (self.path / sh["file"]).is_file():

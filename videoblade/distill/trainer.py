@@ -102,6 +102,15 @@ def _want_deepspeed(cfg: RunConfig) -> tuple[bool, str | None]:
     return True, path
 
 
+def _number(v) -> float | None:
+    if isinstance(v, bool):
+        return None
+    try:
+        return float(v)
+    except (TypeError, ValueError):
+        return None
+
+
 def _fill_ds_config(path: str, cfg: RunConfig) -> dict:
     p = Path(path)
     if not p.is_file():
@@ -111,14 +120,34 @@ def _fill_ds_config(path: str, cfg: RunConfig) -> dict:
     except json.JSONDecodeError as e:
         raise TrainRequestError(f"DeepSpeed config {p} is not valid JSON: {e}") from None
     tr = cfg.train
-    for key, val in (("train_micro_batch_size_per_gpu", tr.train_batch_size),
-                     ("gradient_accumulation_steps", tr.gradient_accumulation_steps),
-                     ("gradient_clipping", cfg.optim.max_grad_norm)):
-        if d.get(key, "auto") == "auto":
+    world = int(os.environ.get("WORLD_SIZE", "1"))  # the launcher's world size is known here
+
+    def contradiction(key: str, have, run_key: str, run_value, want) -> TrainRequestError:
+        return TrainRequestError(
+            f"DeepSpeed config {p}: {key} is {json.dumps(have)}, but the run config's {run_key} is {run_value}, "
+            f"which needs {key}={json.dumps(want)}; DeepSpeed would train with the JSON's value while config.yaml "
+            f"records the run config's: set {key} to \"auto\" in {p} (filled from the run config) or make the two agree")
+
+    # "auto" is filled from the run config; an explicit number must agree with it
+    for key, val, run_key in (("train_micro_batch_size_per_gpu", tr.train_batch_size, "train.train_batch_size"),
+                              ("gradient_accumulation_steps", tr.gradient_accumulation_steps,
+                               "train.gradient_accumulation_steps"),
+                              ("gradient_clipping", cfg.optim.max_grad_norm, "optim.max_grad_norm"),
+                              ("train_batch_size", tr.train_batch_size * tr.gradient_accumulation_steps * world,
+                               f"train.train_batch_size x train.gradient_accumulation_steps x WORLD_SIZE={world}")):
+        have = d.get(key, "auto")
+        if have == "auto":
             d[key] = val
-    if d.get("train_batch_size", "auto") == "auto":  # the launcher's world size (WORLD_SIZE) is known here
-        d["train_batch_size"] = (int(d["train_micro_batch_size_per_gpu"]) * int(d["gradient_accumulation_steps"])
-                                 * int(os.environ.get("WORLD_SIZE", "1")))
+        elif _number(have) is None or not math.isclose(_number(have), val):
+            raise contradiction(key, have, run_key, val, val)
+    mp = tr.mixed_precision
+    for key, on in (("bf16", mp == "bf16"), ("bfloat16", mp == "bf16"), ("fp16", mp == "fp16")):
+        section = d.get(key)
+        if not isinstance(section, dict):
+            continue
+        have = str(section.get("enabled", "auto")).lower()
+        if have != "auto" and have != str(on).lower():
+            raise contradiction(f"{key}.enabled", section.get("enabled"), "train.mixed_precision", mp, on)
     if d.get("optimizer") or d.get("scheduler"):
         raise TrainRequestError(
             f"{p}: remove the 'optimizer'/'scheduler' sections: the trainer builds its two AdamW optimizers "
@@ -130,6 +159,32 @@ def _fill_ds_config(path: str, cfg: RunConfig) -> dict:
                 raise TrainRequestError(f"{p}: zero_optimization.{k} must be a number (diffusers models have no "
                                         "config.hidden_size for accelerate to derive it from)")
     return d
+
+
+def _check_comfy_targets(info, targets: list[str]) -> None:
+    """Refuse LoRA targets the original-Wan / ComfyUI layout has no name for (`train.export_comfy`), before
+    the weights load: the module names come from a meta-device transformer built from its config.json."""
+    import diffusers
+
+    from videoblade.io.lora import LoRAError, _to_original_module
+
+    cls = getattr(diffusers, info.transformer_config["_class_name"])
+    with torch.device("meta"):
+        model = cls.from_config(info.transformer_config)
+    unmapped = []
+    for name, mod in model.named_modules():  # peft's rule: a target matches the name or its dotted suffix
+        if next(mod.children(), None) is None and any(name == t or name.endswith("." + t) for t in targets):
+            try:
+                _to_original_module(name)
+            except LoRAError:
+                unmapped.append(name)
+    if unmapped:
+        shown = ", ".join(unmapped[:4]) + (f" (+{len(unmapped) - 4} more)" if len(unmapped) > 4 else "")
+        raise TrainRequestError(
+            f"lora.target_modules={targets} puts LoRAs on {shown}, which the original-Wan / ComfyUI layout "
+            "(lora_comfy.safetensors) has no name for: it covers the blocks' attention (to_q, to_k, to_v, to_out.0) "
+            "and feed-forward (ffn.net.0.proj, ffn.net.2) only. Set train.export_comfy=false to train these "
+            "targets (the diffusers LoRA is still written), or drop them from lora.target_modules")
 
 
 def validate_request(cfg: RunConfig) -> TrainRequest:
@@ -169,6 +224,23 @@ def validate_request(cfg: RunConfig) -> TrainRequest:
         store.check(adapter.family, expected_len, hidden)
     except PromptStoreError as e:
         raise TrainRequestError(str(e)) from None
+    notes: list[str] = []
+    neg = cfg.tdm.negative_prompt
+    if store.negative_prompt is None:  # an older store: its manifest does not say what it embedded
+        if neg:
+            raise TrainRequestError(
+                f"tdm.negative_prompt={neg!r} but prompt store {store.path} does not record the negative prompt it "
+                f"embedded (an older store): re-encode it with `python utils/process_prompts.py --model {folder} "
+                f"--out {store.path} --negative_prompt {neg!r}`")
+        notes.append(f"prompt store {store.path} does not record its negative prompt (an older store): the teacher's "
+                     "CFG uses its negative embedding as is (re-encode with utils/process_prompts.py to check it "
+                     "against tdm.negative_prompt)")
+    elif store.negative_prompt != neg:
+        raise TrainRequestError(
+            f"tdm.negative_prompt={neg!r} but prompt store {store.path} embedded the negative prompt "
+            f"{store.negative_prompt!r} (the teacher's CFG uses the store's embedding): set "
+            f"tdm.negative_prompt={store.negative_prompt!r}, or re-encode the store with `python "
+            f"utils/process_prompts.py --model {folder} --out {store.path} --negative_prompt {neg!r}`")
     if adapter.family == "cogvideox" and store.text_max_length != geometry.text_tokens:
         raise TrainRequestError(
             f"prompt store has {store.text_max_length} text tokens but the CogVideoX transformer concatenates "
@@ -179,6 +251,9 @@ def validate_request(cfg: RunConfig) -> TrainRequest:
         except ImportError:
             raise TrainRequestError("validation videos need imageio-ffmpeg (pip install imageio-ffmpeg), "
                                     "or set train.validation_steps=0") from None
+    if cfg.sample.flow_shift is not None and schedule.kind != "flow":
+        raise TrainRequestError(f"sample.flow_shift applies to flow-matching models (Wan) only; {folder} is a "
+                                f"{adapter.family} model: set sample.flow_shift=null")
     val_prompts = None
     if tr.validation_prompts:
         try:
@@ -199,6 +274,8 @@ def validate_request(cfg: RunConfig) -> TrainRequest:
         raise TrainRequestError("train.compile does not work under DeepSpeed ZeRO-3 (its parameter hooks gather "
                                 "weights inside the blocks): set train.compile=false or run without DeepSpeed")
     targets = list(cfg.lora.target_modules or adapter.lora_target_modules)
+    if tr.export_comfy and adapter.family == "wan":
+        _check_comfy_targets(info, targets)
     if cfg.asa.enabled:
         bs = cfg.asa.block_size
         if geometry.seq_len < 2 * bs:
@@ -208,7 +285,7 @@ def validate_request(cfg: RunConfig) -> TrainRequest:
         raise TrainRequestError("train.stop_at_step must be <= train.max_train_steps")
     return TrainRequest(folder=folder, family=adapter.family, adapter=adapter, info=info, geometry=geometry,
                         schedule=schedule, store=store, output_dir=out, use_deepspeed=use_ds, ds_config=ds_config,
-                        target_modules=targets, validation_prompts=val_prompts)
+                        target_modules=targets, validation_prompts=val_prompts, notes=notes)
 
 
 # ============================================================================ roles
@@ -835,16 +912,29 @@ class TDMTrainer:
         acc.wait_for_everyone()
         return _load_tensors(cache)[0]["embeds"].to(self.device)
 
+    def _validation_latents(self, embeds: torch.Tensor) -> torch.Tensor:
+        """The student's validation latents with the `sample.*` settings: the tdm eta sampler (steps /
+        eta default to tdm.k_step / tdm.eta) or UniPC (flow_shift); guidance > 1 runs CFG against the
+        prompt store's negative embedding."""
+        from videoblade.sampling import sample, sample_unipc
+
+        s, req = self.cfg.sample, self.req
+        self.roles.select("student")
+        g = torch.Generator(device=self.generator.device).manual_seed(s.seed)
+        steps = s.steps if s.steps is not None else self.cfg.tdm.k_step
+        neg = self.negative if s.guidance != 1.0 else None
+        args = (req.adapter, self.nograd_model["student"], req.schedule, embeds.to(self.device), req.geometry)
+        if s.sampler == "unipc":
+            return sample_unipc(*args, steps=steps, guidance=s.guidance, negative_embeds=neg, generator=g,
+                                flow_shift=s.flow_shift, progress=False, desc="validation")
+        return sample(*args, steps=steps, eta=s.eta if s.eta is not None else self.cfg.tdm.eta, generator=g,
+                      guidance=s.guidance, negative_embeds=neg, progress=False, desc="validation")
+
     def validate(self, embeds: torch.Tensor) -> list[str]:
         """Sample with the student through the shared sampler; write mp4s (main process). All ranks run
         the forwards (ZeRO-3 gathers parameters collectively); only the main one decodes and writes."""
-        from videoblade.sampling import sample
-
         cfg, acc, req = self.cfg, self.accelerator, self.req
-        self.roles.select("student")
-        g = torch.Generator(device=self.generator.device).manual_seed(cfg.sample.seed)
-        lat = sample(req.adapter, self.nograd_model["student"], req.schedule, embeds.to(self.device), req.geometry,
-                     steps=cfg.tdm.k_step, eta=cfg.tdm.eta, generator=g, progress=False, desc="validation")
+        lat = self._validation_latents(embeds)
         for a in self.roles.asa.values():
             a.reset_stats()
         paths: list[str] = []
