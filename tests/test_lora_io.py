@@ -39,6 +39,13 @@ def _lora_params(module, adapter="default"):
             if "lora_" in n and f".{adapter}." in n}
 
 
+def _probe_inputs(adapter, folder, model):
+    """(geometry, latents, text embeddings, schedule) for one forward of the tiny model in `folder`."""
+    geo = adapter.geometry(folder)
+    x = torch.randn(1, *geo.latent_shape, generator=torch.Generator().manual_seed(1))
+    return geo, x, torch.randn(1, 8, model.config.text_dim), adapter.schedule(folder)
+
+
 @pytest.mark.parametrize("family,alpha", [("wan", 64), ("wan", 32), ("cogvideox", 64)])
 def test_roundtrip_through_pipeline_load_lora_weights(tmp_path, family, alpha):
     folder = tiny_model_folder(family)
@@ -108,10 +115,7 @@ def test_comfy_export_read_back_by_diffusers_converter(tmp_path, alpha):
     # and a pipeline loads the ComfyUI file to the same forward as the trained module
     pipe = adapter.pipeline(folder, torch_dtype=torch.float32)
     load_lora_into(pipe, comfy, rank=4)
-    geo = adapter.geometry(folder)
-    x = torch.randn(1, *geo.latent_shape, generator=torch.Generator().manual_seed(1))
-    emb = torch.randn(1, 8, src.config.text_dim)
-    sched = adapter.schedule(folder)
+    geo, x, emb, sched = _probe_inputs(adapter, folder, src)
     with torch.no_grad():
         a = adapter.predict(src, x, torch.tensor([300]), emb, geo, schedule=sched)
         b = adapter.predict(pipe.transformer, x, torch.tensor([300]), emb, geo, schedule=sched)
@@ -175,10 +179,7 @@ def test_bare_peft_layout_keeps_family_alpha_and_loads_into_a_pipeline(tmp_path)
     assert info.family == "wan"  # guessed from the module names, as for the diffusers layout
     with pytest.raises(LoRAError, match="wan model"):
         check_lora(info, family="cogvideox")
-    geo = adapter.geometry(folder)
-    x = torch.randn(1, *geo.latent_shape, generator=torch.Generator().manual_seed(1))
-    emb = torch.randn(1, 8, src.config.text_dim)
-    sched = adapter.schedule(folder)
+    geo, x, emb, sched = _probe_inputs(adapter, folder, src)
     with torch.no_grad():
         want = adapter.predict(src, x, torch.tensor([400]), emb, geo, schedule=sched)
     # into a bare transformer: the recorded alpha (scale 2), not alpha = rank
