@@ -585,3 +585,30 @@ def test_comfy_export_of_unmappable_lora_targets_fails_before_loading(tiny, tmp_
     assert validate_request(cfg(**targets, **{"train.export_comfy": "false"})).target_modules[-1] == "proj_out"
     assert validate_request(cfg(**{"lora.target_modules": "[to_q,to_out.0,ffn.net.0.proj,ffn.net.2]"}))
     assert validate_request(cfg("cogvideox", **targets))  # no ComfyUI export for CogVideoX
+
+
+def test_launch_script_resolves_relative_paths_from_where_it_is_started(tmp_path):
+    # a researcher starts the model's script from a run folder with relative paths: the data paths
+    # are the caller's, the recipe YAML and accelerate config the repository's (the script cds there)
+    fake = tmp_path / "python"
+    fake.write_text('#!/usr/bin/env bash\nprintf "%s\\n" "$PWD" "$@"\n')
+    fake.chmod(0o755)
+    work = tmp_path / "work"
+    (work / "my").mkdir(parents=True)
+    (work / "my" / "run.yaml").write_text("{}\n")
+    env = dict(os.environ, MODEL_PATH="models/wan", PROMPT_STORE="stores/wan", OUTPUT_DIR="runs/a", NUM_GPUS="1",
+               PYTHON=str(fake))
+    r = subprocess.run(["bash", str(ROOT / "wanx/train/train_wanx_1.3b.sh"), "tdm.cfg=4"], env=env, cwd=work,
+                       capture_output=True, text=True, timeout=60)
+    assert r.returncode == 0, r.stderr
+    lines = r.stdout.splitlines()
+    assert lines[0] == str(ROOT)
+    assert f"model.path={work}/models/wan" in lines and f"train.prompt_store={work}/stores/wan" in lines
+    assert f"train.output_dir={work}/runs/a" in lines and lines[-1] == "tdm.cfg=4"
+    assert lines[lines.index("--config") + 1] == f"{ROOT}/wanx/configs/tdm_asa.yaml"
+    assert lines[lines.index("--config_file") + 1] == f"{ROOT}/wanx/train/config.yaml"
+    # a CONFIG that exists where the script was started is that one
+    r = subprocess.run(["bash", str(ROOT / "wanx/train/train_wanx_1.3b.sh")], env=dict(env, CONFIG="my/run.yaml"),
+                       cwd=work, capture_output=True, text=True, timeout=60)
+    lines = r.stdout.splitlines()
+    assert lines[lines.index("--config") + 1] == f"{work}/my/run.yaml"
