@@ -149,20 +149,25 @@ def test_cogvideox_geometry_published_config(cog_cfg_folder):
 
 
 def test_cogvideox_temporal_patch(tmp_path):
+    # CogVideoX1.5-5B as published: patch_size_t 2, sample size 300 x 300 latents, 81 frames
     cfg = json.loads(json.dumps(COGVIDEOX_5B))
-    cfg["transformer"].update(patch_size_t=2, sample_height=96, sample_width=170, sample_frames=81)
+    cfg["transformer"].update(patch_size_t=2, patch_bias=False, sample_height=300, sample_width=300, sample_frames=81)
     folder = config_folder(tmp_path / "cog15", cfg)
     ad = get_adapter(folder)
-    g = ad.geometry(folder, 768, 1360, 85)  # 22 latent frames -> 11 temporal patches
+    # as CogVideoXPipeline: 81 frames -> 21 latent frames, padded to 22 (one leading frame dropped
+    # before the decode) -> 11 temporal patches
+    g = ad.geometry(folder, 768, 1360, 81)
     assert g.latent_shape == (16, 22, 96, 170) and g.token_grid == (11, 48, 85) and g.patch == (2, 2, 2)
-    with pytest.raises(ModelRequestError, match=r"frames=81 .* temporal patch 2: use 77 or 85"):
-        ad.geometry(folder, 768, 1360, 81)
+    assert ad.geometry(folder).frames == 81  # the config's own sample_frames is accepted
+    # 85 frames -> 22 latent frames (no padding): the VAE decodes them to 88 frames, not 85
+    with pytest.raises(ModelRequestError, match=r"frames=85 gives 22 latent frames.*use 81 or 89$"):
+        ad.geometry(folder, 768, 1360, 85)
 
 
 def test_nothing_hard_coded_in_geometry(tmp_path):
     # change every factor in the configs: the derived shapes follow
     cfg = json.loads(json.dumps(WAN_1_3B))
-    cfg["transformer"].update(patch_size=[1, 4, 2], in_channels=48)
+    cfg["transformer"].update(patch_size=[1, 4, 2], in_channels=48, out_channels=48)
     cfg["vae"].update(dim_mult=[1, 2, 4, 4, 4], temperal_downsample=[False, True, True, True], z_dim=48)
     folder = config_folder(tmp_path / "wanx", cfg)
     g = get_adapter(folder).geometry(folder, 512, 256, 17)
@@ -212,7 +217,9 @@ def test_cogvideox_even_latent_frames_rejected(cog_cfg_folder, tiny_cog):
     # why: the VAE really decodes an even latent count to 4F frames, an odd one to 4(F-1)+1
     ad = get_adapter(tiny_cog)
     vae = ad.load(tiny_cog, "fp32", components=("vae",)).vae
-    assert ad.decode(vae, torch.zeros(1, 4, 2, 2, 2)).shape[1] == 8
+    with torch.no_grad():
+        assert vae.decode(torch.zeros(1, 4, 2, 2, 2)).sample.shape[2] == 8
+        assert vae.decode(torch.zeros(1, 4, 3, 2, 2)).sample.shape[2] == 9
     assert ad.decode(vae, torch.zeros(1, 4, 3, 2, 2)).shape[1] == 9
 
 
@@ -414,6 +421,114 @@ def test_encode_and_decode_match_diffusers_pipeline(family, tiny_wan, tiny_cog):
     expected = (np.asarray(vid) * 255).round().astype(np.int16)
     assert frames.shape == expected.shape == (1, n, 32, 32, 3)
     assert np.abs(frames - expected).max() <= 1
+
+
+def test_cogvideox15_geometry_predict_decode_match_pipeline(tiny_root):
+    """CogVideoX 1.5 (patch_size_t 2) as CogVideoXPipeline runs it: the latent frames padded to the
+    temporal patch, the transformer called on them with the 1.5 rotary grid, the padding dropped
+    before the decode, and exactly the requested frames out."""
+    import diffusers
+
+    folder = build_tiny_model(tiny_root / "tiny-cog15", "cogvideox", seed=0,
+                              transformer={"patch_size_t": 2, "patch_bias": False})
+    ad = get_adapter(folder)
+    pipe = diffusers.CogVideoXPipeline.from_pretrained(folder)
+    m = ad.load(folder, "fp32", components=("transformer", "vae", "scheduler"))
+    L = ad.text_max_length(folder)
+    calls, captured = [], {}
+
+    def grab(pipeline, i, t, kwargs):
+        captured["latents"] = kwargs["latents"].detach().clone()
+        return {}
+
+    for n in (9, 17):  # 3 and 5 latent frames: odd, as the VAE needs, padded to 4 and 6
+        g = ad.geometry(folder, 32, 32, n)
+        calls.clear()
+        hook = pipe.transformer.register_forward_hook(
+            lambda mod, args, kwargs, out: calls.append((kwargs, out[0].detach())), with_kwargs=True)
+        try:
+            vid = pipe("a cat", output_type="np", generator=torch.Generator().manual_seed(0), height=32, width=32,
+                       num_frames=n, num_inference_steps=1, guidance_scale=1.0, max_sequence_length=L,
+                       callback_on_step_end=grab).frames
+        finally:
+            hook.remove()
+        (kw, ref), = calls
+        x = kw["hidden_states"].permute(0, 2, 1, 3, 4)  # the pipeline's [B, F, C, H, W] -> ours
+        assert tuple(x.shape[1:]) == g.latent_shape
+        got = ad.predict(m.transformer, x, kw["timestep"], kw["encoder_hidden_states"], g)
+        torch.testing.assert_close(got, ref.permute(0, 2, 1, 3, 4).float())
+        frames = ad.decode(m.vae, captured["latents"].permute(0, 2, 1, 3, 4)).numpy().astype(np.int16)
+        expected = (np.asarray(vid) * 255).round().astype(np.int16)
+        assert frames.shape == expected.shape == (1, n, 32, 32, 3)
+        assert np.abs(frames - expected).max() <= 1
+    # 13 frames -> 4 latent frames: the VAE would decode 16 frames; refused, pointing at 9 or 17
+    with pytest.raises(ModelRequestError, match=r"frames=13 gives 4 latent frames.*use 9 or 17$"):
+        ad.geometry(folder, 32, 32, 13)
+
+
+def test_image_conditioned_and_two_expert_folders_refused(tmp_path, no_weight_loads):
+    """Folders whose transformer the adapters cannot drive are refused before any weights load:
+    image-to-video transformers (more input channels than latent channels: the image latents are
+    concatenated) and Wan2.2's two-expert A14B (transformer_2 takes the low-noise steps)."""
+    cfg = json.loads(json.dumps(WAN_1_3B))
+    cfg["transformer"].update(in_channels=36, image_dim=1280)  # Wan2.1-I2V
+    i2v = config_folder(tmp_path / "wan-i2v", cfg)
+    with pytest.raises(ModelRequestError, match=r"36 input channels .*16 latent channels.*text-to-video"):
+        WanAdapter().load(i2v, "fp32", components=("transformer",))
+    with pytest.raises(ModelRequestError, match=r"36 input channels"):
+        WanAdapter().geometry(i2v, 480, 832, 81)
+    cfg = json.loads(json.dumps(COGVIDEOX_5B))
+    cfg["transformer"].update(in_channels=32)  # CogVideoX-5b-I2V
+    with pytest.raises(ModelRequestError, match=r"32 input channels .*16 latent channels"):
+        CogVideoXAdapter().inspect(config_folder(tmp_path / "cog-i2v", cfg))
+
+    a14b = config_folder(tmp_path / "wan22-a14b", WAN_1_3B)
+    (a14b / "transformer_2").mkdir()
+    (a14b / "transformer_2" / "config.json").write_text(json.dumps(WAN_1_3B["transformer"]))
+    (a14b / "model_index.json").write_text(json.dumps({
+        "_class_name": "WanPipeline", "boundary_ratio": 0.875, "transformer": ["diffusers", "WanTransformer3DModel"],
+        "transformer_2": ["diffusers", "WanTransformer3DModel"], "vae": ["diffusers", "AutoencoderKLWan"]}))
+    with pytest.raises(ModelRequestError, match=r"transformer_2.*boundary_ratio 0.875"):
+        WanAdapter().load(a14b, "fp32", components=("transformer",))
+    assert no_weight_loads == []
+    # a single-transformer folder as diffusers saves it (an empty transformer_2 entry) is fine
+    (a14b / "model_index.json").write_text(json.dumps({
+        "_class_name": "WanPipeline", "boundary_ratio": None, "transformer": ["diffusers", "WanTransformer3DModel"],
+        "transformer_2": [None, None], "vae": ["diffusers", "AutoencoderKLWan"]}))
+    assert WanAdapter().geometry(a14b, 480, 832, 81).latent_shape == (16, 21, 60, 104)
+
+
+def test_cogvideox_predict_after_inference_mode_trains(tiny_cog):
+    """The rotary tables are cached per geometry: a first predict under torch.inference_mode (a
+    user's sampling) must not leave inference tensors there for a later predict with gradients."""
+    ad = get_adapter(tiny_cog)
+    tr = ad.load(tiny_cog, "fp32", components=("transformer",)).transformer
+    g = ad.geometry(tiny_cog, 48, 48, 9)  # a size no other test uses, so the first call fills the cache
+    x, emb = torch.randn(1, *g.latent_shape), torch.randn(1, g.text_tokens, 32)
+    with torch.inference_mode():
+        want = ad.predict(tr, x, torch.tensor([500]), emb, g)
+    tr.requires_grad_(True)
+    out = ad.predict(tr, x, torch.tensor([500]), emb, g)
+    out.square().mean().backward()
+    assert tr.proj_out.weight.grad is not None
+    torch.testing.assert_close(out.detach(), want)
+
+
+def test_compile_vae_twice_cogvideox(tiny_cog):
+    """The base compile_vae (CogVideoX's whole decoder) may be called again (a second configure of
+    the same VAE): it compiles once and returns 0 the second time; the decode is unchanged."""
+    torch._dynamo.reset()
+    ad = get_adapter(tiny_cog)
+    vae = ad.load(tiny_cog, "fp32", components=("vae",)).vae
+    z = torch.randn(1, 4, 3, 2, 2, generator=torch.Generator().manual_seed(0))
+    ref = ad.decode(vae, z)
+
+    def backend(gm, example_inputs):
+        return gm.forward
+
+    assert ad.compile_vae(vae, backend=backend) == 1
+    assert ad.compile_vae(vae, backend=backend) == 0
+    assert torch.equal(ad.decode(vae, z), ref)
 
 
 @pytest.mark.parametrize("component", ["transformer", "vae", "text_encoder", "tokenizer"])

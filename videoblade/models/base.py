@@ -6,9 +6,10 @@ derives every shape from the folder's configs and the requested size, validates 
 any weights load, and hides the family's calling conventions (layouts, timestep input, rotary
 embeddings, latent normalisation) behind `predict` and `decode`.
 
-Shapes (SPEC "Supported teachers"): latent F = (frames - 1) / temporal_compression + 1,
-H = height / spatial_compression, W likewise; token grid = (F / pt, H / ph, W / pw); text tokens
-inside self-attention: CogVideoX's `max_text_seq_length`, Wan 0 (text enters by cross-attention).
+Shapes (SPEC "Supported teachers"): latent F = (frames - 1) / temporal_compression + 1 (CogVideoX
+1.5: padded up to its temporal patch, as its pipeline does), H = height / spatial_compression,
+W likewise; token grid = (F / pt, H / ph, W / pw); text tokens inside self-attention: CogVideoX's
+`max_text_seq_length`, Wan 0 (text enters by cross-attention).
 """
 
 from __future__ import annotations
@@ -327,10 +328,27 @@ class ModelAdapter:
             return _read_json(p) if p.is_file() else None
 
         hints = opt(HINT_FILE) or {}
+        tcfg = _read_json(folder / "transformer" / "config.json")
+        cin, cout = tcfg.get("in_channels"), tcfg.get("out_channels")
+        if cin is not None and cout is not None and int(cin) != int(cout):
+            # image-to-video transformers take the image latents concatenated to the noisy ones
+            raise ModelRequestError(
+                f"{folder}: its transformer takes {cin} input channels for {cout} latent channels (an "
+                f"image-conditioned model, e.g. image-to-video); videoblade distils text-to-video models: "
+                f"use the text-to-video checkpoint"
+            )
+        index = opt("model_index.json") or {}
+        second = index.get("transformer_2")
+        if isinstance(second, (list, tuple)) and any(x is not None for x in second):
+            raise ModelRequestError(
+                f"{folder} holds two transformers (transformer_2 denoises below boundary_ratio "
+                f"{index.get('boundary_ratio')}, as Wan2.2's A14B experts); videoblade drives one transformer "
+                f"per model: use a single-transformer checkpoint (e.g. Wan2.1-T2V or Wan2.2-TI2V-5B)"
+            )
         return ModelInfo(
             folder=folder,
             family=fam,
-            transformer_config=_read_json(folder / "transformer" / "config.json"),
+            transformer_config=tcfg,
             vae_config=opt("vae", "config.json"),
             scheduler_config=opt("scheduler", "scheduler_config.json"),
             text_encoder_config=opt("text_encoder", "config.json"),
@@ -381,13 +399,18 @@ class ModelAdapter:
         return (int(dh if height is None else height), int(dw if width is None else width),
                 int(df if frames is None else frames))
 
+    def latent_frames(self, info: ModelInfo, frames: int) -> int:
+        """Latent frames the transformer sees for a ``frames``-frame video (frames of the form tc k + 1)."""
+        tc, _ = self.vae_factors(info)
+        return (frames - 1) // tc + 1
+
     def _frames_ok(self, info: ModelInfo, frames: int) -> bool:
         """Whether a frame count passes every frame rule of :meth:`geometry` (VAE, temporal patch, family)."""
         tc, _ = self.vae_factors(info)
         pt = self.patch_size(info)[0]
-        if frames < 1 or (frames - 1) % tc != 0 or ((frames - 1) // tc + 1) % pt != 0:
+        if frames < 1 or (frames - 1) % tc != 0 or self.latent_frames(info, frames) % pt != 0:
             return False
-        return self._latent_frames_problem(info, frames, (frames - 1) // tc + 1) is None
+        return self._latent_frames_problem(info, frames, self.latent_frames(info, frames)) is None
 
     def _nearest_frames(self, info: ModelInfo, frames: int) -> str:
         """The nearest valid frame counts below and above ``frames`` ("49 or 57"), for error messages."""
@@ -414,7 +437,7 @@ class ModelAdapter:
                     f"{name}={val} is not divisible by {m} (VAE spatial factor {sc} x patch {p}): "
                     f"use {_nearest_multiples(val, m)}"
                 )
-        F = (frames - 1) // tc + 1
+        F = self.latent_frames(info, frames)
         if F % pt != 0:
             raise ModelRequestError(
                 f"frames={frames} gives {F} latent frames, not divisible by the temporal patch {pt}: "
@@ -651,8 +674,9 @@ class ModelAdapter:
     def compile_vae(self, vae, backend: str = "inductor") -> int:
         """``torch.compile`` of the VAE decoder as a whole (CogVideoX: 2.15 s -> 1.09 s bf16 at
         49x480x720 on an H200, after a one-time compile of about 100 s). Returns the number of
-        modules compiled (0 when the VAE has no decoder, e.g. the toy family's identity)."""
-        if getattr(vae, "decoder", None) is None:
+        modules compiled (0 when the VAE has no decoder, e.g. the toy family's identity, or when it
+        is compiled already: torch.compile of the compiled module is not a module)."""
+        if getattr(vae, "decoder", None) is None or isinstance(vae.decoder, torch._dynamo.eval_frame.OptimizedModule):
             return 0
         vae.decoder = torch.compile(vae.decoder, backend=backend)
         return 1

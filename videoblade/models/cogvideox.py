@@ -6,6 +6,11 @@ concatenated before the video tokens inside self-attention. Rotary embeddings ar
 as `CogVideoXPipeline._prepare_rotary_positional_embeddings` builds them (1.0: resize-crop grid
 relative to the config's sample size; 1.5 (`patch_size_t`): slice grid). The timestep input is
 the integer t (v-prediction). Latents are scaled by the VAE's `scaling_factor`.
+
+Frames: the VAE decodes an odd latent frame count F to 4(F-1)+1 frames (an even one to 4F), so a
+request needs an odd count. CogVideoX 1.5 then pads the latents to its temporal patch (one leading
+frame, as `CogVideoXPipeline` does: 81 frames -> 21 latent frames -> 22), and `decode` drops that
+frame again; an even latent count given to `decode` is read as such padded latents.
 """
 
 from __future__ import annotations
@@ -30,14 +35,17 @@ def _rotary(head_dim: int, grid_h: int, grid_w: int, latent_frames: int, patch_t
     from diffusers.models.embeddings import get_3d_rotary_pos_embed
     from diffusers.pipelines.cogvideo.pipeline_cogvideox import get_resize_crop_region_for_grid
 
-    if patch_t is None:  # CogVideoX 1.0
-        crops = get_resize_crop_region_for_grid((grid_h, grid_w), base_w, base_h)
-        return get_3d_rotary_pos_embed(embed_dim=head_dim, crops_coords=crops, grid_size=(grid_h, grid_w),
-                                       temporal_size=latent_frames, device=torch.device(device))
-    base_num_frames = (latent_frames + patch_t - 1) // patch_t  # CogVideoX 1.5
-    return get_3d_rotary_pos_embed(embed_dim=head_dim, crops_coords=None, grid_size=(grid_h, grid_w),
-                                   temporal_size=base_num_frames, grid_type="slice", max_size=(base_h, base_w),
-                                   device=torch.device(device))
+    # cached for the process: never inference tensors (a first call under torch.inference_mode would
+    # leave tables that no later forward with gradients may use)
+    with torch.inference_mode(False):
+        if patch_t is None:  # CogVideoX 1.0
+            crops = get_resize_crop_region_for_grid((grid_h, grid_w), base_w, base_h)
+            return get_3d_rotary_pos_embed(embed_dim=head_dim, crops_coords=crops, grid_size=(grid_h, grid_w),
+                                           temporal_size=latent_frames, device=torch.device(device))
+        base_num_frames = (latent_frames + patch_t - 1) // patch_t  # CogVideoX 1.5
+        return get_3d_rotary_pos_embed(embed_dim=head_dim, crops_coords=None, grid_size=(grid_h, grid_w),
+                                       temporal_size=base_num_frames, grid_type="slice", max_size=(base_h, base_w),
+                                       device=torch.device(device))
 
 
 def rotary_embeddings(config, geometry: VideoGeometry, device) -> tuple[torch.Tensor, torch.Tensor] | None:
@@ -76,14 +84,28 @@ class CogVideoXAdapter(ModelAdapter):
         p = int(c.get("patch_size", 2))
         return (int(c.get("patch_size_t") or 1), p, p)
 
+    def latent_frames(self, info: ModelInfo, frames: int) -> int:
+        # CogVideoXPipeline (1.5, patch_size_t): the latent frames padded up to the temporal patch
+        pt = self.patch_size(info)[0]
+        return -(-super().latent_frames(info, frames) // pt) * pt
+
     def _latent_frames_problem(self, info: ModelInfo, frames: int, latent_frames: int) -> str | None:
         # AutoencoderKLCogVideoX decodes latent frames in pairs after an odd-sized first group; its
         # temporal upsampler keeps the first frame only for odd counts, so an even latent count F
-        # decodes to 4F frames instead of 4(F-1)+1: the requested frame count cannot come out.
-        if self.patch_size(info)[0] == 1 and latent_frames % 2 == 0:
-            return (f"frames={frames} gives {latent_frames} latent frames; CogVideoX's VAE needs an odd latent "
+        # decodes to 4F frames instead of 4(F-1)+1: the requested frame count cannot come out. The
+        # count the VAE decodes is the one before 1.5's padding (the pipeline drops the padding).
+        unpadded = super().latent_frames(info, frames)
+        if unpadded % 2 == 0:
+            return (f"frames={frames} gives {unpadded} latent frames; CogVideoX's VAE needs an odd latent "
                     f"frame count to decode exactly {frames} frames")
         return None
+
+    def vae_decode(self, vae, z: torch.Tensor) -> torch.Tensor:
+        # geometry gives an even latent count only as CogVideoX 1.5's padded latents: drop the leading
+        # pad frame as CogVideoXPipeline does (decoded, it would add 4 frames to the video)
+        if z.shape[2] % 2 == 0:
+            z = z[:, :, 1:]
+        return super().vae_decode(vae, z)
 
     def text_tokens(self, info: ModelInfo) -> int:
         return int(info.transformer_config.get("max_text_seq_length", 226))
