@@ -164,3 +164,18 @@ def test_sampler_makes_no_host_sync_on_the_gpu():
     finally:
         torch.cuda.set_sync_debug_mode("default")
     torch.testing.assert_close(out.cpu(), ref, rtol=1e-5, atol=1e-5)
+
+
+def test_model_timestep_checks_integer_t_in_range(schedule):
+    """Both kinds take integer t in [0, T) for the network's timestep input: an out-of-range or
+    fractional t is an error for v-prediction too, not a silently truncated embedding input."""
+    T = schedule.num_train_timesteps
+    ok = schedule.model_timestep(torch.tensor([0, 500, T - 1]))
+    if schedule.kind == "v_prediction":
+        assert ok.dtype == torch.long and ok.tolist() == [0, 500, T - 1]
+        assert schedule.model_timestep(torch.tensor([3.0, 998.0])).tolist() == [3, 998]
+    for bad in (T, -1, torch.tensor([0, T])):
+        with pytest.raises(ValueError, match="out of range"):
+            schedule.model_timestep(bad)
+    with pytest.raises(ValueError, match="integers"):
+        schedule.model_timestep(torch.tensor([3.5]))

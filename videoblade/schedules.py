@@ -112,6 +112,11 @@ class Schedule:
         return int(self.alphas.shape[0])
 
     def _lookup(self, table: torch.Tensor, t) -> torch.Tensor:
+        t = self._checked(t)
+        return self._table_on(table, t.device)[t]
+
+    def _checked(self, t) -> torch.Tensor:
+        """t as an integer tensor, checked to lie in [0, T) (fractional t is an error)."""
         t = torch.as_tensor(t)
         if t.is_floating_point():
             if not torch.equal(t, t.round()):
@@ -126,7 +131,7 @@ class Schedule:
             # the table) would stall the sampler a few times per step (Wan 81x480x832, 8 steps on
             # an H200: 122 host syncs, the GPU idle 6 % of the run)
             torch._assert_async(((t >= 0) & (t < T)).all(), f"timestep out of range [0, {T})")
-        return self._table_on(table, t.device)[t]
+        return t
 
     def _table_on(self, table: torch.Tensor, device: torch.device) -> torch.Tensor:
         """``table`` on ``device``, copied there once (a table replaced later is copied again: the
@@ -149,7 +154,7 @@ class Schedule:
         """The timestep value the transformer takes: sigma * T (flow) or the integer t (v-pred)."""
         if self.kind == "flow":
             return self.sigma(t) * self.num_train_timesteps
-        return torch.as_tensor(t).long()
+        return self._checked(t).long()
 
     # ------------------------------------------------------------------ conversions
     def to_x0_eps(self, output: torch.Tensor, x_t: torch.Tensor, t) -> tuple[torch.Tensor, torch.Tensor]:
