@@ -240,6 +240,42 @@ def test_select_kernel_ties_and_empty_rows():
         select_block_lists(P, 0, 5, 0.5)
 
 
+@pytest.mark.parametrize("case", ["ties", "zero-rows", "nan", "inf", "negative"])
+def test_select_kernel_equals_policy_on_ties_and_odd_values(case):
+    # the kernel and the torch policy keep the same blocks, ties included (both to the lower id),
+    # on B*H > 1 and odd block counts; NaN and negative estimates count as no mass in both
+    from videoblade.attention.mask import block_lists, block_mask
+
+    g = torch.Generator().manual_seed(zlib.crc32(case.encode()))
+    for n in (5, 13):
+        P = torch.softmax(torch.randn(2, 3, n, n, generator=g) * 3, -1)
+        if case == "ties":
+            P = (P * 8).round() / 8
+        elif case == "zero-rows":
+            P[0, 1, 0] = 0.0
+            P[1, 2, n - 1] = 0.0
+            P[1, 0, 1] = 0.0
+            P[1, 0, 1, n // 2] = 1.0
+        elif case == "nan":
+            P[0, 0, 0, n // 2] = float("nan")
+            P[1, 2, :, 0] = float("nan")
+            P[0, 1, 2] = float("nan")
+        elif case == "inf":
+            P[0, 0, 0, n // 2] = float("inf")
+            P[1, 1, n - 1] = float("inf")
+            P[1, 2, 1, :2] = float("inf")
+        else:
+            P[0, 0, 1, :3] = -0.25
+            P[1, 1, 2, n - 1] = -0.0
+        P = P.to(DEV)
+        for kw in (dict(mode="energy", energy_threshold=0.9, min_retain=0.1, max_retain=0.5),
+                   dict(mode="energy", energy_threshold=0.5, min_retain=0.05, max_retain=0.3, text_blocks=2),
+                   dict(mode="topk", topk=0.35, diagonal=False)):
+            ref_i, ref_c = mask_to_block_lists(block_mask(P, **kw))
+            ki, kc = block_lists(P, **kw, use_kernel=True)
+            assert torch.equal(kc, ref_c), (n, kw)
+            assert torch.equal(ki, ref_i), (n, kw)
+
 # ------------------------------------------------------------------ reference semantics
 
 

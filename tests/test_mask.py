@@ -143,3 +143,46 @@ def test_levels_force_diagonal_and_text_blocks_exact():
     for i in range(2):
         assert torch.equal(pcnt[i], (lev == 2 + i).sum(-1).int())
     assert torch.equal(kvc, (lev == 1).sum(-1).int())
+
+
+# ------------------------------------------------------------------ ties and non-finite masses
+
+
+@pytest.mark.parametrize("mode", ["energy", "topk"])
+def test_ties_go_to_the_lower_block_id(mode):
+    # equal masses (an all-zero row, an underflowed tail, a flat row): the policy keeps the lowest
+    # ids among the tied blocks, on every device, as the Triton selection (kernels/select.py) does
+    n = 20
+    P = torch.zeros(2, 3, n, n)
+    P[..., 1, 7] = 1.0  # one block carries the row, the other 19 tie at 0
+    P[..., 2, :] = 1.0 / n  # a flat row
+    P[..., 3, 10:] = 0.1  # ten equal blocks, the rest 0
+    kw = dict(energy_threshold=0.95, min_retain=0.2, max_retain=0.5) if mode == "energy" else dict(topk=0.2)
+    m = block_mask(P, mode, diagonal=False, **kw)
+    rows = {i: torch.nonzero(m[1, 2, i]).flatten().tolist() for i in range(4)}
+    assert rows[0] == [0, 1, 2, 3]  # lo = 4 (energy) / k = 4 (top-k) of 20 equal zeros
+    assert rows[1] == [0, 1, 2, 7]
+    if mode == "energy":
+        assert rows[2] == list(range(10))  # flat row clamped at hi = 10
+        assert rows[3] == list(range(10, 20))  # the ten equal blocks reach 95 %
+    else:
+        assert rows[2] == [0, 1, 2, 3] and rows[3] == [10, 11, 12, 13]
+    assert torch.equal(m, m[:1, :1].expand_as(m))  # the same choice in every (b, h)
+
+
+@pytest.mark.parametrize("mode", ["energy", "topk"])
+def test_nan_and_negative_masses_count_as_zero(mode):
+    # masses are >= 0: a NaN (or negative) estimate carries no mass, as in the Triton selection
+    # (which clamps to 0); a NaN used to sort first and poison the row's total, keeping it alone
+    P = _rand_P(NQ=12, NK=12, seed=5)
+    clean = P.clone()
+    P[0, 0, 3, 5] = float("nan")
+    P[0, 1, :, 0] = float("nan")
+    P[1, 2, 7, 2] = -0.5
+    P[1, 0, 4, 9] = -0.0
+    for t in ((0, 0, 3, 5), (1, 2, 7, 2), (1, 0, 4, 9)):
+        clean[t] = 0.0
+    clean[0, 1, :, 0] = 0.0
+    kw = dict(energy_threshold=0.9, min_retain=0.1, max_retain=0.5) if mode == "energy" else dict(topk=0.3)
+    for text in (0, 2):
+        assert torch.equal(block_mask(P, mode, text_blocks=text, **kw), block_mask(clean, mode, text_blocks=text, **kw))

@@ -11,6 +11,8 @@ Rules (SPEC section 1, step 3):
   ``[min_retain, max_retain]`` fractions of NK (and is at least one block).  With
   ``min_retain >= 1`` every block is kept.
 * **topk** mode: keep the ``ceil(topk * NK)`` largest blocks of every row (at least one).
+* ties in mass go to the lower block id; a NaN or negative mass counts as 0 (masses are >= 0),
+  so the torch policy and the Triton selection keep the same blocks.
 * the diagonal block (query block i, key block i) is always kept;
 * text blocks (the first ``text_blocks`` blocks, CogVideoX's prompt tokens) are kept in both
   directions: every row keeps the text key blocks and text query blocks keep every block.
@@ -123,19 +125,20 @@ def block_mask(
         raise ValueError(f"block_mask expects P of shape [B, H, NQ, NK], got {tuple(P.shape)}")
     nk = P.shape[-1]
     P = P.float()
+    P = torch.where(P > 0, P, 0.0)  # NaN and negative masses count as none (as the Triton selection)
     lo, hi = _mode_bounds(nk, mode, min_retain, max_retain, topk)
     if mode == "energy":
         if lo >= nk:
             mask = torch.ones(P.shape, dtype=torch.bool, device=P.device)
         else:
-            p_sorted, order = P.sort(dim=-1, descending=True)
+            p_sorted, order = P.sort(dim=-1, descending=True, stable=True)  # ties to the lower id
             counts = energy_keep_counts(p_sorted, energy_threshold).clamp_(lo, hi)
             mask = mask_from_counts(order, counts)
     else:  # topk
         if hi >= nk:
             mask = torch.ones(P.shape, dtype=torch.bool, device=P.device)
         else:
-            idx = P.topk(hi, dim=-1).indices
+            idx = P.sort(dim=-1, descending=True, stable=True).indices[..., :hi]  # ties to the lower id
             mask = torch.zeros(P.shape, dtype=torch.bool, device=P.device).scatter_(-1, idx, True)
     return force_blocks(mask, text_blocks=text_blocks, diagonal=diagonal)
 
@@ -156,8 +159,9 @@ def block_lists(
 
     ``use_kernel`` None: the one-launch Triton selection on CUDA (square maps up to
     ``MAX_SELECT_BLOCKS`` key blocks), else the torch policy + ``mask_to_block_lists``. Both keep
-    the same blocks, except that ties in mass may be broken differently and a prefix sum within
-    float rounding of the threshold may end one block apart (the kernel sums in another order)."""
+    the same blocks (ties to the lower id, NaN/negative masses as 0), except that a prefix sum
+    within float rounding of the threshold may end one block apart (the kernel sums in another
+    order)."""
     from ..kernels import mask_to_block_lists
     from ..kernels.select import MAX_SELECT_BLOCKS, select_block_lists
 

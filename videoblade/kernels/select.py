@@ -39,7 +39,9 @@ def _select_kernel(P, KVI, KVC, NQ, NK, lo, hi, threshold, TEXT,
     offs = tl.arange(0, NKP)
     valid = offs < NK
     p = tl.load(P + row * NK + offs, mask=valid, other=0.0)
-    p = tl.maximum(p, 0.0) + 0.0  # masses are >= 0; +0.0 turns a -0.0 into 0.0 (its bits sort first)
+    # masses are >= 0: NaN, negatives and -0.0 (whose bits would sort first) become 0.0, as in the
+    # torch policy (tl.maximum's NaN result is unspecified)
+    p = tl.where(p > 0.0, p, 0.0)
     bits = p.to(tl.int32, bitcast=True).to(tl.int64)
     key = tl.where(valid, (bits << 16) | (65535 - offs), -1)  # padding sorts last
     skey = tl.sort(key, 0, descending=True)  # position in skey = rank
