@@ -37,7 +37,7 @@ from videoblade.kernels import (  # noqa: E402
     num_blocks,
     pool_summaries,
 )
-from videoblade.kernels.block_sparse import tuned_configs  # noqa: E402
+from videoblade.kernels.block_sparse import _use_tma, tuned_configs  # noqa: E402
 
 SHAPES = {"wan": (1, 12, 32760, 128), "cog": (1, 48, 17776, 64)}
 POOL = {"wan": 32, "cog": 16}
@@ -141,6 +141,20 @@ def bench_shape(name, reps, dens_list, gen, rows, res, flex, t0, levels=True):
             out.backward(do)
         return run
 
+    def switched_rows(var, val, what, fn, dens, real):
+        """fn's fwd and fwd+bwd rows with the kernel switch var=val (an A/B against the default rows)."""
+        os.environ[var] = val
+        try:
+            for p_, f_ in (("fwd", lambda: fn(q, k, v)), ("fwd+bwd", fwd_bwd(fn))):
+                _guarded(rows, {"what": what, "shape": [B, H, L, D], "density": dens, "pass": p_, "peer": "ours",
+                                "realized_density": real}, lambda: {"median_ms": cuda_median_ms(f_, reps=reps)})
+        finally:
+            os.environ.pop(var)
+
+    # the TMA A/B flips the default for this head dim (on for Hopper at D=128, else off)
+    tma_default = _use_tma(q, k, v)
+    tma_flip, tma_what = ("0", "pointer loads (TMA off)") if tma_default else ("1", "TMA descriptor loads")
+
     # cuDNN dense (falls back to flash SDPA if cuDNN refuses the shape; the row says which)
     sdpa = torch.nn.functional.scaled_dot_product_attention
     backend, bname = SDPBackend.CUDNN_ATTENTION, "cudnn"
@@ -196,20 +210,12 @@ def bench_shape(name, reps, dens_list, gen, rows, res, flex, t0, levels=True):
         res[(name, "realdens", dens)] = real
         # the same kernel with one switch flipped (an A/B in this process), fwd and fwd+bwd
         for var, val, dens_set, what in (
-            ("VIDEOBLADE_KERNEL_TMA", "1", (0.10, 0.15, 1.0), "TMA descriptor loads"),
+            ("VIDEOBLADE_KERNEL_TMA", tma_flip, (0.10, 0.15, 1.0), tma_what),
             ("VIDEOBLADE_KERNEL_IDS", "load", (0.15, 1.0), "block ids loaded per tile (VIDEOBLADE_KERNEL_IDS"
              "=load, the walk before 10f54af; tile configs tuned for the default)"),
         ):
-            if dens not in dens_set:
-                continue
-            os.environ[var] = val
-            try:
-                for p_, f_ in (("fwd", lambda: ours(q, k, v)), ("fwd+bwd", fwd_bwd(ours))):
-                    ms = cuda_median_ms(f_, reps=reps)
-                    rows.append({"what": f"ours block-sparse, {what}", "shape": [B, H, L, D], "density": dens,
-                                 "pass": p_, "median_ms": ms, "peer": "ours", "realized_density": real})
-            finally:
-                os.environ.pop(var)
+            if dens in dens_set:
+                switched_rows(var, val, f"ours block-sparse, {what}", ours, dens, real)
         if dens in (0.10, 0.15):
             pool = POOL[name]
 
@@ -226,15 +232,8 @@ def bench_shape(name, reps, dens_list, gen, rows, res, flex, t0, levels=True):
                          "density": dens, "pass": "fwd+bwd", "median_ms": ms, "peer": "ours",
                          "realized_density": real})
             if dens == 0.15:  # the TMA A/B on what ASA runs by default (compensation on)
-                os.environ["VIDEOBLADE_KERNEL_TMA"] = "1"
-                try:
-                    for p_, f_ in (("fwd", lambda: ours_c(q, k, v)), ("fwd+bwd", fwd_bwd(ours_c))):
-                        _guarded(rows, {"what": f"ours + compensation (pool {pool}, incl. pooling), TMA descriptor "
-                                        "loads", "shape": [B, H, L, D], "density": dens, "pass": p_, "peer": "ours",
-                                        "realized_density": real},
-                                 lambda: {"median_ms": cuda_median_ms(f_, reps=reps)})
-                finally:
-                    os.environ.pop("VIDEOBLADE_KERNEL_TMA")
+                switched_rows("VIDEOBLADE_KERNEL_TMA", tma_flip,
+                              f"ours + compensation (pool {pool}, incl. pooling), {tma_what}", ours_c, dens, real)
         if dens == 0.10:  # the pooling alone (forward, and forward+backward into k, v)
             pool = POOL[name]
             ms = cuda_median_ms(lambda: pool_summaries(k, v, BLOCK, pool), reps=reps)

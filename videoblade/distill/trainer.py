@@ -226,12 +226,12 @@ def validate_request(cfg: RunConfig) -> TrainRequest:
         raise TrainRequestError(str(e)) from None
     notes: list[str] = []
     neg = cfg.tdm.negative_prompt
+    reencode = f"`python utils/process_prompts.py --model {folder} --out {store.path} --negative_prompt {neg!r}`"
     if store.negative_prompt is None:  # an older store: its manifest does not say what it embedded
         if neg:
             raise TrainRequestError(
                 f"tdm.negative_prompt={neg!r} but prompt store {store.path} does not record the negative prompt it "
-                f"embedded (an older store): re-encode it with `python utils/process_prompts.py --model {folder} "
-                f"--out {store.path} --negative_prompt {neg!r}`")
+                f"embedded (an older store): re-encode it with {reencode}")
         notes.append(f"prompt store {store.path} does not record its negative prompt (an older store): the teacher's "
                      "CFG uses its negative embedding as is (re-encode with utils/process_prompts.py to check it "
                      "against tdm.negative_prompt)")
@@ -239,8 +239,7 @@ def validate_request(cfg: RunConfig) -> TrainRequest:
         raise TrainRequestError(
             f"tdm.negative_prompt={neg!r} but prompt store {store.path} embedded the negative prompt "
             f"{store.negative_prompt!r} (the teacher's CFG uses the store's embedding): set "
-            f"tdm.negative_prompt={store.negative_prompt!r}, or re-encode the store with `python "
-            f"utils/process_prompts.py --model {folder} --out {store.path} --negative_prompt {neg!r}`")
+            f"tdm.negative_prompt={store.negative_prompt!r}, or re-encode the store with {reencode}")
     if adapter.family == "cogvideox" and store.text_max_length != geometry.text_tokens:
         raise TrainRequestError(
             f"prompt store has {store.text_max_length} text tokens but the CogVideoX transformer concatenates "
