@@ -408,9 +408,10 @@ class ModelAdapter:
         """Whether a frame count passes every frame rule of :meth:`geometry` (VAE, temporal patch, family)."""
         tc, _ = self.vae_factors(info)
         pt = self.patch_size(info)[0]
-        if frames < 1 or (frames - 1) % tc != 0 or self.latent_frames(info, frames) % pt != 0:
+        if frames < 1 or (frames - 1) % tc != 0:
             return False
-        return self._latent_frames_problem(info, frames, self.latent_frames(info, frames)) is None
+        F = self.latent_frames(info, frames)
+        return F % pt == 0 and self._latent_frames_problem(info, frames, F) is None
 
     def _nearest_frames(self, info: ModelInfo, frames: int) -> str:
         """The nearest valid frame counts below and above ``frames`` ("49 or 57"), for error messages."""
