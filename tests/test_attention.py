@@ -9,7 +9,7 @@ from videoblade.attention.asa import AdaptiveSparseAttention
 from videoblade.attention.gilbert import gilbert_order
 from videoblade.attention.mask import block_mask
 from videoblade.attention.synthetic import local_qkv
-from videoblade.config import ASAConfig
+from videoblade.config import ASAConfig, ConfigError
 from videoblade.kernels import estimate_block_importance_ref, mask_to_block_lists, pool_summaries
 from videoblade.kernels.reference import block_sparse_attention_ref
 
@@ -106,6 +106,20 @@ def test_density_stats_accumulate_on_device_and_reset():
     assert asa.density_stats() == {"mean": None, "layers": {}}
 
 
+
+def test_density_stats_read_every_layer_in_one_host_copy(monkeypatch):
+    q, k, v = (torch.randn(1, 2, 64, 16) for _ in range(3))
+    asa = AdaptiveSparseAttention(_cfg(reorder=False, compensation=False))
+    for layer in range(5):
+        asa(q, k, v, layer_idx=layer)
+    per_layer = {i: t.tolist() for i, t in asa.density_tensors().items()}
+    copies = []
+    real_cpu = torch.Tensor.cpu
+    monkeypatch.setattr(torch.Tensor, "cpu", lambda self, *a, **kw: copies.append(1) or real_cpu(self, *a, **kw))
+    st = asa.density_stats()
+    assert len(copies) == 1  # one sync however many layers were recorded
+    assert {i: d["heads"] for i, d in st["layers"].items()} == per_layer
+
 def test_gradients_flow_through_sparse_attention():
     q, k, v = (torch.randn(1, 2, 80, 16, requires_grad=True) for _ in range(3))
     asa = AdaptiveSparseAttention(_cfg(reorder=True, max_retain=0.4))
@@ -121,6 +135,28 @@ def test_bad_config_is_rejected():
     asa = AdaptiveSparseAttention(_cfg())
     with pytest.raises(ValueError):
         asa(*(torch.randn(1, 1, 50, 8) for _ in range(3)), grid=(2, 5, 6))  # 60 != 50 tokens
+
+
+@pytest.mark.parametrize("bad, key", [
+    (dict(samples_per_block=3), "samples_per_block"),  # the sampled estimate needs a power of two
+    (dict(samples_per_block=64), "samples_per_block"),  # more samples than tokens in a block
+    (dict(block_size=24, pool=8), "block_size"),
+    (dict(energy_threshold=0.0), "energy_threshold"),
+    (dict(topk=1.5), "topk"),
+    (dict(min_retain=0.5, max_retain=0.2), "min_retain/max_retain"),
+    (dict(cpu_backend="fast"), "cpu_backend"),
+    (dict(dense_layers=[-1]), "dense_layers"),
+])
+def test_config_built_in_python_gets_the_yaml_checks(bad, key):
+    # an ASAConfig made in Python (not through load_config) is checked by the same rules on
+    # construction, instead of failing inside a kernel or silently doing something else
+    with pytest.raises(ConfigError, match=f"ASAConfig.{key}"):
+        AdaptiveSparseAttention(_cfg(**bad))
+
+
+def test_min_retain_one_keeps_every_block_whatever_max_retain_says():
+    asa = AdaptiveSparseAttention(_cfg(min_retain=1.0))  # max_retain stays at its 0.15 default
+    assert asa.make_mask(torch.rand(1, 2, 5, 5)).all()
 
 
 # ------------------------------------------------------------------ multi-level (SPEC 1.6)

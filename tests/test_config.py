@@ -28,6 +28,11 @@ def test_yaml_then_overrides(tmp_path):
     assert c.train.resume_from_checkpoint is None
 
 
+def test_min_retain_one_alone_is_the_keep_everything_setting():
+    # SPEC's exactness rule sets min_retain = 1 and nothing else; max_retain keeps its default
+    assert load_config(None, ["asa.min_retain=1"]).asa.min_retain == 1.0
+
+
 def test_dump_round_trip(tmp_path):
     c = load_config(None, ["model.path=x", "asa.energy_threshold=0.9", "lora.rank=8"])
     path = dump_config(c, tmp_path / "run")
@@ -43,6 +48,7 @@ def test_dump_round_trip(tmp_path):
         ("asa.samples_per_block=24", "asa.samples_per_block: must be a power of two"),
         ("model.frames=80", "model.frames: must be of the form 4k\\+1 \\(e.g. 77 or 81\\)"),
         ("asa.min_retain=0.5", "min_retain <= max_retain"),
+        ("asa.min_retain=1.5", "min_retain <= max_retain"),
         ("tdm.eta=1.5", "tdm.eta"),
         ("sample.sampler=ddim", "sample.sampler"),
         ("model.dtype=fp8", "model.dtype"),

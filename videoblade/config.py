@@ -30,6 +30,7 @@ __all__ = [
     "TrainConfig",
     "SampleConfig",
     "RunConfig",
+    "check_asa",
     "load_config",
     "dump_config",
     "to_dict",
@@ -214,6 +215,34 @@ def _check(cond: bool, key: str, msg: str) -> None:
         raise ConfigError(f"{key}: {msg}")
 
 
+def check_asa(a: ASAConfig, prefix: str = "asa.") -> None:
+    """Raise :class:`ConfigError` naming the first invalid ASA setting (the one rule for a YAML run
+    config and for an :class:`ASAConfig` built in Python and handed to ``AdaptiveSparseAttention``)."""
+    bs = a.block_size
+    _check(bs >= 16 and bs & (bs - 1) == 0, prefix + "block_size", f"must be a power of two >= 16, got {bs}")
+    _check(a.pool >= 1 and bs % a.pool == 0, prefix + "pool", f"must divide {prefix}block_size={bs}, got {a.pool}")
+    sp = a.samples_per_block
+    _check(1 <= sp <= bs, prefix + "samples_per_block", f"must be in [1, {bs}], got {sp}")
+    # the sampled estimate splits every block into equal strides (kernels/importance.py)
+    _check(a.estimate != "sample" or sp & (sp - 1) == 0, prefix + "samples_per_block",
+           f"must be a power of two with estimate=sample, got {sp}")
+    _check(a.estimate in ("sample", "mean"), prefix + "estimate", f"must be sample or mean, got {a.estimate!r}")
+    _check(a.mode in ("energy", "topk", "levels"), prefix + "mode", f"must be energy, topk or levels, got {a.mode!r}")
+    if a.mode == "levels":
+        err = level_config_error(bs, a.level_pools, a.level_fractions)
+        _check(err is None, prefix + "level_pools/level_fractions", err or "")
+    _check(a.cpu_backend in ("reference", "gathered"), prefix + "cpu_backend",
+           f"must be reference or gathered, got {a.cpu_backend!r}")
+    _check(0.0 < a.energy_threshold <= 1.0, prefix + "energy_threshold", f"must be in (0, 1], got {a.energy_threshold}")
+    # min_retain = 1 keeps every block whatever max_retain says (SPEC's exactness setting)
+    _check(0.0 <= a.min_retain <= 1.0 and 0.0 <= a.max_retain <= 1.0
+           and (a.min_retain <= a.max_retain or a.min_retain == 1.0), prefix + "min_retain/max_retain",
+           f"need 0 <= min_retain <= max_retain <= 1 (or min_retain = 1: keep every block), "
+           f"got {a.min_retain}, {a.max_retain}")
+    _check(0.0 < a.topk <= 1.0, prefix + "topk", f"must be in (0, 1], got {a.topk}")
+    _check(all(i >= 0 for i in a.dense_layers), prefix + "dense_layers", "layer indices are >= 0")
+
+
 def _validate(cfg: RunConfig) -> None:
     m, a, lo, t, o, tr, s = cfg.model, cfg.asa, cfg.lora, cfg.tdm, cfg.optim, cfg.train, cfg.sample
     _check(m.family in ("auto", "wan", "cogvideox", "tiny-wan", "tiny-cogvideox"), "model.family",
@@ -226,26 +255,7 @@ def _validate(cfg: RunConfig) -> None:
     for key, val in (("model.height", m.height), ("model.width", m.width)):
         _check(val is None or val > 0, key, f"must be positive, got {val}")
 
-    bs = a.block_size
-    _check(bs >= 16 and bs & (bs - 1) == 0, "asa.block_size", f"must be a power of two >= 16, got {bs}")
-    _check(a.pool >= 1 and bs % a.pool == 0, "asa.pool", f"must divide asa.block_size={bs}, got {a.pool}")
-    sp = a.samples_per_block
-    _check(1 <= sp <= bs, "asa.samples_per_block", f"must be in [1, {bs}], got {sp}")
-    # the sampled estimate splits every block into equal strides (kernels/importance.py)
-    _check(a.estimate != "sample" or sp & (sp - 1) == 0, "asa.samples_per_block",
-           f"must be a power of two with estimate=sample, got {sp}")
-    _check(a.estimate in ("sample", "mean"), "asa.estimate", f"must be sample or mean, got {a.estimate!r}")
-    _check(a.mode in ("energy", "topk", "levels"), "asa.mode", f"must be energy, topk or levels, got {a.mode!r}")
-    if a.mode == "levels":
-        err = level_config_error(bs, a.level_pools, a.level_fractions)
-        _check(err is None, "asa.level_pools/level_fractions", err or "")
-    _check(a.cpu_backend in ("reference", "gathered"), "asa.cpu_backend",
-           f"must be reference or gathered, got {a.cpu_backend!r}")
-    _check(0.0 < a.energy_threshold <= 1.0, "asa.energy_threshold", f"must be in (0, 1], got {a.energy_threshold}")
-    _check(0.0 <= a.min_retain <= a.max_retain <= 1.0, "asa.min_retain/max_retain",
-           f"need 0 <= min_retain <= max_retain <= 1, got {a.min_retain}, {a.max_retain}")
-    _check(0.0 < a.topk <= 1.0, "asa.topk", f"must be in (0, 1], got {a.topk}")
-    _check(all(i >= 0 for i in a.dense_layers), "asa.dense_layers", "layer indices are >= 0")
+    check_asa(a)
 
     _check(lo.rank >= 1, "lora.rank", f"must be >= 1, got {lo.rank}")
     _check(lo.lora_alpha > 0, "lora.lora_alpha", f"must be > 0, got {lo.lora_alpha}")

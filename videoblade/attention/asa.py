@@ -29,7 +29,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
-from ..config import ASAConfig, level_config_error
+from ..config import ASAConfig, check_asa
 from .gilbert import gilbert_order_on
 from .mask import block_levels, block_lists, block_mask, level_density, level_lists, num_blocks
 
@@ -73,19 +73,9 @@ class AdaptiveSparseAttention:
         if backend not in ("auto", "triton", "torch"):
             raise ValueError(f"backend must be 'auto', 'triton' or 'torch', got {backend!r}")
         self.backend = backend
+        # the same rules as a YAML run config, so a config built in Python fails here, not in a kernel
+        check_asa(self.cfg, prefix="ASAConfig.")
         c = self.cfg
-        if c.block_size < 1:
-            raise ValueError(f"block_size must be >= 1, got {c.block_size}")
-        if c.compensation and (c.pool < 1 or c.block_size % c.pool != 0):
-            raise ValueError(f"pool ({c.pool}) must divide block_size ({c.block_size})")
-        if c.mode not in ("energy", "topk", "levels"):
-            raise ValueError(f"mode must be 'energy', 'topk' or 'levels', got {c.mode!r}")
-        if c.mode == "levels":
-            err = level_config_error(c.block_size, c.level_pools, c.level_fractions)
-            if err:
-                raise ValueError(err)
-        if c.estimate not in ("sample", "mean"):
-            raise ValueError(f"estimate must be 'sample' or 'mean', got {c.estimate!r}")
         self._dense_layers = frozenset(int(i) for i in (c.dense_layers or ()))
         self._stats: dict[int, _LayerStats] = {}
         self.record_stats = True
@@ -293,8 +283,14 @@ class AdaptiveSparseAttention:
         layers = {}
         tot = 0.0
         n = 0
-        for i, s in sorted(self._stats.items()):
-            heads = (s.density_sum / s.calls).cpu().tolist()
+        items = sorted(self._stats.items())
+        if items:  # one device-to-host copy for every layer (layers may sit on different devices)
+            dev = items[0][1].density_sum.device
+            flat = torch.cat([(s.density_sum / s.calls).to(dev) for _, s in items]).cpu().tolist()
+        offset = 0
+        for i, s in items:
+            heads = flat[offset:offset + s.density_sum.numel()]
+            offset += len(heads)
             m = sum(heads) / len(heads)
             layers[i] = {"mean": m, "heads": heads, "calls": s.calls}
             tot += m * s.calls
