@@ -5,7 +5,7 @@ import math
 import pytest
 import torch
 
-from videoblade.attention.mask import block_mask, retain_bounds
+from videoblade.attention.mask import block_levels, block_mask, retain_bounds
 
 
 def _rand_P(B=2, H=3, NQ=12, NK=12, sharp=3.0, seed=0):
@@ -186,3 +186,20 @@ def test_nan_and_negative_masses_count_as_zero(mode):
     kw = dict(energy_threshold=0.9, min_retain=0.1, max_retain=0.5) if mode == "energy" else dict(topk=0.3)
     for text in (0, 2):
         assert torch.equal(block_mask(P, mode, text_blocks=text, **kw), block_mask(clean, mode, text_blocks=text, **kw))
+
+
+def test_levels_count_nan_and_negative_masses_as_zero():
+    # the multi-level map ranks blocks like block_mask: a NaN estimate used to sort above every
+    # real mass and take an exact slot
+    P = _rand_P(NQ=16, NK=16, seed=7)
+    clean = P.clone()
+    P[0, 0, 3, 9] = float("nan")
+    P[1, 1, :, 4] = float("nan")
+    P[0, 1, 5, 11] = -1.0
+    for t in ((0, 0, 3, 9), (0, 1, 5, 11)):
+        clean[t] = 0.0
+    clean[1, 1, :, 4] = 0.0
+    fr = [0.1, 0.2, 0.2]
+    for text in (0, 2):
+        assert torch.equal(block_levels(P, fr, text_blocks=text), block_levels(clean, fr, text_blocks=text))
+    assert block_levels(P, fr)[0, 0, 3, 9] == 0

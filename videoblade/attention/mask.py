@@ -99,6 +99,13 @@ def force_blocks(mask: torch.Tensor, text_blocks: int = 0, diagonal: bool = True
     return mask
 
 
+def _masses(P: torch.Tensor) -> torch.Tensor:
+    """P as float32 with NaN and negative masses counted as none (as the Triton selection): a sort
+    would otherwise rank NaN above every real mass."""
+    P = P.float()
+    return torch.where(P > 0, P, 0.0)
+
+
 def _mode_bounds(nk: int, mode: str, min_retain: float, max_retain: float, topk: float) -> tuple[int, int]:
     """(lo, hi) kept blocks per row before the forced ones: energy clamps to the retain bounds,
     top-k keeps exactly k."""
@@ -124,8 +131,7 @@ def block_mask(
     if P.dim() != 4:
         raise ValueError(f"block_mask expects P of shape [B, H, NQ, NK], got {tuple(P.shape)}")
     nk = P.shape[-1]
-    P = P.float()
-    P = torch.where(P > 0, P, 0.0)  # NaN and negative masses count as none (as the Triton selection)
+    P = _masses(P)
     lo, hi = _mode_bounds(nk, mode, min_retain, max_retain, topk)
     if mode == "energy":
         if lo >= nk:
@@ -194,9 +200,10 @@ def level_band_counts(nk: int, fractions) -> list[int]:
 
 def block_levels(P: torch.Tensor, fractions, text_blocks: int = 0, diagonal: bool = True) -> torch.Tensor:
     """Level map int8 [B, H, NQ, NK] from the block importance map ``P``: 0 skipped, 1 exact,
-    1 + i the i-th pooled level. Per row, blocks sorted by descending mass (ties to the lower id)
-    fill the bands of ``level_band_counts(NK, fractions)`` in order; the diagonal block and text
-    blocks (both directions) are exact. Batched tensor code, no host sync."""
+    1 + i the i-th pooled level. Per row, blocks sorted by descending mass (ties to the lower id;
+    NaN and negative masses count as 0, as in :func:`block_mask`) fill the bands of
+    ``level_band_counts(NK, fractions)`` in order; the diagonal block and text blocks (both
+    directions) are exact. Batched tensor code, no host sync."""
     if P.dim() != 4:
         raise ValueError(f"block_levels expects P of shape [B, H, NQ, NK], got {tuple(P.shape)}")
     nq, nk = P.shape[-2:]
@@ -204,7 +211,7 @@ def block_levels(P: torch.Tensor, fractions, text_blocks: int = 0, diagonal: boo
     ends = torch.tensor(counts, device=P.device).cumsum(0)
     band = torch.searchsorted(ends, torch.arange(nk, device=P.device), right=True)  # band of each rank
     lev_by_rank = torch.where(band < len(counts), band + 1, 0).to(torch.int8)
-    order = P.float().sort(dim=-1, descending=True, stable=True).indices
+    order = _masses(P).sort(dim=-1, descending=True, stable=True).indices  # ties to the lower id
     levels = torch.empty(P.shape, dtype=torch.int8, device=P.device)
     levels.scatter_(-1, order, lev_by_rank.expand(P.shape).contiguous())
     if diagonal:
