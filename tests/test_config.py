@@ -176,3 +176,25 @@ def test_sample_defaults_follow_the_student():
 def test_sample_settings_that_would_do_nothing_are_refused(overrides, message):
     with pytest.raises(ConfigError, match=message):
         load_config(None, overrides)
+
+
+@pytest.mark.parametrize("value, expected", [
+    ("runs/exp #3", "runs/exp #3"),  # YAML cut the text at " #" (a comment)
+    ("blurry, low quality: bad hands", "blurry, low quality: bad hands"),  # YAML read a mapping
+    ("[watermark]", "[watermark]"),  # ... a list
+    ("no", "no"),  # ... a boolean, stored as "False"
+    ("'quoted text'", "quoted text"),  # one pair of enclosing quotes goes, as the shell leaves them
+])
+def test_text_overrides_are_taken_as_typed(tmp_path, value, expected):
+    c = load_config(None, [f"tdm.negative_prompt={value}", f"train.output_dir={value}"])
+    assert c.tdm.negative_prompt == expected and c.train.output_dir == expected
+    assert load_config(dump_config(c, tmp_path)) == c  # and survive the resolved dump
+
+
+def test_text_overrides_keep_null_and_interpolation(monkeypatch):
+    monkeypatch.setenv("VIDEOBLADE_TEST_ROOT", "/data/models")
+    c = load_config(None, ["train.prompt_store=null", "model.path=${oc.env:VIDEOBLADE_TEST_ROOT}/wan"])
+    assert c.train.prompt_store is None and c.model.path == "/data/models/wan"
+    # non-text fields are still parsed and checked as before
+    c = load_config(None, ["asa.dense_layers=[0, 2]", "lora.rank=8", "asa.reorder=false"])
+    assert c.asa.dense_layers == [0, 2] and c.lora.rank == 8 and c.asa.reorder is False

@@ -2,7 +2,8 @@
 
 OmegaConf structured configs are used because they give exactly what researchers editing
 YAML for ablations need: the dataclass is the schema (a misspelt key or a wrong type fails at
-load time with the key's full path), `key=value` overrides come for free (`from_dotlist`), and
+load time with the key's full path), `key=value` overrides come for free (`from_dotlist`; text
+fields take the text as typed, see `_verbatim`), and
 the merged result converts back to plain dataclasses, so the rest of the code never sees
 OmegaConf. Field names follow Video-BLADE's (`k_step`, `cfg`, `eta`, `lambda_reg`, `rank`,
 `lora_alpha`, `learning_rate`, `learning_rate_fake`, `max_train_steps`, `checkpointing_steps`).
@@ -307,6 +308,34 @@ def _validate(cfg: RunConfig) -> None:
 
 
 # ---------------------------------------------------------------------------- load / dump
+def _field_kind(schema: type, key: str) -> str | None:
+    """"str" or "str | None" when the dotted ``key`` names a text field of ``schema``, else None."""
+    cls = schema
+    parts = key.split(".")
+    for i, name in enumerate(parts):
+        fields = {f.name: f for f in dataclasses.fields(cls)} if dataclasses.is_dataclass(cls) else {}
+        f = fields.get(name)
+        if f is None:
+            return None
+        if i == len(parts) - 1:
+            return f.type if f.type in ("str", "str | None") else None
+        cls = f.default_factory if isinstance(f.default_factory, type) else None  # a section's class
+    return None
+
+
+def _verbatim(value: str, optional: bool) -> str | None:
+    """A text override as typed: YAML would cut it at `` #``, read ``a: b`` as a mapping, ``[x]`` as
+    a list and ``yes``/``no`` as booleans (a negative prompt or a folder name can hold any of them).
+    One pair of enclosing quotes is removed; ``null``/``None``/``~`` clear an optional field.
+    OmegaConf interpolations (``${oc.env:HOME}``) still resolve, as in the YAML file."""
+    v = value.strip()
+    if optional and v in ("null", "None", "none", "~"):
+        return None
+    if len(v) >= 2 and v[0] == v[-1] and v[0] in "'\"":
+        v = v[1:-1]
+    return v
+
+
 def load_config(path: str | Path | None = None, overrides: list[str] | None = None,
                 schema: type = RunConfig, require: tuple[str, ...] = ()) -> Any:
     """Load `schema` from YAML (optional), apply `key=value` overrides, validate, return dataclasses.
@@ -325,8 +354,14 @@ def load_config(path: str | Path | None = None, overrides: list[str] | None = No
             bad = [o for o in overrides if "=" not in o]
             if bad:
                 raise ConfigError(f"overrides must look like key=value, got {bad}")
-            parts.append(OmegaConf.from_dotlist(list(overrides)))
         merged = OmegaConf.merge(*parts)
+        for o in overrides or ():
+            key, value = o.split("=", 1)
+            kind = _field_kind(schema, key.strip())
+            if kind is None:  # numbers, bools, lists, unknown keys: parsed as YAML, checked by the schema
+                merged = OmegaConf.merge(merged, OmegaConf.from_dotlist([o]))
+            else:  # text fields take the text as typed (see _verbatim)
+                OmegaConf.update(merged, key.strip(), _verbatim(value, optional=kind == "str | None"))
         for key in require:
             if OmegaConf.is_missing(merged, key) or OmegaConf.select(merged, key) is None:
                 raise ConfigError(f"{key} must be set (in the YAML or as {key}=...)")
