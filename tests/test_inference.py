@@ -140,7 +140,7 @@ def test_blade_sparse_eval_dir(tiny_wan, trained, asa_yaml, tmp_path):
     assert rc == 0
     method_dir = tmp_path / "eval" / "wan_videos" / "blade"
     assert sorted(p.name for p in method_dir.iterdir()) == sorted(
-        ["A red fox walks through fresh snow-0.mp4", "a boat at dawn-0.mp4"])
+        ["A red fox walks through fresh snow.-0.mp4", "a boat at dawn-0.mp4"])
     for p in method_dir.iterdir():
         _check_video(p)
     report = json.loads((tmp_path / "eval" / "wan_videos" / "blade.json").read_text())
@@ -275,6 +275,9 @@ def _foreign_folder(root: Path) -> Path:
     "lora_layout_peft_default", "lora_layout_diffusers_default", "eval_names_collide", "eval_base_unnamed",
     "bad_method_name", "bad_fps", "bad_text_length", "nan_guidance", "bad_device", "bad_frames", "bad_height",
     "empty_prompt_file", "out_is_file", "out_unwritable", "asa_unknown_key", "bad_vae_chunk",
+    "steps_beyond_schedule", "unipc_steps_repeat", "seed_out_of_range", "bad_flow_shift", "eta_with_unipc",
+    "lora_scale_without_lora", "negative_prompt_without_cfg", "vae_chunk_with_tiling", "asa_section_not_mapping",
+    "out_and_eval_dir", "out_names_a_video",
 ])
 def test_errors_before_weights(case, tiny_wan, trained, bad_loras, tmp_path, no_weight_loads, capsys):
     import shutil
@@ -285,6 +288,8 @@ def test_errors_before_weights(case, tiny_wan, trained, bad_loras, tmp_path, no_
 
     def with_(**kw):
         a = list(args)
+        if "eval_dir" in kw:  # --eval-dir replaces --out
+            del a[a.index("--out"):a.index("--out") + 2]
         for k, v in kw.items():
             flag = "--" + k.replace("_", "-")
             if flag in a:
@@ -329,6 +334,22 @@ def test_errors_before_weights(case, tiny_wan, trained, bad_loras, tmp_path, no_
         "out_unwritable": (with_(out=blocker / "sub"), "cannot be written"),
         "asa_unknown_key": (with_(sparse=None, asa_config=bad_yaml), "unknown ASA keys ['blocksize']"),
         "bad_vae_chunk": (with_(vae_chunk=0), "--vae-chunk must be 'auto', 'all' or a positive integer, got 0"),
+        # requests that used to pass the plan and then fail every video after the weights loaded
+        "steps_beyond_schedule": (with_(steps=2000), "--steps 2000 is more than the model's 1000 training timesteps"),
+        "unipc_steps_repeat": (with_(sampler="unipc", steps=600), "--steps 600 with --sampler unipc repeats timesteps"),
+        "seed_out_of_range": (with_(seed=2**64), f"--seed {2**64}"),
+        "bad_flow_shift": (with_(sampler="unipc", flow_shift=0), "--flow-shift must be a positive number, got 0"),
+        # flags that used to be accepted and silently ignored
+        "eta_with_unipc": (with_(sampler="unipc", eta=0.5), "--eta applies to --sampler tdm only"),
+        "lora_scale_without_lora": (with_(lora_scale=0.5), "--lora-scale needs --lora"),
+        "negative_prompt_without_cfg": (with_(negative_prompt="blurry"), "--negative-prompt needs --guidance > 1"),
+        "vae_chunk_with_tiling": (with_(vae_tiling=None, vae_chunk=2), "--vae-chunk does not apply with --vae-tiling"),
+        "out_and_eval_dir": ([*with_(lora=trained, eval_dir=tmp_path / "ev"), "--out", str(tmp_path / "out")],
+                             "--out and --eval-dir"),
+        "out_names_a_video": (with_(out=tmp_path / "fox.mp4"), "--out names the output folder"),
+        # a crash (TypeError) instead of a message
+        "asa_section_not_mapping": (with_(sparse=None, asa_config=_write(tmp_path / "a5.yaml", "asa: 5\n")),
+                                    "'asa:' must be a mapping of ASA keys"),
     }
     argv, msg = cases[case]
     rc = main(argv)
@@ -355,10 +376,13 @@ def test_inspect_lora_reads_header_only(trained):
 # ---------------------------------------------------------------------------- names, sampler, decode
 def test_sanitized_names():
     assert video_filename("A dog / cat: \"running\"?", 3) == "A dog cat running-3.mp4"
-    assert video_filename("a  b\tc.", 0) == "a b c-0.mp4"
-    assert sanitize_prompt("///") == "prompt"
+    assert video_filename("a  b\tc.", 0) == "a b c.-0.mp4"  # a final '.' is not at the end of the file name: kept
+    assert sanitize_prompt("///") == "prompt" and sanitize_prompt("...") == "prompt"
+    assert video_filename(".hidden", 0) == "hidden-0.mp4"  # never a hidden file
     long = sanitize_prompt("é" * 500)
-    assert len(long.encode()) <= 180 and long == "é" * len(long)
+    # NAME_MAX is 255 bytes: room for "NNNN-" (--out) and "-<k>.mp4" beside the longest stem
+    assert 230 <= len(long.encode()) <= 240 and long == "é" * len(long)
+    assert len(("0000-" + video_filename("é" * 500, 9999)).encode()) <= 255
 
 
 @pytest.mark.parametrize("kind", ["flow", "v_prediction"])
@@ -743,3 +767,116 @@ def test_report_is_written_after_every_prompt(tiny_wan, tmp_path, monkeypatch):
     assert report["summary"]["complete"] is False and report["summary"]["ok"] == 1
     assert [e["prompt"] for e in report["prompts"]] == ["a red kite"]
     assert not [p for p in out.iterdir() if p.name.startswith(".")]  # no temporary files left
+
+
+# VBench's standard mode looks for exactly f"{prompt}-{index}.mp4" (prompt_en of its full-info JSON); its
+# prompts include ones ending in '.' and ones up to 210 bytes long
+VBENCH_PROMPTS = [
+    "Fireworks.",
+    "A 3D model of a 1800s victorian house.",
+    "Snow rocky mountains peaks canyon. snow blanketed rocky mountains surround and shadow deep canyons. the canyons "
+    "twist and bend through the high elevated mountain peaks, featuring a steady and smooth perspective",
+]
+
+
+def test_eval_names_are_the_vbench_prompt_text(tiny_wan, trained, tmp_path, no_weight_loads):
+    pf = _write(tmp_path / "vbench.txt", "\n".join(VBENCH_PROMPTS) + "\n")
+    plan = plan_from_args(build_parser().parse_args([
+        "--model", str(tiny_wan), "--lora", str(trained), "--prompt-file", str(pf), "--num-videos-per-prompt", "5",
+        "--eval-dir", str(tmp_path / "ev")]))
+    assert [j.path.name for j in plan.jobs] == [f"{p}-{k}.mp4" for p in VBENCH_PROMPTS for k in range(5)]
+    # a prompt and the same prompt with a final '.' are two prompts (VBench has both kinds), not a collision
+    pf2 = _write(tmp_path / "dots.txt", "a cat\na cat.\n")
+    plan = plan_from_args(build_parser().parse_args([
+        "--model", str(tiny_wan), "--lora", str(trained), "--prompt-file", str(pf2), "--eval-dir", str(tmp_path / "e2")]))
+    assert [j.path.name for j in plan.jobs] == ["a cat-0.mp4", "a cat.-0.mp4"]
+
+
+def test_eval_dir_notes_videos_of_an_earlier_run(tiny_wan, trained, tmp_path, no_weight_loads):
+    # a scorer reads every video in the method folder: one left by an earlier run with other prompts is named
+    folder = tmp_path / "ev" / "wan_videos" / "blade"
+    folder.mkdir(parents=True)
+    (folder / "an old prompt-0.mp4").write_bytes(b"x")
+    (folder / "a cat-0.mp4").write_bytes(b"x")  # this run rewrites it: not stale
+    argv = ["--model", str(tiny_wan), "--lora", str(trained), "--prompt", "a cat", "--eval-dir", str(tmp_path / "ev")]
+    plan = plan_from_args(build_parser().parse_args(argv))
+    stale = [n for n in plan.notes if "does not write" in n]
+    assert len(stale) == 1 and "1 video" in stale[0] and "an old prompt-0.mp4" in stale[0]
+    (folder / "an old prompt-0.mp4").unlink()
+    assert not [n for n in plan_from_args(build_parser().parse_args(argv)).notes if "does not write" in n]
+
+
+def test_asa_config_with_an_empty_section(tiny_wan, tmp_path, no_weight_loads):
+    # `asa:` with nothing under it is the defaults (it used to crash with a TypeError)
+    from videoblade.config import ASAConfig
+
+    cfg = _write(tmp_path / "asa.yaml", "asa:\n")
+    plan = plan_from_args(build_parser().parse_args(["--model", str(tiny_wan), "--sparse", "--asa-config", str(cfg),
+                                                     "--prompt", "x", "--out", str(tmp_path / "o")]))
+    assert plan.asa.enabled and plan.asa.block_size == ASAConfig().block_size
+
+
+def test_non_finite_latents_fail_the_video(tiny_wan, tmp_path, monkeypatch):
+    # NaN latents (an fp16 overflow, a broken schedule) decode to a flat frame: the video must be
+    # reported as failed, not written and counted as made
+    from videoblade import inference as inf
+
+    real, calls = inf.denoise, []
+
+    def nan_for_the_second(*a, **k):
+        out = real(*a, **k)
+        calls.append(1)
+        return out * float("nan") if len(calls) == 2 else out
+
+    monkeypatch.setattr(inf, "denoise", nan_for_the_second)
+    out = tmp_path / "out"
+    rc = main(_common(tiny_wan, "--prompt", "a first kite", "--prompt", "a second kite", "--out", str(out)))
+    assert rc == 1
+    report = json.loads((out / "inference.json").read_text())
+    assert report["summary"]["ok"] == 1 and report["summary"]["failed"] == 1
+    assert "non-finite" in report["prompts"][1]["videos"][0]["error"]
+    assert [p.name for p in out.glob("*.mp4")] == ["0000-a first kite-0.mp4"]
+
+
+def test_attention_defaults_to_what_the_lora_was_trained_with(tiny_wan, trained, tmp_path, no_weight_loads):
+    # a LoRA of a TDM-only run (videoblade records asa: null) samples dense by default, in the `tdm`
+    # folder, instead of landing sparse in `blade`; --sparse still turns ASA on; an ASA file that says
+    # enabled: false is dense unless --sparse is given
+    from safetensors.torch import load_file, save_file
+
+    lora = trained / "pytorch_lora_weights.safetensors"
+    meta = dict(read_lora(trained).meta, asa=None)
+    dense_lora = tmp_path / "dense_lora.safetensors"
+    save_file(load_file(str(lora)), str(dense_lora), metadata={"videoblade": json.dumps(meta)})
+    base = ["--model", str(tiny_wan), "--height", str(H), "--width", str(W), "--frames", str(FRAMES), "--no-progress",
+            "--prompt", "x"]
+
+    def plan(*extra):
+        return plan_from_args(build_parser().parse_args([*base, *extra]))
+
+    p = plan("--lora", str(dense_lora), "--eval-dir", str(tmp_path / "ev"))
+    assert p.asa is None and p.method == "tdm" and any("trained with dense attention" in n for n in p.notes)
+    p = plan("--lora", str(dense_lora), "--sparse", "--out", str(tmp_path / "o"))
+    assert p.asa is not None and p.asa.enabled and p.method == "blade"
+    p = plan("--lora", str(lora), "--out", str(tmp_path / "o"))  # trained with ASA: sparse, its own settings
+    assert p.asa is not None and p.asa.block_size == 16 and p.method == "blade"
+    off = _write(tmp_path / "off.yaml", ASA_YAML + "  enabled: false\n")
+    p = plan("--lora", str(lora), "--asa-config", str(off), "--out", str(tmp_path / "o"))
+    assert p.asa is None and p.method == "tdm" and any("enabled: false" in n for n in p.notes)
+    p = plan("--lora", str(lora), "--asa-config", str(off), "--sparse", "--out", str(tmp_path / "o"))
+    assert p.asa is not None and p.asa.enabled and p.asa.block_size == 16
+
+
+def test_flow_match_scheduler_folder_is_a_flow_model(tiny_wan, tmp_path, no_weight_loads):
+    # a Wan folder whose scheduler is FlowMatchEulerDiscreteScheduler (no prediction_type key) is a
+    # flow model, as Schedule reads it: --flow-shift is accepted and the UniPC run records the shift
+    import shutil
+
+    folder = tmp_path / "wan_flowmatch"
+    shutil.copytree(tiny_wan, folder)
+    _write(folder / "scheduler" / "scheduler_config.json",
+           json.dumps({"_class_name": "FlowMatchEulerDiscreteScheduler", "num_train_timesteps": 1000, "shift": 3.0}))
+    base = ["--model", str(folder), "--height", str(H), "--width", str(W), "--frames", str(FRAMES), "--no-progress",
+            "--prompt", "x", "--out", str(tmp_path / "o"), "--sampler", "unipc"]
+    assert plan_from_args(build_parser().parse_args(base)).flow_shift == 3.0
+    assert plan_from_args(build_parser().parse_args([*base, "--flow-shift", "5"])).flow_shift == 5.0

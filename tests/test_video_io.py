@@ -74,3 +74,29 @@ def test_write_is_atomic_and_failures_raise(tmp_path):
     with pytest.raises(ValueError, match="fps"):
         write_video(tmp_path / "b.mp4", frames, fps=-1)
     assert sorted(p.name for p in tmp_path.iterdir()) == ["a.mp4", "dir.mp4"]
+
+
+def test_long_names_and_temporary_files(tmp_path, monkeypatch):
+    """A name of up to NAME_MAX (255 bytes) is written (the temporary name beside it must not be longer),
+    and the temporary file is never a '.mp4' a scorer listing the folder would take for a video (a run
+    killed by SIGTERM, as a job scheduler's time limit does, leaves it behind)."""
+    import imageio_ffmpeg
+
+    frames = smooth_clip(3, 16, 16)
+    name = "é" * 122 + "-4.mp4"  # 250 bytes
+    assert len(name.encode()) == 250
+    assert write_video(tmp_path / name, frames) == (16, 16)
+    assert read_video(tmp_path / name).shape == (3, 16, 16, 3)
+    assert sorted(p.name for p in tmp_path.iterdir()) == [name]
+
+    seen = []
+    real = imageio_ffmpeg.write_frames
+
+    def spy(path, *a, **k):
+        seen.append(path)
+        return real(path, *a, **k)
+
+    monkeypatch.setattr(imageio_ffmpeg, "write_frames", spy)
+    write_video(tmp_path / "a cat-0.mp4", frames)
+    assert len(seen) == 1 and not seen[0].lower().endswith((".mp4", ".gif", ".jpg", ".png"))
+    assert video_info(tmp_path / "a cat-0.mp4")["frames"] == 3

@@ -100,7 +100,7 @@ def build_parser(prog: str = "videoblade generate") -> argparse.ArgumentParser:
     g = p.add_mutually_exclusive_group(required=True)
     g.add_argument("--prompt", action="append", default=None, help="a prompt (repeat for several)")
     g.add_argument("--prompt-file", default=None, help="text file, one prompt per line (blank lines and # skipped)")
-    p.add_argument("--negative-prompt", default="", help="negative prompt for CFG (guidance > 1); default empty")
+    p.add_argument("--negative-prompt", default=None, help="negative prompt for CFG (guidance > 1); default empty")
     p.add_argument("--height", type=int, default=None, help="default: the family's (Wan 480, CogVideoX 480)")
     p.add_argument("--width", type=int, default=None, help="default: the family's (Wan 832, CogVideoX 720)")
     p.add_argument("--frames", type=int, default=None, help="default: the family's (Wan 81, CogVideoX 49); 4k+1")
@@ -127,7 +127,7 @@ def build_parser(prog: str = "videoblade generate") -> argparse.ArgumentParser:
                         "dense attention, UniPC")
     p.add_argument("--seed", type=int, default=0, help="video k of every prompt uses seed + k")
     p.add_argument("--num-videos-per-prompt", type=int, default=1, help="videos per prompt (VBench uses 5)")
-    p.add_argument("--out", default="runs/inference", help="output folder (videos + inference.json)")
+    p.add_argument("--out", default=None, help="output folder (videos + inference.json; default runs/inference)")
     p.add_argument("--eval-dir", default=None,
                    help="write <dir>/<family>_videos/<method>/<prompt>-<k>.mp4 (VBench layout) instead of --out")
     p.add_argument("--method", default=None,
@@ -155,13 +155,18 @@ def build_parser(prog: str = "videoblade generate") -> argparse.ArgumentParser:
 
 # ---------------------------------------------------------------------------- names
 _BAD = re.compile(r'[<>:"/\\|?*\x00-\x1f\x7f]')
+VIDEO_SUFFIXES = (".mp4", ".gif", ".mov", ".mkv", ".webm", ".avi")
 
 
-def sanitize_prompt(prompt: str, max_bytes: int = 180) -> str:
+def sanitize_prompt(prompt: str, max_bytes: int = 240) -> str:
     """A prompt as a file-name stem: path separators and characters Windows or shells reject removed,
-    whitespace collapsed, trimmed of leading/trailing dots/spaces, cut to `max_bytes` of UTF-8."""
+    whitespace collapsed, trimmed of spaces and leading dots (no hidden files), cut to `max_bytes` of
+    UTF-8. Anything else is kept as written, a final '.' included: VBench's standard mode looks for
+    exactly '<prompt>-<k>.mp4' (its prompts include 'Fireworks.' and ones of 210 bytes), and the stem
+    is always followed by '-<k>.mp4'. 240 bytes leave room for '<NNNN>-' and '-<k>.mp4' in the 255 bytes
+    of a file name."""
     s = _BAD.sub("", re.sub(r"\s+", " ", prompt))
-    s = re.sub(r" +", " ", s).strip().strip(".").strip()
+    s = re.sub(r" +", " ", s).strip().lstrip(".").strip()
     b = s.encode("utf-8")[:max_bytes]
     s = b.decode("utf-8", errors="ignore").rstrip()
     return s or "prompt"
@@ -186,6 +191,7 @@ class LoRAInfo:
     target_modules: list[str]
     k_step: int | None = None  # the student's step count and sampler eta recorded at training time, if any
     eta: float | None = None
+    trained_dense: bool = False  # videoblade's record says the student was trained without ASA
 
 
 def _resolve_lora_file(path: str | Path) -> Path:
@@ -300,7 +306,8 @@ def inspect_lora(path: str | Path) -> LoRAInfo:
                     family=str(family).lower().replace("tiny-", "") if family else None, metadata=meta, asa=asa,
                     num_tensors=len(shapes), target_modules=sorted(mods),
                     k_step=int(k_step) if isinstance(k_step, (int, float)) and k_step >= 1 else None,
-                    eta=float(eta) if isinstance(eta, (int, float)) and 0.0 <= eta <= 1.0 else None)
+                    eta=float(eta) if isinstance(eta, (int, float)) and 0.0 <= eta <= 1.0 else None,
+                    trained_dense="asa" in record and record["asa"] is None)  # the trainer writes null when off
 
 
 def _check_lora_against_model(lora: LoRAInfo, adapter, info, expected_rank: int | None) -> None:
@@ -456,6 +463,10 @@ def _load_asa_yaml(path: str) -> ASAConfig:
     if not isinstance(raw, dict):
         raise InferenceError(f"--asa-config {p} must be a mapping of ASA keys")
     section = raw.get("asa", raw)
+    if section is None:  # `asa:` with nothing under it: the defaults
+        section = {}
+    if not isinstance(section, dict):
+        raise InferenceError(f"--asa-config {p}: 'asa:' must be a mapping of ASA keys, got {section!r}")
     return _asa_from_dict(section, f"--asa-config {p}")
 
 
@@ -469,6 +480,31 @@ def _asa_from_dict(d: dict, where: str) -> ASAConfig:
         return load_config(overrides=overrides).asa
     except ConfigError as e:
         raise InferenceError(f"{where}: {e}") from None
+
+
+def _check_unipc_steps(schedule, flow_shift: float | None, steps: int) -> None:
+    """UniPC's timesteps are integers: past some step count they repeat (Wan's shifted flow sigmas
+    crowd near t = T), and diffusers' UniPC then fails on the first repeat. Refuse such a count,
+    naming a smaller one that gives distinct timesteps (configs only; the scheduler holds no weights)."""
+    from videoblade.sampling import unipc_scheduler
+
+    def distinct(n: int) -> bool:
+        sch = unipc_scheduler(schedule, flow_shift=flow_shift)
+        try:
+            sch.set_timesteps(n)
+        except ValueError:
+            return False
+        ts = sch.timesteps.tolist()
+        return len(set(ts)) == len(ts)
+
+    if distinct(steps):
+        return
+    lo, hi = 1, steps  # distinct(lo), not distinct(hi)
+    while hi - lo > 1:
+        mid = (lo + hi) // 2
+        lo, hi = (mid, hi) if distinct(mid) else (lo, mid)
+    raise InferenceError(f"--steps {steps} with --sampler unipc repeats timesteps on this model's schedule (UniPC "
+                         f"needs distinct ones): use fewer, e.g. {lo}")
 
 
 def plan_from_args(args: argparse.Namespace) -> Plan:
@@ -504,10 +540,23 @@ def plan_from_args(args: argparse.Namespace) -> Plan:
         raise InferenceError(f"--guidance must be >= 1 (1 = no CFG pass), got {guidance}")
     if args.flow_shift is not None and sampler != "unipc":
         raise InferenceError("--flow-shift applies to --sampler unipc only")
-    schedule_kind = "flow" if (info.scheduler_config or {}).get("prediction_type") == "flow_prediction" or (
-        info.scheduler_config or {}).get("use_flow_sigmas") else "v_prediction"
+    try:
+        model_schedule = adapter.schedule(model)  # the scheduler config only (it knows FlowMatch* classes too)
+    except ValueError as e:
+        raise InferenceError(f"--model: {e}") from None
+    schedule_kind = model_schedule.kind
     if args.flow_shift is not None and schedule_kind != "flow":
         raise InferenceError("--flow-shift applies to flow-matching models (Wan) only")
+    if args.flow_shift is not None and not (math.isfinite(args.flow_shift) and args.flow_shift > 0):
+        raise InferenceError(f"--flow-shift must be a positive number, got {args.flow_shift:g}")
+    if args.eta is not None and sampler != "tdm":
+        raise InferenceError("--eta applies to --sampler tdm only (UniPC takes no eta): drop --eta")
+    if args.negative_prompt is not None and guidance == 1.0:
+        raise InferenceError("--negative-prompt needs --guidance > 1: at guidance 1 there is no unconditional pass "
+                             "to use it")
+    negative_prompt = args.negative_prompt if args.negative_prompt is not None else ""
+    if not math.isfinite(args.lora_scale):
+        raise InferenceError(f"--lora-scale must be a finite number, got {args.lora_scale}")
     if args.num_videos_per_prompt < 1:
         raise InferenceError("--num-videos-per-prompt must be >= 1")
 
@@ -518,6 +567,8 @@ def plan_from_args(args: argparse.Namespace) -> Plan:
         _check_lora_against_model(lora, adapter, info, args.lora_rank)
     elif args.lora_rank is not None and not baseline:
         raise InferenceError("--lora-rank needs --lora")
+    elif args.lora_scale != 1.0 and not baseline:
+        raise InferenceError("--lora-scale needs --lora")
 
     # steps and eta: the flags, else what the student was trained for (its LoRA's record), else 8 / 0.9
     steps, eta = args.steps, args.eta
@@ -532,14 +583,30 @@ def plan_from_args(args: argparse.Namespace) -> Plan:
     eta = float(eta)
     if steps < 1:
         raise InferenceError(f"--steps must be >= 1, got {steps}")
+    n_train = model_schedule.num_train_timesteps
+    if sampler == "tdm" and steps > n_train:
+        raise InferenceError(f"--steps {steps} is more than the model's {n_train} training timesteps: "
+                             f"use at most {n_train}")
+    n_videos = args.num_videos_per_prompt
+    if not -(2**63) <= args.seed <= 2**64 - n_videos:  # torch.Generator.manual_seed's range, for every seed + k
+        raise InferenceError(f"--seed {args.seed} is out of range: seeds are 64-bit, use one in "
+                             f"[0, {2**64 - n_videos}]")
     if not 0.0 <= eta <= 1.0:
         raise InferenceError(f"--eta must be in [0, 1], got {eta}")
 
-    # ASA
+    # ASA: sparse by default with a LoRA, unless the LoRA was trained dense or the ASA file turns it off
+    asa_file = _load_asa_yaml(args.asa_config) if (sparse and args.asa_config) else None
+    if args.sparse is None and sparse and asa_file is not None and not asa_file.enabled:
+        sparse = False
+        notes.append(f"--asa-config {args.asa_config} says enabled: false: dense attention (--sparse turns it on)")
+    elif args.sparse is None and sparse and asa_file is None and lora is not None and lora.trained_dense:
+        sparse = False
+        notes.append("the LoRA was trained with dense attention (its metadata): dense, as trained "
+                     "(--sparse for adaptive sparse attention)")
     asa = None
     if sparse:
-        if args.asa_config:
-            asa = _load_asa_yaml(args.asa_config)
+        if asa_file is not None:
+            asa = asa_file
         elif lora is not None and lora.asa:
             known = {f.name for f in dataclasses.fields(ASAConfig)}
             asa = _asa_from_dict({k: v for k, v in lora.asa.items() if k in known}, f"--lora {lora.path} metadata")
@@ -549,7 +616,7 @@ def plan_from_args(args: argparse.Namespace) -> Plan:
             if family == "cogvideox":  # SPEC: compensation pool 16 for CogVideoX
                 asa.pool = 16
         asa.enabled = True
-    elif args.asa_config:
+    elif args.asa_config and asa_file is None:
         notes.append("--asa-config ignored: the run is dense")
 
     prompts = _read_prompts(args)
@@ -567,6 +634,9 @@ def plan_from_args(args: argparse.Namespace) -> Plan:
                                  "name its --eval-dir folder with --method, or add --baseline")
         method = "teacher"
     if args.eval_dir:
+        if args.out is not None:
+            raise InferenceError("--out and --eval-dir both say where the videos go: pass one of them (--eval-dir "
+                                 "writes <dir>/<family>_videos/<method>/)")
         root = Path(args.eval_dir) / f"{family}_videos"
         out_dir = root / method
         report_path = root / f"{method}.json"
@@ -586,7 +656,11 @@ def plan_from_args(args: argparse.Namespace) -> Plan:
         prompts = uniq
         _check_writable(out_dir, "--eval-dir")
     else:
-        out_dir = Path(args.out)
+        out_dir = Path(args.out if args.out is not None else "runs/inference")
+        if out_dir.suffix.lower() in VIDEO_SUFFIXES and not out_dir.is_dir():
+            raise InferenceError(f"--out names the output folder (the videos and inference.json go inside it), but "
+                                 f"{out_dir} looks like a video file name: pass a folder, e.g. --out "
+                                 f"{out_dir.with_suffix('')}")
         report_path = out_dir / "inference.json"
         _check_writable(out_dir, "--out")
     if report_path.is_dir():
@@ -599,6 +673,14 @@ def plan_from_args(args: argparse.Namespace) -> Plan:
         for k in range(args.num_videos_per_prompt):
             name = video_filename(pr, k) if args.eval_dir else f"{i:04d}-{video_filename(pr, k)}"
             jobs.append(Job(i, pr, k, int(args.seed) + k, out_dir / name))
+    if args.eval_dir:  # a scorer reads every video of the method folder, this run's or not
+        ours = {j.path.name for j in jobs}
+        stale = sorted(q.name for q in out_dir.iterdir()
+                       if q.suffix.lower() in VIDEO_SUFFIXES and q.name not in ours and q.is_file())
+        if stale:
+            notes.append(f"{out_dir} already holds {len(stale)} video(s) this run does not write (e.g. {stale[0]!r}), "
+                         "from an earlier run: a VBench-style scorer reads every video in the folder; remove them "
+                         "or name this run's folder with --method")
 
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
     problem = device_problem(device)
@@ -614,6 +696,9 @@ def plan_from_args(args: argparse.Namespace) -> Plan:
         vae_chunk = adapter.check_decode_chunk(args.vae_chunk)
     except ModelRequestError as e:
         raise InferenceError(str(e).replace("decode chunk", "--vae-chunk")) from None
+    if args.vae_tiling and vae_chunk != "auto":
+        raise InferenceError("--vae-chunk does not apply with --vae-tiling (the tiled decode runs diffusers' own "
+                             "tile loop): drop one of them")
     text_max_length = args.max_text_length if args.max_text_length is not None else adapter.text_max_length(info)
     if text_max_length < 1:
         raise InferenceError(f"--max-text-length must be >= 1, got {text_max_length}")
@@ -622,10 +707,12 @@ def plan_from_args(args: argparse.Namespace) -> Plan:
                              "(its max_text_seq_length)")
     flow_shift = args.flow_shift
     if sampler == "unipc" and schedule_kind == "flow" and flow_shift is None:
-        flow_shift = float(adapter.schedule(model).shift)  # the folder's: recorded as used, not as null
+        flow_shift = float(model_schedule.shift)  # the folder's: recorded as used, not as null
+    if sampler == "unipc":
+        _check_unipc_steps(model_schedule, flow_shift, int(steps))
     return Plan(adapter=adapter, family=family, model=model, info=info, geometry=geometry, prompts=prompts,
                 jobs=jobs, lora=lora, asa=asa, method=method, steps=int(steps), guidance=float(guidance),
-                sampler=sampler, eta=eta, flow_shift=flow_shift, negative_prompt=args.negative_prompt,
+                sampler=sampler, eta=eta, flow_shift=flow_shift, negative_prompt=negative_prompt,
                 seed=int(args.seed), dtype=dtype, vae_dtype=vae_dtype, vae_tiling=bool(args.vae_tiling),
                 vae_chunk=vae_chunk, vae_compile=bool(args.vae_compile), compile=bool(args.compile), device=device, fps=int(fps),
                 text_max_length=int(text_max_length), lora_scale=float(args.lora_scale), out_dir=out_dir,
@@ -819,6 +906,9 @@ def generate(plan: Plan, comps: Components | None = None) -> dict:
                 latents = denoise(plan, comps, embeds, negative, gen, progress=plan.progress)
                 _sync(dev)
                 t1 = time.perf_counter()
+                if not bool(torch.isfinite(latents).all()):  # would decode to a flat video that passes for one
+                    raise RuntimeError("the sampler produced non-finite latents (NaN/inf); with --dtype fp16 "
+                                       "try bf16 or fp32")
                 frames = plan.adapter.decode(comps.vae, latents)
                 _sync(dev)
                 t2 = time.perf_counter()

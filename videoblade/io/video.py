@@ -54,7 +54,9 @@ def write_video(path: str | Path, frames, fps: float = 16, crf: int = 18) -> tup
 
     Written to a temporary file beside ``path`` and renamed when ffmpeg has finished, so a scorer
     never reads a half-written video; imageio-ffmpeg does not report ffmpeg's exit status, so a
-    missing or empty result raises here instead of passing for a video."""
+    missing or empty result raises here instead of passing for a video. The temporary name is short
+    (any ``path`` name up to the file system's 255 bytes works) and does not end in ``.mp4``: one left
+    behind by a killed run is not taken for a video by a scorer that lists the folder."""
     import imageio_ffmpeg
 
     path = Path(path)
@@ -63,12 +65,13 @@ def write_video(path: str | Path, frames, fps: float = 16, crf: int = 18) -> tup
     path.parent.mkdir(parents=True, exist_ok=True)
     frames = _pad_even(to_uint8_frames(frames))
     _, h, w, _ = frames.shape
-    tmp = path.with_name(f".{path.stem}.{os.getpid()}.tmp{path.suffix or '.mp4'}")
+    stem = path.stem.encode("utf-8")[:64].decode("utf-8", errors="ignore")
+    tmp = path.with_name(f".{stem}.{os.getpid()}.tmp")
     try:
         writer = imageio_ffmpeg.write_frames(
             str(tmp), (w, h), fps=float(fps), codec="libx264", pix_fmt_in="rgb24", pix_fmt_out="yuv420p",
             quality=None, macro_block_size=1, ffmpeg_log_level="error",
-            output_params=["-crf", str(int(crf)), "-movflags", "+faststart"],
+            output_params=["-crf", str(int(crf)), "-movflags", "+faststart", "-f", "mp4"],
         )
         writer.send(None)  # start the generator
         for frame in frames:
