@@ -185,3 +185,56 @@ def test_encode_checks_settings_before_loading(tiny_wan, tmp_path, monkeypatch):
     with pytest.raises(PromptStoreError, match="CogVideoX takes exactly"):
         encode_prompts_to_store(tiny_model_folder("cogvideox"), ["a"], tmp_path / "c", text_max_length=7,
                                 progress=False)
+
+
+def test_prompt_file_splits_on_line_ends_only(tmp_path):
+    """One prompt per line means per newline (LF, CRLF or CR): characters that str.splitlines also
+    breaks on (U+2028 line separator, U+0085 NEL, form feed, U+001C..U+001E) stay inside the prompt
+    instead of silently cutting it in two; the store's prompts.txt reads back in store order."""
+    f = tmp_path / "p.txt"
+    f.write_bytes("a cat\u2028on a mat\r\nfoo\x0cbar\rbaz\x85qux \x1c end\nlast\n".encode())
+    prompts = read_prompt_file(f)
+    assert prompts == ["a cat\u2028on a mat", "foo\x0cbar", "baz\x85qux \x1c end", "last"]
+    write_prompt_store(tmp_path / "s", [torch.zeros(4, 2, 3)], prompts, family="wan", text_max_length=2,
+                       negative_embeds=torch.zeros(1, 2, 3))
+    store = PromptStore(tmp_path / "s")
+    assert len(store.prompts()) == len(store) == 4 and store.prompts()[3] == "last"
+
+
+def test_store_folder_is_readable_by_others_as_the_umask_allows(tmp_path):
+    """A store built on a shared machine gets the usual permissions of a new folder (0o777 & ~umask),
+    not the owner-only 0o700 of the temporary folder it was written in: another user's training job
+    can read it."""
+    import os
+    import stat
+
+    old = os.umask(0o022)
+    try:
+        write_prompt_store(tmp_path / "s", [torch.zeros(1, 2, 3)], ["a"], family="wan", text_max_length=2,
+                           negative_embeds=torch.zeros(1, 2, 3))
+    finally:
+        os.umask(old)
+    assert stat.S_IMODE((tmp_path / "s").stat().st_mode) == 0o755
+    for p in (tmp_path / "s").iterdir():
+        assert stat.S_IMODE(p.stat().st_mode) == 0o644, p.name
+
+
+def test_write_refuses_a_shard_size_below_one(tmp_path, monkeypatch):
+    """shard_size 0 would write empty shards forever (write_prompt_store is public: encode checks it,
+    direct callers did not)."""
+    import videoblade.data.prompt_store as ps
+
+    calls = []
+    real = ps.save_file
+
+    def bounded(*a, **k):  # without the check the loop below never ends: stop it
+        calls.append(1)
+        if len(calls) > 20:
+            raise RuntimeError("endless shards")
+        return real(*a, **k)
+
+    monkeypatch.setattr(ps, "save_file", bounded)
+    with pytest.raises(PromptStoreError, match="shard_size"):
+        write_prompt_store(tmp_path / "s", [torch.zeros(2, 2, 3)], ["a", "b"], family="wan", text_max_length=2,
+                           negative_embeds=torch.zeros(1, 2, 3), shard_size=0)
+    assert not (tmp_path / "s").exists()

@@ -129,31 +129,49 @@ def sample(adapter, transformer, schedule: Schedule, prompt_embeds: torch.Tensor
 RawPredictFn = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]  # (x [B,...], model timestep [B]) -> output
 
 
-def unipc_scheduler(schedule: Schedule, flow_shift: float | None = None, timestep_spacing: str | None = None):
+def unipc_scheduler(schedule: Schedule, flow_shift: float | None = None, timestep_spacing: str | None = None,
+                    config: dict | None = None):
     """A diffusers ``UniPCMultistepScheduler`` on the same noise schedule as ``schedule``.
 
-    flow (Wan): flow sigmas with ``flow_shift`` (default: the schedule's own shift), as the Wan
-    pipelines configure it. v_prediction (CogVideoX): the schedule's alphas_cumprod passed as
-    ``trained_betas`` (so the SNR shift and the zero-terminal-SNR rescale of the teacher's
-    scheduler carry over; UniPC clamps the terminal alpha_bar to 2**-24 itself), trailing spacing.
+    Its settings are the model folder's own ``scheduler/scheduler_config.json`` (``config``, default
+    the one ``schedule`` was built from: ``Schedule.from_model_folder`` / ``adapter.load`` record it),
+    every key UniPC takes (solver_order, solver_type, lower_order_final, final_sigmas_type,
+    disable_corrector, timestep spacing, ...), so ``--sampler unipc`` / ``--baseline`` run what
+    ``WanPipeline`` / ``CogVideoXPipeline`` run with ``UniPCMultistepScheduler.from_config`` of that
+    folder. Only the noise schedule is set from ``schedule``:
+
+    flow (Wan): flow sigmas with ``flow_shift`` (an explicit value overrides; default the schedule's
+    own shift, i.e. the folder's). v_prediction (CogVideoX): the schedule's alphas_cumprod passed as
+    ``trained_betas`` (so the SNR shift and the zero-terminal-SNR rescale of the teacher's scheduler,
+    which UniPC's own config keys cannot express, carry over; UniPC clamps the terminal alpha_bar to
+    2**-24 itself); spacing the folder's, else trailing. ``timestep_spacing`` overrides the spacing.
     """
+    import inspect
+
     from diffusers import UniPCMultistepScheduler
 
     T = schedule.num_train_timesteps
+    cfg = config if config is not None else (schedule.scheduler_config or {})
+    accepted = set(inspect.signature(UniPCMultistepScheduler.__init__).parameters) - {"self"}
+    kw = {k: v for k, v in cfg.items() if k in accepted}  # what from_config keeps of another class's config
     if schedule.kind == "flow":
         shift = float(flow_shift if flow_shift is not None else schedule.shift)
-        return UniPCMultistepScheduler(num_train_timesteps=T, prediction_type="flow_prediction",
-                                       use_flow_sigmas=True, flow_shift=shift,
-                                       timestep_spacing=timestep_spacing or "linspace")
-    if flow_shift is not None:
-        raise ValueError("flow_shift applies to flow-matching models (Wan) only")
-    abar = (schedule.alphas.double() ** 2)
-    prev = torch.cat([torch.ones(1, dtype=torch.float64), abar[:-1]])
-    betas = (1.0 - abar / prev).clamp(0.0, 1.0)
-    zero_terminal = bool(abar[-1] < 1e-12)
-    return UniPCMultistepScheduler(num_train_timesteps=T, prediction_type="v_prediction",
-                                   trained_betas=betas.numpy(), rescale_betas_zero_snr=zero_terminal,
-                                   timestep_spacing=timestep_spacing or "trailing")
+        kw.update(num_train_timesteps=T, prediction_type="flow_prediction", use_flow_sigmas=True, flow_shift=shift,
+                  trained_betas=None)
+        kw.setdefault("timestep_spacing", "linspace")
+    else:
+        if flow_shift is not None:
+            raise ValueError("flow_shift applies to flow-matching models (Wan) only")
+        abar = (schedule.alphas.double() ** 2)
+        prev = torch.cat([torch.ones(1, dtype=torch.float64), abar[:-1]])
+        betas = (1.0 - abar / prev).clamp(0.0, 1.0)
+        zero_terminal = bool(abar[-1] < 1e-12)
+        kw.update(num_train_timesteps=T, prediction_type="v_prediction", trained_betas=betas.numpy(),
+                  rescale_betas_zero_snr=zero_terminal, use_flow_sigmas=False)
+        kw.setdefault("timestep_spacing", "trailing")
+    if timestep_spacing is not None:
+        kw["timestep_spacing"] = timestep_spacing
+    return UniPCMultistepScheduler(**kw)
 
 
 @torch.no_grad()
@@ -194,8 +212,9 @@ def sample_unipc(adapter, transformer, schedule: Schedule, prompt_embeds: torch.
                  latents: torch.Tensor | None = None, generator: torch.Generator | None = None,
                  flow_shift: float | None = None, progress: bool = True, desc: str = "denoising (unipc)"
                  ) -> torch.Tensor:
-    """Sample latents [B, C, F, H, W] (float32) with diffusers' UniPC on the model's schedule
-    (flow sigmas with `flow_shift` for Wan, as WanPipeline; v-prediction for CogVideoX)."""
+    """Sample latents [B, C, F, H, W] (float32) with diffusers' UniPC on the model's schedule and its
+    folder's scheduler settings (`unipc_scheduler`: as WanPipeline / CogVideoXPipeline with
+    `UniPCMultistepScheduler.from_config` of the folder; an explicit `flow_shift` overrides the folder's)."""
     latents = _initial_latents(latents, prompt_embeds, geometry, generator)
     # WanPipeline feeds the scheduler's float timestep (sigma * T); UniPC lists it as int64
     to_input = (lambda t: t.float()) if schedule.kind == "flow" else (lambda t: t.long())

@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import json
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
@@ -60,6 +60,9 @@ class Schedule:
     alphas: torch.Tensor  # float32 [T]
     sigmas: torch.Tensor  # float32 [T]
     shift: float = 1.0
+    # the diffusers scheduler config this schedule was built from (None when built from tables):
+    # `sampling.unipc_scheduler` takes the folder's solver settings from it, as the pipelines do
+    scheduler_config: dict | None = field(default=None, repr=False, compare=False)
 
     def __post_init__(self) -> None:
         if self.kind not in ("flow", "v_prediction"):
@@ -88,13 +91,16 @@ class Schedule:
         )
         if is_flow:
             shift = float(config.get("flow_shift", config.get("shift", 1.0)) or 1.0)
-            return cls.flow(T, shift)
-        if pred != "v_prediction":
+            sched = cls.flow(T, shift)
+        elif pred != "v_prediction":
             raise ValueError(
                 f"scheduler prediction_type {pred!r} is not supported: videoblade handles flow "
                 "(Wan) and v_prediction (CogVideoX) teachers"
             )
-        return cls.v_prediction(_vpred_alphas_cumprod(config))
+        else:
+            sched = cls.v_prediction(_vpred_alphas_cumprod(config))
+        sched.scheduler_config = dict(config)
+        return sched
 
     @classmethod
     def from_model_folder(cls, folder: str | Path, shift: float | None = None) -> Schedule:

@@ -59,7 +59,9 @@ def read_prompt_file(path: str | Path) -> list[str]:
         text = p.read_text(encoding="utf-8-sig")
     except UnicodeDecodeError as e:
         raise PromptStoreError(f"prompt file {p} is not UTF-8 text ({e}): save it as UTF-8") from None
-    out = [ln.strip() for ln in text.splitlines()]
+    # read_text already turned CRLF / CR into "\n"; str.splitlines would also cut a prompt at U+2028,
+    # U+0085, form feeds and U+001C..U+001E, which no editor shows as a line end
+    out = [ln.strip() for ln in text.split("\n")]
     out = [ln for ln in out if ln and not ln.startswith("#")]
     if not out:
         raise PromptStoreError(f"prompt file {p} holds no prompts (one per line)")
@@ -72,6 +74,8 @@ def write_prompt_store(out_dir: str | Path, batches: Iterable[torch.Tensor], pro
     """Write embeddings (an iterable of [b, T, C] tensors, in prompt order) as a store, atomically."""
     if dtype not in _DTYPES:
         raise PromptStoreError(f"dtype must be one of {sorted(_DTYPES)}, got {dtype!r}")
+    if int(shard_size) < 1:
+        raise PromptStoreError(f"shard_size must be >= 1, got {shard_size}")
     out_dir = Path(out_dir)
     check_store_target(out_dir)
     out_dir.parent.mkdir(parents=True, exist_ok=True)
@@ -80,6 +84,14 @@ def write_prompt_store(out_dir: str | Path, batches: Iterable[torch.Tensor], pro
         _write_store_files(tmp, batches, prompts, family=family, text_max_length=text_max_length,
                            negative_embeds=negative_embeds, negative_prompt=negative_prompt, dtype=dtype,
                            shard_size=shard_size, model_path=model_path)
+        # mkdtemp makes the folder owner-only (0o700) and safetensors writes owner-only files (0o600):
+        # give them a new folder's / file's usual mode, so another user's job on a shared machine can
+        # read the store
+        umask = os.umask(0)
+        os.umask(umask)
+        for f in tmp.iterdir():
+            os.chmod(f, 0o666 & ~umask)
+        os.chmod(tmp, 0o777 & ~umask)
         # the new store goes in place before the old one is deleted: a kill at any point leaves a
         # complete store at out_dir, or the old one beside it
         old = None
@@ -133,7 +145,9 @@ def _write_store_files(tmp: Path, batches, prompts, *, family, text_max_length, 
     if tuple(neg.shape) != (1, text_max_length, hidden):
         raise PromptStoreError(f"negative embedding must be [1, {text_max_length}, {hidden}], got {tuple(neg.shape)}")
     save_file({"embeds": neg.contiguous()}, str(tmp / "negative.safetensors"))
-    (tmp / "prompts.txt").write_text("\n".join(p.replace("\n", " ") for p in prompts) + "\n", encoding="utf-8")
+    # one prompt per line: a line end inside a prompt becomes a space (`prompts()` splits on "\n" only)
+    lines = (p.replace("\r\n", " ").replace("\r", " ").replace("\n", " ") for p in prompts)
+    (tmp / "prompts.txt").write_text("\n".join(lines) + "\n", encoding="utf-8", newline="\n")
     manifest = {"format": FORMAT, "version": 1, "family": family, "model_path": model_path,
                 "text_max_length": int(text_max_length), "hidden_size": hidden, "dtype": dtype, "count": count,
                 "shards": shards, "negative_prompt": negative_prompt, "negative_file": "negative.safetensors",
@@ -229,7 +243,10 @@ class PromptStore:
 
     def prompts(self) -> list[str]:
         p = self.path / self.manifest.get("prompts_file", "prompts.txt")
-        return p.read_text(encoding="utf-8").splitlines() if p.is_file() else []
+        if not p.is_file():
+            return []
+        text = p.read_text(encoding="utf-8")
+        return text[:-1].split("\n") if text.endswith("\n") else text.split("\n") if text else []
 
 
 class DistributedPromptSampler:
