@@ -9,7 +9,8 @@ Public API (see CLAUDE.md "Kernels"):
 - ``pool_summaries(k, v, block_size, pool)`` -> ``Summary`` (compensation tokens, SPEC 1.5).
 - ``pool_levels(k, v, block_size, pools, indices, counts)`` -> ``PooledLevels`` (key blocks attended
   at reduced resolution, SPEC 1.6; the ``levels=`` argument of both attention functions).
-- ``mask_to_block_lists(mask, max_blocks=None)`` / ``block_lists_to_mask(kv_indices, kv_counts, nk)``.
+- ``mask_to_block_lists(mask, max_blocks=None)`` / ``block_lists_to_mask(kv_indices, kv_counts, nk)``;
+  ``check_block_lists(kv_indices, kv_counts, nk)`` checks hand-made lists (ascending ids in range; one sync).
 - ``estimate_block_importance(q, k, block_size=128, samples_per_block=16, mode="sample")``
   -> float32 [B, H, NQ, NK], rows sum to 1.
 """
@@ -19,6 +20,7 @@ from .blocks import (
     PooledLevels,
     Summary,
     block_lists_to_mask,
+    check_block_lists,
     mask_to_block_lists,
     num_blocks,
     pool_levels,
@@ -37,6 +39,7 @@ __all__ = [
     "block_sparse_attention_bwd",
     "block_sparse_attention_fwd",
     "block_sparse_attention_ref",
+    "check_block_lists",
     "dense_attention_ref",
     "estimate_block_importance",
     "estimate_block_importance_ref",

@@ -44,8 +44,10 @@ within noise at density 0.15. ``VIDEOBLADE_KERNEL_IDS=load`` keeps the per-tile 
 
 The last block may be partial: loads are masked (zeros) and the forward masks logits of
 the padded keys (only in the last key block: the kept list is ascending so that block
-is peeled off the main loop). Rows past L read lse=+inf in the backward, so their
-probabilities vanish without extra masking.
+is peeled off the main loop; a list that is not ascending is outside the contract, see
+``blocks.check_block_lists``). The dq pass zeroes the padded keys' probabilities (their logit
+is 0, so exp(-lse) overflowed into inf * 0 = NaN for rows with lse far below 0). Rows past L
+read lse=+inf in the backward, so their probabilities vanish without extra masking.
 """
 
 from __future__ import annotations
@@ -60,7 +62,17 @@ import triton.language as tl
 from triton.runtime.errors import OutOfResources
 
 from ..config import MAX_POOLED_LEVELS, level_pools_error
-from .blocks import PooledLevels, Summary, _last_unit, dot_precision, num_blocks, transpose_block_lists
+from .blocks import (
+    PooledLevels,
+    Summary,
+    _last_unit,
+    check_block_lists,
+    check_levels_geometry,
+    check_summary,
+    dot_precision,
+    num_blocks,
+    transpose_block_lists,
+)
 
 try:  # host-side TMA descriptors (triton >= 3.4)
     from triton.tools.tensor_descriptor import TensorDescriptor
@@ -432,11 +444,16 @@ def _bwd_dq_kernel(
     for t in range(0, cnt * SUB):
         blk, ids = _ids_step(ids, idx_ptr, t, cnt, SUB, IDS_AHEAD)
         start_n = blk * BLOCK + (t % SUB) * BLOCK_N
-        # padded keys load as 0: their p is finite and multiplies k = 0 in dq
+        # padded keys load as 0 (and their p is zeroed below)
         k = _load_rows(Kp, b, h, start_n, offs_nb, offs_d, L, stride_kl, not EVEN_L, USE_TMA, BLOCK_N, HEAD_DIM)
         v = _load_rows(Vp, b, h, start_n, offs_nb, offs_d, L, stride_vl, not EVEN_L, USE_TMA, BLOCK_N, HEAD_DIM)
         qk = tl.dot(q, tl.trans(k), input_precision=DOT_PREC)
         p = tl.math.exp2(qk * qk_scale - lse2[:, None])
+        if not EVEN_L:
+            # a padded key (loaded as 0) has logit 0, not -inf: p = exp(-lse) overflows once lse is far
+            # below 0 (ds past fp16's range at lse < -11, p past fp32's at lse < -88) and inf * (k = 0)
+            # is NaN in dq. Its p must be 0, as in the forward
+            p = tl.where((start_n + offs_nb)[None, :] < L, p, 0.0)
         dp = tl.dot(do, tl.trans(v), input_precision=DOT_PREC)
         ds = p * (dp - Di[:, None])
         dq = tl.dot(ds.to(k.dtype), k, dq, input_precision=DOT_PREC)
@@ -746,7 +763,12 @@ def _interp_meta(block_size: int) -> dict:
 # ----------------------------------------------------------------------------------------
 
 
-def _check(q, k, v, kv_indices, kv_counts, block_size):
+KERNEL_DTYPES = (torch.float16, torch.bfloat16, torch.float32)  # what the kernels' float32 accumulators take
+
+
+def _check(q, k, v, kv_indices, kv_counts, block_size, summary=None, levels=None):
+    """Everything the launch relies on but cannot see, checked on the host before any launch (no
+    sync: shapes, dtypes, devices; list values only with ``VIDEOBLADE_KERNEL_CHECK=1``)."""
     if q.dim() != 4 or k.shape != q.shape or v.shape != q.shape:
         raise ValueError(f"q, k, v must all be [B, H, L, D]; got {tuple(q.shape)}, {tuple(k.shape)}, {tuple(v.shape)}")
     D = q.shape[-1]
@@ -758,10 +780,43 @@ def _check(q, k, v, kv_indices, kv_counts, block_size):
         raise ValueError(f"q, k, v must share one dtype; got {q.dtype}, {k.dtype}, {v.dtype}")
     B, H, L, _ = q.shape
     nq = num_blocks(L, block_size)
-    if tuple(kv_counts.shape) != (B, H, nq) or tuple(kv_indices.shape[:3]) != (B, H, nq):
+    if kv_indices.dim() != 4 or tuple(kv_counts.shape) != (B, H, nq) or tuple(kv_indices.shape[:3]) != (B, H, nq):
         raise ValueError(
-            f"block lists must be [B,H,NQ(,MAXK)] = [{B},{H},{nq}]; got {tuple(kv_indices.shape)}, {tuple(kv_counts.shape)}"
+            f"block lists must be [B,H,NQ,MAXK] and [B,H,NQ] with [B,H,NQ] = [{B},{H},{nq}] (NQ = ceil(L / block_size)"
+            f" for L={L}); got {tuple(kv_indices.shape)}, {tuple(kv_counts.shape)}"
         )
+    others = [("k", k), ("v", v), ("kv_indices", kv_indices), ("kv_counts", kv_counts)]
+    if summary is not None:
+        check_summary(summary, q.shape, block_size)
+        others += [("summary.k", summary.k), ("summary.v", summary.v)]
+    if levels is not None:
+        check_levels(levels.pools, block_size)
+        check_levels_geometry(levels, q.shape, block_size)
+        others += [("levels.indices", levels.indices), ("levels.counts", levels.counts)]
+        others += [(f"levels.summaries[{i}].k", s.k) for i, s in enumerate(levels.summaries)]
+        others += [(f"levels.summaries[{i}].v", s.v) for i, s in enumerate(levels.summaries)]
+    for name, t in others:
+        if t.device != q.device:
+            raise ValueError(f"{name} is on {t.device}, q on {q.device}: every input must be on q's device")
+    if os.environ.get("VIDEOBLADE_KERNEL_CHECK", "0") == "1":
+        check_block_lists(kv_indices, kv_counts, nq, "kv_indices / kv_counts")
+        if levels is not None:
+            for lev in range(len(levels.summaries)):
+                check_block_lists(levels.indices[lev], levels.counts[lev], nq, f"level {lev} lists")
+
+
+def _check_kernel_dtypes(q, summary=None, levels=None):
+    # the Triton path only (the CPU fallback is the float32 reference, which takes any float dtype):
+    # tl.dot takes operands of one dtype, accumulated in float32
+    if q.dtype not in KERNEL_DTYPES:
+        raise ValueError(f"the Triton kernels take q, k, v in {[str(d) for d in KERNEL_DTYPES]}, got {q.dtype}; "
+                         "block_sparse_attention_ref computes in float32 from any float dtype")
+    parts = [("summary", summary)] if summary is not None else []
+    parts += [(f"levels.summaries[{i}]", s) for i, s in enumerate(levels.summaries)] if levels is not None else []
+    for name, s in parts:
+        if s.k.dtype != q.dtype or s.v.dtype != q.dtype:
+            raise ValueError(f"{name} k/v dtype ({s.k.dtype}, {s.v.dtype}) must be q's dtype {q.dtype}: pool this "
+                             "call's k and v (the kernels' tl.dot takes operands of one dtype)")
 
 
 # summaries are padded to a multiple of the largest summary tile, so the kernels' summary
@@ -1205,20 +1260,25 @@ def block_sparse_attention(
     query block attends at no level. Returns (out [B, H, L, D] in q.dtype, lse float32 [B, H, L]); lse is not
     differentiable. out (and q, k, v's gradients) are [B, H, L, D] views of [B, L, H, D] memory,
     so ``out.transpose(1, 2).flatten(2)`` is free; call ``.contiguous()`` for a contiguous
-    [B, H, L, D] tensor. Rows with nothing to attend to give out 0 and lse -inf. On CPU without
-    ``TRITON_INTERPRET=1`` it runs :func:`block_sparse_attention_ref` instead.
+    [B, H, L, D] tensor. Rows with nothing to attend to (count 0, no summary) give out 0, lse -inf
+    and zero gradients, as the reference. On CPU without ``TRITON_INTERPRET=1`` it runs
+    :func:`block_sparse_attention_ref` instead.
+
+    Checked before any launch (ValueError naming the fix): shapes of q, k, v, the lists, the
+    summaries and levels (made for this call's k, v and block size), devices, dtypes. The list
+    *values* (ids strictly ascending in [0, NK), counts in [0, MAXK]) are the caller's contract and
+    are not checked (a check syncs with the host); ``VIDEOBLADE_KERNEL_CHECK=1`` checks them
+    (:func:`videoblade.kernels.check_block_lists`). Lists from ``mask_to_block_lists`` and the
+    selection kernel always hold; ``torch.topk`` indices must be sorted first.
     """
-    _check(q, k, v, kv_indices, kv_counts, block_size)
+    _check(q, k, v, kv_indices, kv_counts, block_size, summary, levels)
     scale = float(sm_scale) if sm_scale is not None else 1.0 / math.sqrt(q.shape[-1])
-    if levels is not None:
-        check_levels(levels.pools, block_size)
     if not q.is_cuda and not _interpret():
         # no GPU and no Triton interpreter: the float32 torch reference (same semantics)
         from .reference import block_sparse_attention_ref
 
         return block_sparse_attention_ref(q, k, v, kv_indices, kv_counts, block_size, scale, summary, levels=levels)
-    if summary is not None and block_size % summary.pool:
-        raise ValueError(f"summary pool {summary.pool} must divide block_size {block_size}")
+    _check_kernel_dtypes(q, summary, levels)
     s_args = (summary.k, summary.v, summary.bias) if summary is not None else (None, None, None)
     if levels is None:
         l_args = (None, None, None, None, None, [])

@@ -99,6 +99,79 @@ def mask_to_block_lists(mask: torch.Tensor, max_blocks: int | None = None) -> tu
     return out[..., :width].contiguous(), counts
 
 
+def check_block_lists(kv_indices: torch.Tensor, kv_counts: torch.Tensor, num_key_blocks: int,
+                      what: str = "block lists") -> None:
+    """Raise ValueError, saying what is wrong, unless the lists' *values* are what the kernels read:
+    every count in [0, MAXK], and every row's first ``count`` ids strictly ascending (no duplicate)
+    in [0, num_key_blocks). One host sync: a debugging aid (``VIDEOBLADE_KERNEL_CHECK=1`` makes
+    :func:`videoblade.kernels.block_sparse_attention` call it), not for the hot path.
+
+    Lists from :func:`mask_to_block_lists` and the selection kernel always pass. Hand-made ones
+    may not, e.g. ``torch.topk(P, k).indices`` (ordered by mass, not id: sort them). The kernels walk
+    the lists as given: ids out of range read out of bounds, a duplicate counts its block twice in
+    the forward and dq but once in dk/dv, and with a partial last block an unsorted list reads that
+    block's padding rows unmasked (the forward peels it off the end of the list only).
+    """
+    maxk = kv_indices.shape[-1]
+    counts = kv_counts.long()
+    bad_count = (counts < 0) | (counts > maxk)
+    if bool(bad_count.any()):
+        where = tuple(torch.nonzero(bad_count)[0].tolist())
+        raise ValueError(f"{what}: counts must be in [0, MAXK={maxk}]; row {where} has {int(counts[where])}")
+    if maxk == 0:
+        return
+    ids = kv_indices.long()
+    valid = torch.arange(maxk, device=ids.device) < counts.unsqueeze(-1)
+    out_of_range = valid & ((ids < 0) | (ids >= num_key_blocks))
+    if bool(out_of_range.any()):
+        where = tuple(torch.nonzero(out_of_range)[0].tolist())
+        raise ValueError(f"{what}: block ids must be in range [0, {num_key_blocks}); entry {where} is {int(ids[where])}")
+    not_up = valid[..., 1:] & (ids[..., 1:] <= ids[..., :-1])
+    if bool(not_up.any()):
+        where = tuple(torch.nonzero(not_up)[0].tolist()[:-1])
+        raise ValueError(f"{what}: each row's kept ids must be strictly ascending (sorted, no duplicate); row "
+                         f"{where} is {ids[where][: int(counts[where])].tolist()} (sort it, e.g. "
+                         f"kv_indices.sort(-1) after filling the unused slots with a large id)")
+
+
+def check_summary(summary: Summary, shape, block_size: int, what: str = "summary",
+                  made_by: str = "pool_summaries(k, v, block_size, pool)") -> None:
+    """Raise ValueError unless ``summary`` has the geometry of compensation tokens for q, k, v of
+    ``shape`` [B, H, L, D] at ``block_size``: k and v [B, H, NK * (block_size // pool), D], bias
+    [NK * (block_size // pool)] (what :func:`pool_summaries` makes from this call's k, v and block
+    size). The kernels read the summaries as that many tokens per key block: any other geometry
+    was misaligned or read out of bounds."""
+    B, H, L, D = shape
+    pool = int(summary.pool)
+    if pool < 1 or block_size % pool:
+        raise ValueError(f"{what}: pool {pool} must divide block_size {block_size}")
+    ns = num_summaries(L, block_size, pool)
+    for name, t in (("k", summary.k), ("v", summary.v)):
+        if tuple(t.shape) != (B, H, ns, D):
+            raise ValueError(
+                f"{what}.{name} must be [B, H, NK * (block_size // pool), D] = {[B, H, ns, D]} for L={L}, "
+                f"block_size {block_size}, pool {pool}; got {list(t.shape)}: make it with {made_by} from this "
+                f"call's k, v and block_size")
+    if tuple(summary.bias.shape) != (ns,):
+        raise ValueError(f"{what}.bias must be [NK * (block_size // pool)] = [{ns}] for L={L}, block_size "
+                         f"{block_size}, pool {pool}; got {list(summary.bias.shape)}: make it with {made_by}")
+
+
+def check_levels_geometry(levels: PooledLevels, shape, block_size: int) -> None:
+    """Raise ValueError unless ``levels`` (a :func:`pool_levels` result) fits q, k, v of ``shape``
+    [B, H, L, D] at ``block_size``: lists [NLEV, B, H, NQ, MAXK] / [NLEV, B, H, NQ] and every level's
+    pooled tokens made from this call's k, v (the kernels index both by query / key block)."""
+    B, H, L, _ = shape
+    want = (len(levels.summaries), B, H, num_blocks(L, block_size))
+    if levels.indices.dim() != 5 or tuple(levels.indices.shape[:4]) != want or tuple(levels.counts.shape) != want:
+        raise ValueError(f"level lists must be [NLEV, B, H, NQ, MAXK] and [NLEV, B, H, NQ] with [NLEV, B, H, NQ] = "
+                         f"{list(want)} (NQ = ceil(L / block_size) for L={L}); got {tuple(levels.indices.shape)}, "
+                         f"{tuple(levels.counts.shape)}")
+    for lev, summ in enumerate(levels.summaries):
+        check_summary(summ, shape, block_size, what=f"levels.summaries[{lev}]",
+                      made_by="pool_levels(k, v, block_size, pools, indices, counts)")
+
+
 def transpose_block_lists(
     kv_indices: torch.Tensor, kv_counts: torch.Tensor, num_key_blocks: int
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -320,9 +393,11 @@ def pool_levels(k: torch.Tensor, v: torch.Tensor, block_size: int, pools, indice
     err = level_pools_error(block_size, pools)
     if err:
         raise ValueError(err)
-    if indices.dim() != 5 or counts.dim() != 4 or indices.shape[0] != len(pools) or counts.shape[0] != len(pools):
-        raise ValueError(f"level lists must be [NLEV={len(pools)}, B, H, NQ(, MAXK)], got "
-                         f"{tuple(indices.shape)} and {tuple(counts.shape)}")
+    B, H, L, _ = k.shape
+    want = (len(pools), B, H, num_blocks(L, block_size))
+    if indices.dim() != 5 or tuple(indices.shape[:4]) != want or tuple(counts.shape) != want:
+        raise ValueError(f"level lists must be [NLEV, B, H, NQ(, MAXK)] = {list(want)} (NQ = ceil(L / block_size) "
+                         f"for L={L}), got {tuple(indices.shape)} and {tuple(counts.shape)}")
     return PooledLevels(tuple(pool_summaries(k, v, block_size, p, backend) for p in pools), indices, counts)
 
 

@@ -10,8 +10,9 @@ about density x dense + the compensation, which is what makes ASA usable on CPU 
 sizes. Differentiable through plain autograd (gather + SDPA). Returns the output only (no LSE):
 it backs `AdaptiveSparseAttention`'s CPU path, which does not use the LSE.
 
-Rows are never empty under ASA's mask policy (the diagonal block is always kept); a query row of
-the last, partial block that is padding is computed and dropped.
+Rows are never empty under ASA's mask policy (the diagonal block is always kept); a caller's mask
+that keeps nothing for a row gives out 0 there, with zero gradients, as the reference. A query row
+of the last, partial block that is padding is computed and dropped.
 """
 
 from __future__ import annotations
@@ -19,7 +20,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from .blocks import Summary, num_blocks
+from .blocks import Summary, check_summary, num_blocks
 
 __all__ = ["block_sparse_attention_gathered"]
 
@@ -33,6 +34,8 @@ def block_sparse_attention_gathered(q: torch.Tensor, k: torch.Tensor, v: torch.T
     nb = num_blocks(L, block_size)
     if tuple(mask.shape) != (B, H, nb, nb):
         raise ValueError(f"mask must be [B, H, {nb}, {nb}] for L={L}, block {block_size}; got {tuple(mask.shape)}")
+    if summary is not None:
+        check_summary(summary, q.shape, block_size)
     dt = q.dtype if q.dtype in (torch.float32, torch.float64) else torch.float32
     scale = float(sm_scale) if sm_scale is not None else D**-0.5
     pad = nb * block_size - L
@@ -84,6 +87,8 @@ def block_sparse_attention_gathered(q: torch.Tensor, k: torch.Tensor, v: torch.T
         e2 = torch.exp(s2 - mx)
         den = den + e2.sum(-1, keepdim=True)
         out = out + torch.matmul(e2, sv)
-    out = out / den
+    # a row with nothing to attend to (a caller's mask that keeps no block, no compensation) gives 0,
+    # as the reference, not 0 / 0
+    out = out / torch.where(den > 0, den, torch.ones_like(den))
     out = out.reshape(B, H, nb * block_size, D)[:, :, :L]
     return out.to(q.dtype)

@@ -19,7 +19,14 @@ from __future__ import annotations
 import torch
 from torch.utils.checkpoint import checkpoint
 
-from .blocks import PooledLevels, Summary, block_lists_to_mask, num_blocks
+from .blocks import (
+    PooledLevels,
+    Summary,
+    block_lists_to_mask,
+    check_levels_geometry,
+    check_summary,
+    num_blocks,
+)
 
 
 def _chunk(qc, k, v, kept_rows, kblk, scale, pooled):
@@ -79,6 +86,11 @@ def block_sparse_attention_ref(
     B, H, L, D = q.shape
     nk = num_blocks(L, block_size)
     scale = float(sm_scale) if sm_scale is not None else D**-0.5
+    # summaries / pooled levels made for other keys or another block size: refused, not misread
+    if summary is not None:
+        check_summary(summary, q.shape, block_size)
+    if levels is not None:
+        check_levels_geometry(levels, q.shape, block_size)
     mask = block_lists_to_mask(kv_indices, kv_counts, nk)  # [B,H,NQ,NK]
     dev = q.device
     kblk = torch.arange(L, device=dev) // block_size
