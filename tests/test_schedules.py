@@ -179,3 +179,24 @@ def test_model_timestep_checks_integer_t_in_range(schedule):
             schedule.model_timestep(bad)
     with pytest.raises(ValueError, match="integers"):
         schedule.model_timestep(torch.tensor([3.5]))
+
+
+@pytest.mark.parametrize("t", [0, 500, 998, 999])
+def test_diffuse_is_exact_when_t_equals_s(schedule, t):
+    """q(x_t | x_s) at t == s is the identity, exactly, also at t = T - 1 where alpha = 0 (flow's
+    sigma = 1 and CogVideoX's zero terminal SNR): a ratio alpha(t)/alpha(s) = 0/0 there would make
+    x_t NaN (TDM lands at t_mid = T - 1 and diffuses to t = t_mid for the top stage when K = T)."""
+    g = torch.Generator().manual_seed(2)
+    x_s = torch.randn(3, 2, 4, generator=g)
+    z = torch.randn(3, 2, 4, generator=g)
+    tt = torch.full((3,), t)
+    assert torch.equal(schedule.diffuse(x_s, tt, tt, z), x_s)
+    assert torch.equal(schedule.diffuse(x_s, t, t, z), x_s)  # python-int timesteps too
+    assert schedule.diffusion_std(tt, tt).tolist() == [0.0, 0.0, 0.0]
+    # a mixed batch (one sample at the pure-noise end, one below) stays finite and exact per sample
+    s2, t2 = torch.tensor([999, 300]), torch.tensor([999, 700])
+    out = schedule.diffuse(x_s[:2], s2, t2, z[:2])
+    assert torch.equal(out[0], x_s[0])
+    r = schedule.alpha(700) / schedule.alpha(300)
+    std = (schedule.sigma(700) ** 2 - (r * schedule.sigma(300)) ** 2).sqrt()
+    torch.testing.assert_close(out[1], r * x_s[1] + std * z[1])

@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from videoblade.distill import tdm
-from videoblade.sampling import randn
+from videoblade.sampling import eta_step, randn
 from videoblade.schedules import Schedule, stage_timesteps
 
 
@@ -197,3 +197,57 @@ def test_generator_loss_sample_weighting():
     per = [math.sqrt(0.25 + c * c) - c, math.sqrt(4.0 + c * c) - c]
     assert plain.item() == pytest.approx(sum(per) / 2, rel=1e-5)
     assert weighted.item() == pytest.approx((per[0] / 0.5 + per[1] / 2.0) / 2, rel=1e-5)
+
+
+def _cogvideox() -> Schedule:  # CogVideoX-5B's scheduler: zero terminal SNR, alpha(T - 1) = 0
+    return Schedule.from_scheduler_config({
+        "_class_name": "CogVideoXDDIMScheduler", "beta_end": 0.012, "beta_schedule": "scaled_linear",
+        "beta_start": 0.00085, "num_train_timesteps": 1000, "prediction_type": "v_prediction",
+        "rescale_betas_zero_snr": True, "snr_shift_scale": 1.0})
+
+
+@pytest.mark.parametrize("kind", ["flow", "cogvideox"])
+def test_landing_is_exact_at_t_mid_including_the_pure_noise_end(kind):
+    """With K = T (allowed: 1 <= k_step <= T) stage i has t_g = t_mid = i - 1, so the top stage lands
+    at t_mid = T - 1 where alpha = 0 (flow sigma 1, CogVideoX zero terminal SNR), and t_mid >= t_max
+    gives t = t_mid: x_t must be the landing point itself (finite), not 0/0."""
+    sched = SCHEDULES["flow"]() if kind == "flow" else _cogvideox()
+    K = T = 1000
+    s = tdm.sample_stages(20000, K, T, 980, torch.Generator().manual_seed(0), "cpu")
+    assert torch.equal(s.t_mid, s.t_g) and torch.equal(s.t_g, s.stage - 1)
+    hi = s.t_mid >= 980
+    assert torch.equal(s.t[hi], s.t_mid[hi]) and bool((s.t[~hi] < 980).all())
+    top = int(torch.nonzero(s.stage == K)[0])
+    mid = int(torch.nonzero(s.stage == 500)[0])
+    rows = torch.tensor([top, mid])
+    sub = tdm.StageSample(stage=s.stage[rows], index=s.index[rows], t_g=s.t_g[rows], t_mid=s.t_mid[rows],
+                          t=s.t_mid[rows])  # t == t_mid for both rows
+    assert sub.t_mid.tolist() == [999, 499] and sched.alpha(999).item() == 0.0
+    g = torch.Generator().manual_seed(4)
+    x0, eps = torch.randn(2, 3, 4, generator=g), torch.randn(2, 3, 4, generator=g)
+    x_t = tdm.landed_noisy(sched, x0, eps, sub, 0.9, torch.Generator().manual_seed(1))
+    g2 = torch.Generator().manual_seed(1)
+    x_mid = eta_step(sched, x0, eps, sub.t_mid, 0.9, randn(x0.shape, g2, "cpu"))
+    assert torch.isfinite(x_t).all()
+    assert torch.equal(x_t, x_mid)
+
+
+@pytest.mark.parametrize("k_step", [3, 7, 8, 50])
+def test_stage_grid_when_k_does_not_divide_t(k_step):
+    """t_g of stage i is the rollout grid's entry index = K - i (floor(i T/K) - 1, also when K does
+    not divide T), t_mid = (i-1) T/K floored = t_g of stage i-1 plus one (0 for stage 1), and
+    t ~ U{t_mid..979}, or t = t_mid when t_mid >= 980 (K = 50: the top stage has t_mid = 980)."""
+    T = 1000
+    grid = stage_timesteps(k_step, T)
+    s = tdm.sample_stages(5000, k_step, T, 980, torch.Generator().manual_seed(2), "cpu")
+    assert set(s.stage.tolist()) == set(range(1, k_step + 1))
+    for i in range(1, k_step + 1):
+        m = s.stage == i
+        assert set(s.index[m].tolist()) == {k_step - i}
+        assert set(s.t_g[m].tolist()) == {grid[k_step - i]} == {(i * T) // k_step - 1}
+        t_mid = 0 if i == 1 else grid[k_step - i + 1] + 1
+        assert set(s.t_mid[m].tolist()) == {t_mid}
+        if t_mid >= 980:
+            assert set(s.t[m].tolist()) == {t_mid}
+        else:
+            assert int(s.t[m].min()) >= t_mid and int(s.t[m].max()) <= 979

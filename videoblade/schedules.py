@@ -183,18 +183,29 @@ class Schedule:
         a, s = expand(self.alpha(t), x0), expand(self.sigma(t), x0)
         return a * x0.float() + s * eps.float()
 
+    @staticmethod
+    def _diffusion_ratio_var(a_s: torch.Tensor, sg_s: torch.Tensor, a_t: torch.Tensor,
+                             sg_t: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        # ratio alpha(t)/alpha(s) and variance sigma(t)^2 - (ratio sigma(s))^2 (clamped at 0: rounding).
+        # alpha(s) = 0 only at the pure-noise end s = T - 1 (flow's sigma = 1, zero terminal SNR), where
+        # t >= s gives t = s: x_s is pure noise already and the transition keeps it (ratio 1, variance
+        # 0, x_t = x_s exactly) instead of 0/0 = NaN. At t == s with alpha(s) > 0 the ratio is exactly 1.
+        pos = a_s > 0
+        ratio = torch.where(pos, a_t / torch.where(pos, a_s, torch.ones_like(a_s)), torch.ones_like(a_s))
+        return ratio, (sg_t**2 - (ratio * sg_s) ** 2).clamp_min(0.0)
+
     def diffuse(self, x_s: torch.Tensor, s, t, z: torch.Tensor) -> torch.Tensor:
-        """Forward diffusion q(x_t | x_s) from a less noisy s to t >= s."""
+        """Forward diffusion q(x_t | x_s) from a less noisy s to t >= s:
+        x_t = x_s alpha(t)/alpha(s) + sqrt(sigma(t)^2 - (alpha(t) sigma(s)/alpha(s))^2) z."""
         a_s, sg_s = expand(self.alpha(s), x_s), expand(self.sigma(s), x_s)
         a_t, sg_t = expand(self.alpha(t), x_s), expand(self.sigma(t), x_s)
-        ratio = a_t / a_s
-        var = (sg_t**2 - (ratio * sg_s) ** 2).clamp_min(0.0)
+        ratio, var = self._diffusion_ratio_var(a_s, sg_s, a_t, sg_t)
         return ratio * x_s.float() + var.sqrt() * z.float()
 
     def diffusion_std(self, s, t) -> torch.Tensor:
         """Standard deviation of q(x_t | x_s), for tests and logging."""
-        ratio = self.alpha(t) / self.alpha(s)
-        return (self.sigma(t) ** 2 - (ratio * self.sigma(s)) ** 2).clamp_min(0.0).sqrt()
+        _, var = self._diffusion_ratio_var(self.alpha(s), self.sigma(s), self.alpha(t), self.sigma(t))
+        return var.sqrt()
 
     def __repr__(self) -> str:  # short: the tables are long
         return f"Schedule(kind={self.kind!r}, T={self.num_train_timesteps}, shift={self.shift})"
