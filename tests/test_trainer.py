@@ -348,6 +348,9 @@ def test_validate_request_fails_before_loading(tiny, tmp_path):
         validate_request(cfg(**{"train.deepspeed_config": bad}))
     with pytest.raises(TrainRequestError, match="train.compile does not work under DeepSpeed"):
         validate_request(cfg(**{"train.deepspeed_config": ROOT / "ds_config.json", "train.compile": "true"}))
+    # k_step, t_max and sample.steps are checked against tdm.num_train_timesteps: it must be the folder's
+    with pytest.raises(TrainRequestError, match="scheduler has 1000 training timesteps"):
+        validate_request(cfg(**{"tdm.num_train_timesteps": 2000}))
     # a Wan store encoded at another text length than the family's (what WanPipeline uses) is refused
     # unless the run asks for that length explicitly
     folder, _ = tiny["wan"]

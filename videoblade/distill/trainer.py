@@ -250,6 +250,10 @@ def validate_request(cfg: RunConfig) -> TrainRequest:
         except ImportError:
             raise TrainRequestError("validation videos need imageio-ffmpeg (pip install imageio-ffmpeg), "
                                     "or set train.validation_steps=0") from None
+    if cfg.tdm.num_train_timesteps != schedule.num_train_timesteps:  # k_step, t_max, sample.steps were checked against it
+        raise TrainRequestError(
+            f"tdm.num_train_timesteps={cfg.tdm.num_train_timesteps} but {folder}'s scheduler has "
+            f"{schedule.num_train_timesteps} training timesteps: set tdm.num_train_timesteps={schedule.num_train_timesteps}")
     if cfg.sample.flow_shift is not None and schedule.kind != "flow":
         raise TrainRequestError(f"sample.flow_shift applies to flow-matching models (Wan) only; {folder} is a "
                                 f"{adapter.family} model: set sample.flow_shift=null")
