@@ -9,7 +9,10 @@
 * `export_comfy(src, dst)` rewrites a Wan LoRA in the original-Wan / ComfyUI layout
   (`diffusion_model.blocks.N.self_attn.q.lora_down.weight`, `lora_up`, `.alpha`), which
   diffusers' own converter (`_convert_non_diffusers_wan_lora_to_diffusers`) reads back to the same
-  effective weights (bit-identical when alpha == rank).
+  effective weights (bit-identical when alpha == rank). This is the file for ComfyUI (native
+  `LoraLoader` and kijai's WanVideoWrapper): ComfyUI maps no diffusers-named Wan keys (each one is
+  skipped with "lora key not loaded"), and the wrapper renames `attn1` to `cross_attn` and reads no
+  `lora_adapter_metadata` alpha, so `pytorch_lora_weights.safetensors` would load wrong there.
 * `read_lora(path)` detects the layout (diffusers / original-Wan / bare peft keys) and returns the
   tensors plus the recorded metadata; `check_lora(info, family=..., rank=...)` raises `LoRAError`
   with a clear message for a LoRA of another model family or rank; `load_lora_into(...)` loads a
@@ -259,7 +262,8 @@ def _diffusers_state_dict(info: LoRAInfo) -> dict[str, torch.Tensor]:
         return {"transformer." + k: v for k, v in info.state_dict.items()}
     from diffusers.loaders.lora_conversion_utils import _convert_non_diffusers_wan_lora_to_diffusers
 
-    conv = _convert_non_diffusers_wan_lora_to_diffusers(dict(info.state_dict))
+    # copies: the converter scales some tensors in place (`*=`), which would change info.state_dict
+    conv = _convert_non_diffusers_wan_lora_to_diffusers({k: v.clone() for k, v in info.state_dict.items()})
     return {k if k.startswith("transformer.") else "transformer." + k: v for k, v in conv.items()}
 
 
@@ -269,6 +273,9 @@ def load_lora_into(target, path: str | Path, *, family: str | None = None, rank:
 
     `target`: a pipeline (has `load_lora_weights`) or a diffusers transformer (has `load_lora_adapter`).
     `family` defaults to the target's family; the file's family and (if given) rank are checked first.
+    Every layout loads with one scale whatever the target: diffusers' `lora_adapter_metadata` alpha, else
+    the videoblade record's, and alpha = rank for the original-Wan layout (its converter folds alpha / rank
+    into the tensors). The returned `LoRAInfo.state_dict` holds the file's tensors unchanged.
     """
     info = read_lora(path)
     transformer = getattr(target, "transformer", None) if hasattr(target, "load_lora_weights") else target
@@ -287,8 +294,11 @@ def load_lora_into(target, path: str | Path, *, family: str | None = None, rank:
         adapter_meta = {"r": info.rank, "lora_alpha": float(alpha),
                         "target_modules": sorted({re.sub(r"\.lora_[AB]\.(weight|bias)$", "", k)[len("transformer."):]
                                                   for k in sd})}
-    if hasattr(target, "load_lora_weights") and info.layout == "peft" and transformer is not None:
-        target = transformer  # diffusers' pipeline loader keeps only `transformer.*` keys: bare peft keys go in directly
+    if (hasattr(target, "load_lora_weights") and transformer is not None
+            and (info.layout == "peft" or (info.layout == "diffusers" and info.adapter_metadata is None))):
+        # diffusers' pipeline loader keeps only `transformer.*` keys (bare peft keys go in directly), and
+        # without lora_adapter_metadata it loads with alpha = rank: the record's alpha goes in with the keys
+        target = transformer
     if hasattr(target, "load_lora_weights"):  # the pipeline reads the file itself (and converts layouts)
         target.load_lora_weights(str(info.path.parent), weight_name=info.path.name, adapter_name=adapter_name)
         if scale is not None:
