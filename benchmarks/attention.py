@@ -17,6 +17,7 @@ separately.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import math
 import os
 import sys
@@ -28,7 +29,16 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from common import carry_over, cuda_median_ms, gpu_tag, print_table, print_targets, target, write_results  # noqa: E402
+from common import (  # noqa: E402
+    carry_over,
+    cuda_median_ms,
+    gpu_tag,
+    print_table,
+    print_targets,
+    read_merge_source,
+    target,
+    write_results,
+)
 
 from videoblade.kernels import (  # noqa: E402
     block_sparse_attention,
@@ -111,6 +121,49 @@ def bench_levels(name, q, k, v, fwd_bwd, reps, gen, rows, res):
             res[(name, "levels", key)] = row["median_ms"]
 
 
+@contextlib.contextmanager
+def switched_env(var: str, val: str):
+    """``var=val`` for the block; afterwards the value the run had before (set or unset), so that a
+    run started with a kernel switch keeps it for every later row (and its ``kernel_env`` is true)."""
+    prev = os.environ.get(var)
+    os.environ[var] = val
+    try:
+        yield
+    finally:
+        if prev is None:
+            os.environ.pop(var, None)
+        else:
+            os.environ[var] = prev
+
+
+def switched_rows(rows: list, row: dict, var: str, val: str, passes, reps: int) -> None:
+    """The rows ``row`` (what, shape, density, ...) of each ``(pass, fn)`` in ``passes`` timed with the
+    kernel switch ``var=val``: an A/B against the default rows of this run. Nothing when the run
+    already has ``var=val`` (its "default" rows are then the switched ones: no A/B to make)."""
+    if os.environ.get(var) == val:
+        print(f"skip A/B {var}={val}: the whole run has it", flush=True)
+        return
+    with switched_env(var, val):
+        for p_, f_ in passes:
+            _guarded(rows, dict(row, **{"pass": p_}), lambda: {"median_ms": cuda_median_ms(f_, reps=reps)})
+
+
+def merge_key(r: dict) -> tuple:
+    """What a row measured, for ``--merge-from``: a new row replaces the old row of the same key.
+    Multi-level rows carry their measured cost density, which follows the random importance map and
+    so the generator's state (another --densities list gives another value): keyed without it."""
+    dens = None if "level_fractions" in r else r.get("density")
+    return r["what"], tuple(r.get("shape") or ()), dens, r.get("pass")
+
+
+def merge_rows(rows: list[dict], source, targets: dict) -> list[dict]:
+    """``source``'s rows (a path, or the file as ``read_merge_source`` returned it) that ``rows`` did
+    not re-measure, tagged where they were measured, then ``rows``; its targets not in ``targets``
+    are added to it (``carry_over``)."""
+    redone = {merge_key(r) for r in rows}
+    return carry_over(source, lambda r: merge_key(r) not in redone, targets) + rows
+
+
 def _guarded(rows: list, row: dict, measure) -> bool:
     """Append ``row`` completed with the fields ``measure()`` returns, or with the error it raised (an
     optional row that fails must not end the run; main() exits non-zero at the end). True if it ran."""
@@ -123,7 +176,9 @@ def _guarded(rows: list, row: dict, measure) -> bool:
     return "error" not in row
 
 
-def bench_shape(name, reps, dens_list, gen, rows, res, flex, t0, levels=True):
+def bench_shape(name, reps, dens_list, gen, rows, res, flex, t0, levels=True, checkpoint=None):
+    """One shape's rows; ``checkpoint()`` (if given) after each density and at the end writes what
+    is measured so far (a run killed at its time limit keeps it)."""
     from torch.nn.attention import SDPBackend, sdpa_kernel
 
     dev = "cuda"
@@ -141,15 +196,11 @@ def bench_shape(name, reps, dens_list, gen, rows, res, flex, t0, levels=True):
             out.backward(do)
         return run
 
-    def switched_rows(var, val, what, fn, dens, real):
+    def switched(var, val, what, fn, dens, real):
         """fn's fwd and fwd+bwd rows with the kernel switch var=val (an A/B against the default rows)."""
-        os.environ[var] = val
-        try:
-            for p_, f_ in (("fwd", lambda: fn(q, k, v)), ("fwd+bwd", fwd_bwd(fn))):
-                _guarded(rows, {"what": what, "shape": [B, H, L, D], "density": dens, "pass": p_, "peer": "ours",
-                                "realized_density": real}, lambda: {"median_ms": cuda_median_ms(f_, reps=reps)})
-        finally:
-            os.environ.pop(var)
+        switched_rows(rows, {"what": what, "shape": [B, H, L, D], "density": dens, "peer": "ours",
+                             "realized_density": real}, var, val,
+                      (("fwd", lambda: fn(q, k, v)), ("fwd+bwd", fwd_bwd(fn))), reps)
 
     # the TMA A/B flips the default for this head dim (on for Hopper at D=128, else off)
     tma_default = _use_tma(q, k, v)
@@ -215,7 +266,7 @@ def bench_shape(name, reps, dens_list, gen, rows, res, flex, t0, levels=True):
              "=load, the walk before 10f54af; tile configs tuned for the default)"),
         ):
             if dens in dens_set:
-                switched_rows(var, val, f"ours block-sparse, {what}", ours, dens, real)
+                switched(var, val, f"ours block-sparse, {what}", ours, dens, real)
         if dens in (0.10, 0.15):
             pool = POOL[name]
 
@@ -232,8 +283,8 @@ def bench_shape(name, reps, dens_list, gen, rows, res, flex, t0, levels=True):
                          "density": dens, "pass": "fwd+bwd", "median_ms": ms, "peer": "ours",
                          "realized_density": real})
             if dens == 0.15:  # the TMA A/B on what ASA runs by default (compensation on)
-                switched_rows("VIDEOBLADE_KERNEL_TMA", tma_flip,
-                              f"ours + compensation (pool {pool}, incl. pooling), {tma_what}", ours_c, dens, real)
+                switched("VIDEOBLADE_KERNEL_TMA", tma_flip,
+                         f"ours + compensation (pool {pool}, incl. pooling), {tma_what}", ours_c, dens, real)
         if dens == 0.10:  # the pooling alone (forward, and forward+backward into k, v)
             pool = POOL[name]
             ms = cuda_median_ms(lambda: pool_summaries(k, v, BLOCK, pool), reps=reps)
@@ -249,9 +300,13 @@ def bench_shape(name, reps, dens_list, gen, rows, res, flex, t0, levels=True):
             rows.append({"what": f"pool_summaries (pool {pool}) + sum, fwd+bwd", "shape": [B, H, L, D],
                          "density": None, "pass": "fwd+bwd", "median_ms": ms, "peer": None})
         print(f"[{time.time() - t0:6.1f}s] {name} d={dens} done (rel diff vs flex {rel:.2e})", flush=True)
+        if checkpoint is not None:
+            checkpoint()
 
     if levels:
         bench_levels(name, q, k, v, fwd_bwd, reps, gen, rows, res)
+        if checkpoint is not None:
+            checkpoint()
 
     # block-importance estimate (no grad)
     for mode, S in (("sample", 16), ("mean", 0)):
@@ -278,6 +333,44 @@ def bench_shape(name, reps, dens_list, gen, rows, res, flex, t0, levels=True):
         _guarded(rows, {"what": f"estimate_block_importance sample S=16, key tile {tile} (default {default_tile})",
                         "shape": [B, H, L, D], "density": None, "pass": "fwd", "peer": "ours"},
                  lambda: with_tile(tile))
+    if checkpoint is not None:
+        checkpoint()
+
+
+def compute_targets(res: dict, shapes) -> dict:
+    """The targets from this run's timings ``res`` (keys as bench_shape files them)."""
+    targets = {}
+
+    def get(*key):
+        return res.get(key)
+
+    for name in shapes:
+        cud = get(name, "cudnn", 1.0, "fwd")
+        for dens in (0.10, 0.15):
+            o = get(name, "ours", dens, "fwd")
+            if o and cud and (name == "wan" or dens == 0.10):
+                targets[f"{name}_fwd_efficiency_d{dens:.2f}"] = target(cud * get(name, "realdens", dens) / o, 0.75, True)
+        for p in ("fwd", "fwdbwd"):
+            o, f = get(name, "ours", 0.10, p), get(name, "flex", 0.10, p)
+            if o and f:
+                targets[f"{name}_{p}_speedup_vs_flex_d0.10"] = target(f / o, 1.3, True)
+        # compensation overhead: with-compensation time (pooling included) / without - 1
+        for p in ("fwd", "fwdbwd"):
+            c, o = get(name, "comp", 0.10, p), get(name, "ours", 0.10, p)
+            # goals: Wan's arithmetic share is ~0.31 (1024 summaries vs ~3300 kept keys per row),
+            # Cog's ~0.63 (1112 vs ~1780): the goal is that share plus ~0.1-0.2 for pooling
+            goal = {("wan", "fwd"): 0.40, ("wan", "fwdbwd"): 0.50, ("cog", "fwd"): 0.80}.get((name, p))
+            if c and o and goal is not None:
+                targets[f"{name}_comp_overhead_{p}_d0.10"] = target(c / o - 1, goal, False)
+    if get("wan", "ours", 1.0, "fwd") and get("wan", "cudnn", 1.0, "fwd"):
+        targets["wan_dense_time_ratio_vs_cudnn"] = target(get("wan", "ours", 1.0, "fwd") / get("wan", "cudnn", 1.0, "fwd"),
+                                                          1.25, False)
+    if get("wan", "ours", 0.15, "fwd"):
+        for mode, suffix in (("sample", ""), ("mean", "_mean_mode")):
+            if get("wan", "estimate", mode):
+                targets[f"wan_estimate_overhead_d0.15{suffix}"] = target(
+                    get("wan", "estimate", mode) / get("wan", "ours", 0.15, "fwd"), 0.15, False)
+    return targets
 
 
 def main():
@@ -294,6 +387,9 @@ def main():
                          "what, shape, density and pass) and its targets not recomputed are kept, tagged with "
                          "the commit and date they were measured at")
     args = ap.parse_args()
+    # read (and check: same card) before anything is measured; merged from this copy at every write,
+    # even when the run rewrites that same file as it goes
+    merge_src = read_merge_source(args.merge_from) if args.merge_from else None
     dev = "cuda"
     torch.backends.cuda.matmul.allow_tf32 = False
     from torch.nn.attention.flex_attention import flex_attention
@@ -303,7 +399,21 @@ def main():
     dens_list = [0.10, 1.0] if args.quick else DENSITIES
     if args.densities:
         dens_list = [float(x) for x in args.densities.split(",")]
+    shapes = args.shapes.split(",")
     rows = []
+    res = {}
+
+    def save():
+        """Write the results file with everything measured so far (after every density and shape, so
+        a run killed at its time limit keeps what it measured; the last call is the final file)."""
+        targets = compute_targets(res, shapes)
+        out_rows = merge_rows(rows, merge_src, targets) if merge_src is not None else list(rows)
+        path = write_results(f"attention_{gpu_tag()}", out_rows, targets, out_dir=args.out,
+                             settings={"block": BLOCK, "dtype": "bfloat16", "reps": reps,
+                                       "autotune": os.environ.get("VIDEOBLADE_KERNEL_AUTOTUNE", "1")},
+                             tuned_configs=tuned_configs())
+        return path, out_rows, targets
+
     t0 = time.time()
     peak = matmul_tflops(dev)
     bw = copy_tbps(dev)
@@ -311,56 +421,14 @@ def main():
                  "median_ms": 2 * 8192**3 / peak / 1e9, "peer": None, "tflops": peak})
     rows.append({"what": "ceiling d2d copy 2 GiB", "shape": [2 * 1024**3], "density": None, "pass": "fwd",
                  "median_ms": 4 * 1024**3 / bw / 1e9, "peer": None, "tb_per_s": bw})
-    res = {}
     gen = torch.Generator(device=dev).manual_seed(0)
-    for name in args.shapes.split(","):
-        bench_shape(name, reps, dens_list, gen, rows, res, flex, t0, levels=args.levels)
+    for name in shapes:
+        bench_shape(name, reps, dens_list, gen, rows, res, flex, t0, levels=args.levels, checkpoint=save)
         torch.cuda.empty_cache()
 
-    targets = {}
-
-    def get(*key):
-        return res.get(key)
-
-    for name in args.shapes.split(","):
-        cud = get(name, "cudnn", 1.0, "fwd")
-        for dens in (0.10, 0.15):
-            o = get(name, "ours", dens, "fwd")
-            if o and (name == "wan" or dens == 0.10):
-                targets[f"{name}_fwd_efficiency_d{dens:.2f}"] = target(cud * get(name, "realdens", dens) / o, 0.75, True)
-        for p in ("fwd", "fwdbwd"):
-            o, f = get(name, "ours", 0.10, p), get(name, "flex", 0.10, p)
-            if o and f:
-                targets[f"{name}_{p}_speedup_vs_flex_d0.10"] = target(f / o, 1.3, True)
-        # compensation overhead: with-compensation time (pooling included) / without - 1
-        for p in ("fwd", "fwdbwd"):
-            c, o = get(name, "comp", 0.10, p), get(name, "ours", 0.10, p)
-            # goals: Wan's arithmetic share is ~0.31 (1024 summaries vs ~3300 kept keys per row),
-            # Cog's ~0.63 (1112 vs ~1780): the goal is that share plus ~0.1-0.2 for pooling
-            goal = {("wan", "fwd"): 0.40, ("wan", "fwdbwd"): 0.50, ("cog", "fwd"): 0.80}.get((name, p))
-            if c and o and goal is not None:
-                targets[f"{name}_comp_overhead_{p}_d0.10"] = target(c / o - 1, goal, False)
-    if get("wan", "ours", 1.0, "fwd"):
-        targets["wan_dense_time_ratio_vs_cudnn"] = target(get("wan", "ours", 1.0, "fwd") / get("wan", "cudnn", 1.0, "fwd"),
-                                                          1.25, False)
-    if get("wan", "ours", 0.15, "fwd"):
-        targets["wan_estimate_overhead_d0.15"] = target(get("wan", "estimate", "sample") / get("wan", "ours", 0.15, "fwd"),
-                                                        0.15, False)
-        targets["wan_estimate_overhead_d0.15_mean_mode"] = target(
-            get("wan", "estimate", "mean") / get("wan", "ours", 0.15, "fwd"), 0.15, False)
-
-    if args.merge_from:
-        def key(r):
-            return r["what"], tuple(r.get("shape") or ()), r.get("density"), r.get("pass")
-
-        redone = {key(r) for r in rows}
-        rows = carry_over(args.merge_from, lambda r: key(r) not in redone, targets) + rows
-    print_table(rows, ["what", "shape", "density", "pass", "median_ms", "tflops", "peer"])
+    path, out_rows, targets = save()
+    print_table(out_rows, ["what", "shape", "density", "pass", "median_ms", "tflops", "peer"])
     print_targets(targets)
-    path = write_results(f"attention_{gpu_tag()}", rows, targets, out_dir=args.out,
-                         settings={"block": BLOCK, "dtype": "bfloat16", "reps": reps,
-                                   "autotune": os.environ.get("VIDEOBLADE_KERNEL_AUTOTUNE", "1")},
-                         tuned_configs=tuned_configs())
     for kname, d in tuned_configs().items():
         for key, cfg in d.items():
             print(f"tuned {kname} {key}: {cfg}")

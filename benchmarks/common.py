@@ -135,11 +135,33 @@ def write_results(name: str, rows: Sequence[dict], targets: dict | None = None, 
     d = Path(out_dir) if out_dir is not None else RESULTS_DIR
     d.mkdir(parents=True, exist_ok=True)
     path = d / f"{name}.json"
-    path.write_text(json.dumps(doc, indent=1, default=str) + "\n")
+    # whole or not at all: the benchmarks rewrite this file as they go (often the very file they
+    # merged from), and a run killed in the middle of a write must not leave it truncated
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    tmp.write_text(json.dumps(doc, indent=1, default=str) + "\n")
+    os.replace(tmp, path)
     return path
 
 
-def carry_over(path: str | os.PathLike, keep: Callable[[dict], bool], targets: dict,
+def read_merge_source(path: str | os.PathLike, gpu: str | None = None) -> dict:
+    """The ``--merge-from`` file, read and checked (it exists, is a results file, and was measured
+    on this card: ``gpu`` default ``env_info()["gpu"]``). Every benchmark calls it before measuring
+    anything, so a wrong path or another card's file costs seconds, not a whole GPU run that would
+    only fail when it merges at the end."""
+    try:
+        old = json.loads(Path(path).read_text())
+    except (OSError, ValueError) as e:
+        raise SystemExit(f"--merge-from {path}: cannot read it ({type(e).__name__}: {e})") from None
+    if not isinstance(old, dict) or not isinstance(old.get("rows"), list):
+        raise SystemExit(f"--merge-from {path}: not a benchmark results file (no 'rows' list)")
+    here = gpu if gpu is not None else env_info()["gpu"]
+    if old.get("gpu") not in (None, here):
+        raise SystemExit(f"--merge-from {path} was measured on {old['gpu']!r}, this run is on {here!r}: "
+                         "merge only files of the same card")
+    return old
+
+
+def carry_over(path: str | os.PathLike | dict, keep: Callable[[dict], bool], targets: dict,
                gpu: str | None = None) -> list[dict]:
     """Rows of an earlier results file that this run did not re-measure (``keep(row)``), each
     tagged with the commit and date it was measured at; targets this run did not recompute are
@@ -147,12 +169,10 @@ def carry_over(path: str | os.PathLike, keep: Callable[[dict], bool], targets: d
     names the run that measured it). Lets a benchmark too long for one GPU call be run in parts.
 
     ``gpu`` (default: this machine's, ``env_info()["gpu"]``): a file measured on another card is
-    refused, since its rows and targets would be filed under this run's card."""
-    old = json.loads(Path(path).read_text())
-    here = gpu if gpu is not None else env_info()["gpu"]
-    if old.get("gpu") not in (None, here):
-        raise SystemExit(f"--merge-from {path} was measured on {old['gpu']!r}, this run is on {here!r}: "
-                         "merge only files of the same card")
+    refused, since its rows and targets would be filed under this run's card. ``path`` may also be
+    the file as :func:`read_merge_source` returned it (read once at the start, so that a run which
+    rewrites that very file as it goes keeps merging the original)."""
+    old = path if isinstance(path, dict) else read_merge_source(path, gpu)
 
     def tag(x: dict) -> dict:
         x = dict(x)

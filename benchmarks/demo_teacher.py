@@ -45,7 +45,7 @@ from pathlib import Path
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from benchmarks.common import carry_over, env_info, print_table, write_results  # noqa: E402
+from benchmarks.common import carry_over, env_info, print_table, read_merge_source, write_results  # noqa: E402
 
 WIDE = {"num_attention_heads": 4, "attention_head_dim": 32, "ffn_dim": 512, "num_layers": 6}
 # name -> overrides of the demo's full profile: data, model (transformer), teacher, top-level fields,
@@ -284,6 +284,8 @@ def main(argv=None) -> int:
     unknown = set(names) - set(VARIANTS)
     if unknown:
         p.error(f"unknown variants {sorted(unknown)}: use {sorted(VARIANTS)}")
+    # read and checked (same machine kind) before the teachers train, not after
+    merge_src = read_merge_source(args.merge_from) if args.merge_from else None
     rows: list[dict] = []
     with ProcessPoolExecutor(max(1, args.procs)) as ex:
         futs = {}
@@ -298,9 +300,9 @@ def main(argv=None) -> int:
         for f in as_completed(futs):
             rows += f.result()
             print(f"[demo_teacher] {futs[f]} done", flush=True)
-    if args.merge_from:
+    if merge_src is not None:
         redone = set(names) | ({"ideal"} if args.ideal else set())
-        rows = carry_over(args.merge_from, lambda r: r["variant"] not in redone, {}) + rows
+        rows = carry_over(merge_src, lambda r: r["variant"] not in redone, {}) + rows
     print_table([r for r in rows if r["what"] not in ("denoising check", "frame order check")],
                 ["what", "variant", "sampler", "steps", "eta", "precision", "coverage", "right_prompt", "colour_ok", "motion_ok",
                  "motion_reversed",

@@ -53,7 +53,15 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from common import carry_over, cast_like_from_pretrained, gpu_tag, print_table, target, write_results  # noqa: E402
+from common import (  # noqa: E402
+    carry_over,
+    cast_like_from_pretrained,
+    gpu_tag,
+    print_table,
+    read_merge_source,
+    target,
+    write_results,
+)
 
 from videoblade.config import ASAConfig  # noqa: E402
 from videoblade.inference import choose_decode, configure_vae, psnr  # noqa: E402
@@ -296,6 +304,11 @@ def run_family(name: str, family: str, spec: dict, args, device, deadline: float
         if s["compile"] and remaining < args.compile_budget_s:
             print(f"[{name}] skip decode {s}: {remaining:.0f} s left", flush=True)
             continue
+        if remaining < 0 and s is not settings[0] and s is not settings[1]:
+            # past the deadline: only the fp32 reference and the eager bf16 decode (the rows below
+            # need them), so that the student end to end and the write still fit
+            print(f"[{name}] skip decode {s}: past the deadline", flush=True)
+            continue
         # the reference decodes with `vae` itself, every other setting with its own copy (freed below)
         v = _configured(vae if s is settings[0] else copy.deepcopy(vae).to(parse_dtype(s["dtype"])), s, adapter)
         if device.type == "cuda":
@@ -449,7 +462,7 @@ def _matched(summary: dict, key: str) -> float:
     return max(summary[key], summary.get(f"compiled_{key}", 0.0))
 
 
-def _write(out: Path, rows: list[dict], summaries: dict) -> Path:
+def _write(out: Path, rows: list[dict], summaries: dict, **extra) -> Path:
     targets = {}
 
     def put(name, summary, key, goal):
@@ -467,7 +480,7 @@ def _write(out: Path, rows: list[dict], summaries: dict) -> Path:
     return write_results(out.stem, rows, targets, out_dir=out.parent, benchmark="e2e", method=(
         "baseline denoising extrapolated from timed steps x 50 (identical dense steps); student timed whole; "
         "text encoder excluded on both sides (random embeddings); random weights; bf16 transformers; both e2e "
-        "figures use the same decode setting; targets: the better of eager-vs-eager and compiled-vs-compiled"))
+        "figures use the same decode setting; targets: the better of eager-vs-eager and compiled-vs-compiled"), **extra)
 
 
 def results_path(out: str | None) -> Path:
@@ -497,6 +510,9 @@ def main(argv=None) -> int:
     p.add_argument("--compile-budget-s", type=float, default=150.0,
                    help="skip the compiled decode when less time than this is left before --deadline-s")
     p.add_argument("--deadline-s", type=float, default=540.0, help="wall-clock budget of the whole run")
+    p.add_argument("--family-min-s", type=float, default=150.0,
+                   help="start a model only with at least this much time left before --deadline-s (its eager "
+                        "rows alone take about two minutes at full size); a model skipped keeps its --merge-from rows")
     p.add_argument("--merge-from", default=None,
                    help="earlier e2e results JSON: keep its rows for the models this run does not measure")
     args = p.parse_args(argv)
@@ -509,28 +525,51 @@ def main(argv=None) -> int:
         torch.backends.cudnn.allow_tf32 = True
     deadline = time.perf_counter() + args.deadline_s
     specs = {"wan": ("Wan2.1-T2V-1.3B", WAN_1_3B), "cogvideox": ("CogVideoX-5B", COG_5B)}
-    rows: list[dict] = []
-    summaries = {}
     out = results_path(args.out)
     path = None
     fams = [m.strip() for m in args.models.split(",") if m.strip()]
-    if args.merge_from:
-        names = {f: (f"tiny-{f}" if args.tiny else specs[f][0]) for f in specs}
-        run_names = {names[f] for f in fams}
-        rows = carry_over(args.merge_from, lambda r: r.get("model") not in run_names, {})
-        for fam, name in names.items():
-            summary = [r for r in rows if r.get("model") == name and r.get("what") == "summary"]
-            if summary:
-                summaries[fam] = summary[-1]
+    names = {f: (f"tiny-{f}" if args.tiny else specs[f][0]) for f in specs}
+    # read (and checked: same card) once, before anything is measured: every write below merges this
+    # copy, so a run writing over the file it merges from keeps the models it has not re-measured yet
+    merge_src = read_merge_source(args.merge_from) if args.merge_from else None
+    new_rows: list[dict] = []
+    new_summaries: dict = {}
+    skipped: list[str] = []
+    rows: list[dict] = []
+
+    def save() -> Path:
+        nonlocal rows
+        summaries = {}
+        rows = []
+        if merge_src is not None:
+            measured = {names[f] for f in new_summaries}
+            rows = carry_over(merge_src, lambda r: r.get("model") not in measured, {})
+            for fam, name in names.items():
+                summary = [r for r in rows if r.get("model") == name and r.get("what") == "summary"]
+                if summary and fam not in new_summaries:
+                    summaries[fam] = summary[-1]
+        rows += new_rows
+        summaries.update(new_summaries)
+        return _write(out, rows, summaries, **({"skipped_models": skipped} if skipped else {}))
+
     for fam in fams:
         name, spec = specs[fam]
         if args.tiny:
             name, spec = f"tiny-{fam}", tiny_spec(fam)
+        left = deadline - time.perf_counter()
+        if left < args.family_min_s:
+            print(f"[{name}] skipped: {left:.0f} s left before the deadline (--family-min-s {args.family_min_s:.0f})",
+                  flush=True)
+            skipped.append(name)
+            continue
         fam_rows = run_family(name, fam, spec, args, device, deadline)
-        rows += fam_rows
-        summaries[fam] = fam_rows[-1]
-        path = _write(out, rows, summaries)  # after every family, so a run cut short keeps what it measured
-    targets = json.loads(path.read_text())["targets"] if path else {}
+        new_rows += fam_rows
+        new_summaries[fam] = fam_rows[-1]
+        path = save()  # after every family, so a run cut short keeps what it measured
+    if path is None:
+        print(f"nothing measured (skipped: {', '.join(skipped) or 'none'}); nothing written", flush=True)
+        return 1
+    targets = json.loads(path.read_text())["targets"]
     print_table([r for r in rows if "median_ms" in r], ["model", "what", "density", "median_ms", "psnr_db"])
     print(f"\n{'target':<28}{'value':>10}{'target':>10}")
     for k, v in targets.items():

@@ -12,6 +12,9 @@ stages (and rollout depths) are the same step for step.
     python benchmarks/train.py --smoke        # the same path on the CPU at toy sizes (measures nothing)
     python benchmarks/train.py --variants dense_compiled,asa_compiled --merge-from benchmarks/results/train_h200.json
 
+Each variant is one training process, killed if it is still running at ``--deadline-s`` (default
+540 s, inside a 10-minute GPU call); the results file is rewritten after every variant.
+
 The model folder holds the published transformer config with random weights (no download), the
 flow scheduler (shift 3) and the VAE config (latent shape only); the prompt store holds random
 embeddings of the UMT5 shape [512, 4096].
@@ -22,10 +25,12 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import shutil
 import statistics
 import subprocess
 import sys
 import tempfile
+import time
 from pathlib import Path
 
 import torch
@@ -33,7 +38,15 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from benchmarks.common import carry_over, gpu_tag, print_table, print_targets, target, write_results  # noqa: E402
+from benchmarks.common import (  # noqa: E402
+    carry_over,
+    gpu_tag,
+    print_table,
+    print_targets,
+    read_merge_source,
+    target,
+    write_results,
+)
 
 WAN_VAE = {"_class_name": "AutoencoderKLWan", "base_dim": 96, "z_dim": 16, "dim_mult": [1, 2, 4, 4],
            "num_res_blocks": 2, "attn_scales": [], "temperal_downsample": [False, True, True], "dropout": 0.0}
@@ -83,7 +96,12 @@ def video_size(smoke: bool) -> tuple[int, int, int]:
     return (64, 96, 17) if smoke else (480, 832, 81)
 
 
-def run_variant(name: str, folder: Path, store: Path, out: Path, steps: int, smoke: bool, overrides: list[str]):
+def run_variant(name: str, folder: Path, store: Path, out: Path, steps: int, smoke: bool, overrides: list[str],
+                timeout: float | None = None):
+    """One variant through ``python -m videoblade.train`` in a fresh ``out`` folder (the trainer appends
+    to metrics.jsonl, so a reused --work-dir would mix an earlier run's steps in). None when it fails or
+    runs past ``timeout`` seconds (killed, so the rest of the benchmark keeps its time)."""
+    shutil.rmtree(out, ignore_errors=True)
     args = [f"model.path={folder}", f"train.prompt_store={store}", f"train.output_dir={out}",
             f"train.max_train_steps={steps}", "train.train_batch_size=1", "train.gradient_accumulation_steps=1",
             "train.validation_steps=0", "train.report_to=none", f"train.checkpointing_steps={steps}",
@@ -100,8 +118,16 @@ def run_variant(name: str, folder: Path, store: Path, out: Path, steps: int, smo
     if smoke:
         env["OMP_NUM_THREADS"] = "1"
     print(f"--- {name}: {' '.join(overrides)}", flush=True)
-    r = subprocess.run([sys.executable, "-m", "videoblade.train", *args, *overrides], cwd=ROOT, env=env,
-                       capture_output=True, text=True)
+    try:
+        r = subprocess.run([sys.executable, "-m", "videoblade.train", *args, *overrides], cwd=ROOT, env=env,
+                           capture_output=True, text=True, timeout=timeout)
+    except subprocess.TimeoutExpired as e:
+        def tail(x, n):  # captured output of a killed run comes back as bytes, whatever text= says
+            return (x.decode(errors="replace") if isinstance(x, bytes) else (x or ""))[-n:]
+
+        print(f"--- {name}: killed after {timeout:.0f} s (--deadline-s)", tail(e.stdout, 2000), tail(e.stderr, 4000),
+              flush=True)
+        return None
     if r.returncode != 0:
         print(r.stdout[-2000:], r.stderr[-6000:], flush=True)
         return None
@@ -131,19 +157,56 @@ def parser() -> argparse.ArgumentParser:
     ap.add_argument("--variants", default=None, help="comma-separated subset of the variants (default: all)")
     ap.add_argument("--merge-from", default=None,
                     help="earlier train results JSON: keep its rows for the variants this run skips")
+    ap.add_argument("--deadline-s", type=float, default=540.0,
+                    help="wall-clock budget of the whole run: a variant still running then is killed (and counts as "
+                         "failed), so the results are written before an outer time limit")
+    ap.add_argument("--variant-min-s", type=float, default=60.0,
+                    help="start a variant only with at least this much time left before --deadline-s")
     return ap
+
+
+def variant_row(name: str, r: dict, shape: list[int]) -> dict:
+    return {"what": f"TDM iteration ({name}), Wan2.1-1.3B random weights, grad ckpt, bf16", "variant": name,
+            "shape": shape, "density": r["density"], "pass": "rollout+fake fwd/bwd+generator fwd/bwd",
+            "median_ms": r["s_per_it"] * 1000, "peer": "dense" if name != "dense" else None,
+            "s_per_it": r["s_per_it"], "peak_memory_gb": r["peak_memory_gb"],
+            "rollout_depths": r["rollout_depths"], "s_per_it_all": r["s_per_it_all"],
+            "loss_gen": r["loss_gen"], "loss_fake": r["loss_fake"],
+            "shared_base": "separate" not in name and "deepspeed" not in name, "deepspeed": r["deepspeed"],
+            "compiled_graphs": r.get("compiled_graphs"), "validation_videos": len(r["videos"])}
+
+
+PAIRS = {"eager": ("dense", "asa"), "compiled": ("dense_compiled", "asa_compiled")}
+
+
+def speed_target(rows: list[dict]) -> tuple[dict, dict]:
+    """(targets, like-for-like ratios) from ``rows``: the better of eager/eager and compiled/compiled
+    dense over ASA time; empty when no pair is there."""
+    sec = {_variant(r): r["s_per_it"] for r in rows}
+    # the run each row comes from: this one (None) or the (commit, date) of a carried row
+    origin = {_variant(r): (r.get("measured_at_commit"), r.get("measured_at_date")) for r in rows}
+    # like for like only: eager against eager, compiled against compiled; the better of the two
+    # (a --variants run of one pair only, e.g. the compiled one, still writes its ratio)
+    ratios = {k: sec[d] / sec[s] for k, (d, s) in PAIRS.items() if d in sec and s in sec}
+    if not ratios:
+        return {}, {}
+    best = max(ratios, key=ratios.get)
+    targets = {"wan_iteration_speedup_asa_vs_dense": target(ratios[best], 2.5, True)}
+    d_run, s_run = (origin[v] for v in PAIRS[best])
+    if d_run != s_run:  # a ratio across two runs (a partial re-run or a failed variant): say so
+        targets["wan_iteration_speedup_asa_vs_dense"]["sides_measured_at"] = {
+            PAIRS[best][0]: d_run[0] or "this run", PAIRS[best][1]: s_run[0] or "this run"}
+        print(f"note: the {best} pair's two sides come from different runs: {d_run} / {s_run}")
+    return targets, ratios
 
 
 def main(argv=None) -> int:
     a = parser().parse_args(argv)
     if not a.smoke and not torch.cuda.is_available():
         raise SystemExit("needs a CUDA GPU (or --smoke)")
-    work = Path(a.work_dir or tempfile.mkdtemp(prefix="vb-train-bench-"))
-    folder = build_folder(work, a.smoke)
-    from benchmarks.transformer import WAN_1_3B, WAN_SMOKE
-
-    text_dim = (WAN_SMOKE if a.smoke else WAN_1_3B)["text_dim"]
-    store = build_store(work, text_dim, 32 if a.smoke else 512)
+    deadline = time.perf_counter() + a.deadline_s
+    # read (and checked: same card) before the minutes of training; every write merges this copy
+    merge_src = read_merge_source(a.merge_from) if a.merge_from else None
     variants = [("dense", ["asa.enabled=false"]),
                 ("asa", ["asa.enabled=true"]),
                 # every block under torch.compile on both sides (train.compile)
@@ -160,54 +223,62 @@ def main(argv=None) -> int:
         if unknown:
             raise SystemExit(f"unknown variants {sorted(unknown)}")
         variants = [v for v in variants if v[0] in pick]
-    res = {name: run_variant(name, folder, store, work / name, a.steps, a.smoke, ov) for name, ov in variants}
-    failed = [k for k, v in res.items() if v is None]
-    res = {k: v for k, v in res.items() if v is not None}
+    work = Path(a.work_dir or tempfile.mkdtemp(prefix="vb-train-bench-"))
+    folder = build_folder(work, a.smoke)
+    from benchmarks.transformer import WAN_1_3B, WAN_SMOKE
     from videoblade.models import get_adapter
 
+    text_dim = (WAN_SMOKE if a.smoke else WAN_1_3B)["text_dim"]
+    store = build_store(work, text_dim, 32 if a.smoke else 512)
     shape = [1, *get_adapter("wan").geometry(folder, *video_size(a.smoke)).latent_shape]
-    rows = []
-    for name, r in res.items():
-        rows.append({"what": f"TDM iteration ({name}), Wan2.1-1.3B random weights, grad ckpt, bf16", "variant": name,
-                     "shape": shape, "density": r["density"], "pass": "rollout+fake fwd/bwd+generator fwd/bwd",
-                     "median_ms": r["s_per_it"] * 1000, "peer": "dense" if name != "dense" else None,
-                     "s_per_it": r["s_per_it"], "peak_memory_gb": r["peak_memory_gb"],
-                     "rollout_depths": r["rollout_depths"], "s_per_it_all": r["s_per_it_all"],
-                     "loss_gen": r["loss_gen"], "loss_fake": r["loss_fake"],
-                     "shared_base": "separate" not in name and "deepspeed" not in name, "deepspeed": r["deepspeed"],
-                     "compiled_graphs": r.get("compiled_graphs"), "validation_videos": len(r["videos"])})
-    if a.merge_from:
-        rows = carry_over(a.merge_from, lambda r: _variant(r) not in res, {}) + rows
-    sec = {_variant(r): r["s_per_it"] for r in rows}
-    # the run each row comes from: this one (None) or the (commit, date) of a carried row
-    origin = {_variant(r): (r.get("measured_at_commit"), r.get("measured_at_date")) for r in rows}
-    # like for like only: eager against eager, compiled against compiled; the better of the two
-    # (a --variants run of one pair only, e.g. the compiled one, still writes its ratio)
-    pairs = {"eager": ("dense", "asa"), "compiled": ("dense_compiled", "asa_compiled")}
-    ratios = {k: sec[d] / sec[s] for k, (d, s) in pairs.items() if d in sec and s in sec}
-    if not ratios:
-        raise SystemExit(f"no dense/ASA pair measured (have {sorted(sec)}, failed: {failed})")
-    best = max(ratios, key=ratios.get)
-    speed = ratios[best]
-    targets = {"wan_iteration_speedup_asa_vs_dense": target(speed, 2.5, True)}
-    d_run, s_run = (origin[v] for v in pairs[best])
-    if d_run != s_run:  # a ratio across two runs (a partial re-run or a failed variant): say so
-        targets["wan_iteration_speedup_asa_vs_dense"]["sides_measured_at"] = {
-            pairs[best][0]: d_run[0] or "this run", pairs[best][1]: s_run[0] or "this run"}
-        print(f"note: the {best} pair's two sides come from different runs: {d_run} / {s_run}")
-    memory = {_variant(r): r["peak_memory_gb"] for r in rows}
+    # the smoke run writes only where --out says (a CPU file must not land beside the GPU results)
+    write = not a.smoke or a.out_dir is not None
+    new_rows: list[dict] = []
+    failed: list[str] = []
+    skipped: list[str] = []
+
+    def save():
+        """rows (merged), targets, ratios; written after every variant when ``write``, so that a run
+        killed at its time limit keeps the variants it finished."""
+        done = {_variant(r) for r in new_rows}
+        rows = (carry_over(merge_src, lambda r: _variant(r) not in done, {}) if merge_src is not None else []) + new_rows
+        targets, ratios = speed_target(rows)
+        memory = {_variant(r): r["peak_memory_gb"] for r in rows}
+        path = None
+        if write and rows:
+            path = write_results(f"train_{gpu_tag()}", rows, targets, out_dir=a.out_dir,
+                                 notes={"memory_shared_vs_separate_gb": [memory.get("asa"),
+                                                                         memory.get("asa_separate_bases")],
+                                        "speedup_like_for_like": ratios,
+                                        "peak_memory_gb_deepspeed_includes": "one 81x480x832 VAE decode (fp32) at the "
+                                                                             "last step",
+                                        "failed_variants": failed, "skipped_variants": skipped,
+                                        "steps": a.steps, "timed": "median of iterations 2..steps"})
+        return path, rows, targets
+
+    path = None
+    for name, ov in variants:
+        left = deadline - time.perf_counter()
+        if left < a.variant_min_s:
+            print(f"--- {name}: skipped, {left:.0f} s left before the deadline", flush=True)
+            skipped.append(name)
+            continue
+        r = run_variant(name, folder, store, work / name, a.steps, a.smoke, ov, timeout=left)
+        if r is None:
+            failed.append(name)
+            continue
+        new_rows.append(variant_row(name, r, shape))
+        path, _, _ = save()
+    path, rows, targets = save()
     print_table(rows, ["what", "density", "median_ms", "peak_memory_gb", "rollout_depths"])
     print_targets(targets)
-    if a.smoke:
-        print("smoke run: nothing written")
-        return 0
-    path = write_results(f"train_{gpu_tag()}", rows, targets, out_dir=a.out_dir,
-                         notes={"memory_shared_vs_separate_gb": [memory.get("asa"), memory.get("asa_separate_bases")],
-                                "speedup_like_for_like": ratios,
-                                "peak_memory_gb_deepspeed_includes": "one 81x480x832 VAE decode (fp32) at the last step",
-                                "failed_variants": failed,
-                                "steps": a.steps, "timed": "median of iterations 2..steps"})
-    print(f"wrote {path}")
+    if path is not None:
+        print(f"wrote {path}")
+    elif not write:
+        print("smoke run: nothing written (--out writes it)")
+    if not targets:
+        raise SystemExit(f"no dense/ASA pair measured (have {sorted(_variant(r) for r in rows)}, failed: {failed}, "
+                         f"skipped: {skipped})")
     return 0
 
 

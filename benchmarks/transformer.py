@@ -8,8 +8,10 @@ Rows:
   pool 16, SPEC 1.5); the realised density of (c) is read from the installed ASA.
 * ``forward, ASA + rank-64 LoRA`` (compiled rows): the student as inference loads it, with the LoRA
   kept as peft adapter layers (``--no-fuse-lora``) and merged into the base weights (the default).
-* ``A/B VIDEOBLADE_KERNEL_TMA=0`` (compiled rows): the ASA forward with the kernels' TMA loads off
-  against the default, alternating rounds in one process (skipped when the run sets the switch).
+* ``A/B VIDEOBLADE_KERNEL_TMA=0|1`` (compiled rows): the ASA forward with the kernels' TMA loads
+  flipped against the default for the model's head dim (Wan 128: off, CogVideoX 64: forced on),
+  alternating rounds in one process (skipped when the run sets the switch, and under a CUDA-graph
+  ``--compile-mode``, whose replays never re-read it).
 * ``attn_error``: relative L2 error of ASA's attention output against fp32 dense attention on
   q/k/v with 3D locality (``videoblade.attention.synthetic.local_qkv``) at density 0.15 (and
   multi-level ASA, SPEC 1.6, at about the same cost density)
@@ -29,6 +31,10 @@ weights are random (diffusers' default init), so the dense/sparse *times* are me
 the realised density reflects random-weight attention maps, not a trained model's.
 
     python benchmarks/transformer.py [--only wan|cog] [--out DIR]
+
+The results file is rewritten after every part (errors, each model, profile), so a run cut short
+keeps what it measured; with ``--merge-from`` the parts it did not (or not yet) measure keep the
+earlier file's rows.
 """
 
 from __future__ import annotations
@@ -52,6 +58,7 @@ from benchmarks.common import (  # noqa: E402
     gpu_tag,
     print_table,
     print_targets,
+    read_merge_source,
     target,
     write_results,
 )
@@ -271,8 +278,14 @@ def compiled_rows(family, name, model, fwd, shape, dense_out, asa_cfg, reps, bes
                      **{"pass": bool(torch.isfinite(out).all())}))
     rows.append(kernel_breakdown(f"{name} forward, ASA defaults, compiled blocks{tag}", fwd, model, shape))
     if "VIDEOBLADE_KERNEL_TMA" not in os.environ:  # a run that sets it records it as kernel_env instead
-        rows.append(switch_ab_row(f"{name} forward, ASA defaults, compiled blocks{tag}", fwd, shape,
-                                  "VIDEOBLADE_KERNEL_TMA", "0", dens["mean"]))
+        if _cudagraphs(COMPILE_MODE):
+            # the kernels read the switch when they launch; a CUDA-graph replay launches nothing, so
+            # both sides would replay the same captured kernels
+            print(f"skip the TMA A/B: compile mode {COMPILE_MODE} replays CUDA graphs", flush=True)
+        else:
+            rows.append(switch_ab_row(f"{name} forward, ASA defaults, compiled blocks{tag}", fwd, shape,
+                                      "VIDEOBLADE_KERNEL_TMA", tma_flip(model.config.attention_head_dim),
+                                      dens["mean"]))
     rows += lora_rows(family, name, model, fwd, shape, t_asa, dens["mean"], out, tag)
     unset_adaptive_sparse_attention(model)
     return rows
@@ -325,6 +338,28 @@ def lora_rows(family, name, model, fwd, shape, t_asa, density, asa_out, tag) -> 
             for n, w in base.items():
                 params[n].copy_(w)
     return rows
+
+
+def tma_flip(head_dim: int) -> str:
+    """The VIDEOBLADE_KERNEL_TMA value that flips this GPU's default at ``head_dim`` (``auto`` is on
+    for Hopper at head dim 128 only: Wan's 128 -> "0", CogVideoX's 64 -> "1"), so the A/B row
+    compares two different kernels whatever the model."""
+    from videoblade.kernels.block_sparse import _tma_wanted
+
+    capability = None if SMOKE else torch.cuda.get_device_capability()
+    return "0" if _tma_wanted("auto", head_dim, capability) else "1"
+
+
+def _cudagraphs(mode: str | None) -> bool:
+    """Whether torch.compile ``mode`` replays CUDA graphs (reduce-overhead, max-autotune)."""
+    if not mode:
+        return False
+    try:
+        import torch._inductor
+
+        return bool(torch._inductor.list_mode_options(mode).get("triton.cudagraphs"))
+    except Exception:  # noqa: BLE001 - an unknown mode fails in torch.compile itself, later
+        return mode in ("reduce-overhead", "max-autotune")
 
 
 def switch_ab_row(label: str, fwd, shape, var: str, value: str, density: float, rounds: int = 4) -> dict:
@@ -546,7 +581,31 @@ def _free():
         torch.cuda.empty_cache()
 
 
-def main():
+def row_part(what: str):
+    """The part of a run a row belongs to, for ``--merge-from``: "error", "profile", (family, "eager"),
+    (family, "compiled") or (family, "ab") (the TMA A/B of the compiled rows); None for anything else."""
+    if what.startswith("attn_error"):
+        return "error"
+    if what.startswith("profile "):
+        return "profile"
+    for fam, prefix in (("wan", "Wan2.1"), ("cog", "CogVideoX-5B")):
+        if what.startswith(prefix):
+            if "compiled blocks" not in what:
+                return fam, "eager"
+            return (fam, "ab") if ": A/B " in what else (fam, "compiled")
+    return None
+
+
+def merge_rows(rows: list[dict], source, targets: dict) -> list[dict]:
+    """``source``'s rows (a path, or the file as ``read_merge_source`` returned it) for the parts this
+    run has not measured (``row_part``: skipped by a flag, not reached yet, or an A/B this run did not
+    make), tagged where they were measured, then ``rows``; its targets not in ``targets`` are added."""
+    redone = {r["what"] for r in rows}
+    done = {row_part(r["what"]) for r in rows} - {None}
+    return carry_over(source, lambda r: r["what"] not in redone and row_part(r["what"]) not in done, targets) + rows
+
+
+def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--only", choices=["wan", "cog"], default=None)
     ap.add_argument("--skip-error", action="store_true")
@@ -560,13 +619,15 @@ def main():
     ap.add_argument("--compile-mode", default=None, help="torch.compile mode, e.g. reduce-overhead (CUDA graphs)")
     ap.add_argument("--no-compile", dest="compile", action="store_false",
                     help="skip the rows with torch.compile'd blocks (they cost a few minutes of compiling)")
-    args = ap.parse_args()
+    args = ap.parse_args(argv)
     global SMOKE, DEVICE, COMPILE_MODE
     COMPILE_MODE = args.compile_mode
     if args.smoke:
         SMOKE, DEVICE = True, "cpu"
     elif not torch.cuda.is_available():
         sys.exit("benchmarks/transformer.py needs a CUDA GPU (or --smoke)")
+    # read and checked (same card) before anything is measured; every write merges this copy
+    merge_src = read_merge_source(args.merge_from) if args.merge_from and not args.profile else None
     # video sizes as requested; token grids and text length follow from them and the configs
     wan_cfg, cog_cfg = (WAN_SMOKE, COG_SMOKE) if SMOKE else (WAN_1_3B, COG_5B)
     sizes = dict(wan=(81, 480, 832), cog=(49, 480, 720)) if not SMOKE else dict(wan=(17, 128, 192), cog=(17, 128, 160))
@@ -582,6 +643,14 @@ def main():
                 forward_op_table(fam, *size, c)
                 _free()
         return
+
+    def save():
+        """Write the results with everything measured so far (after every part, so that a run killed
+        at its time limit keeps it; merged parts not measured yet stay as they were)."""
+        tg = dict(targets)
+        out_rows = merge_rows(rows, merge_src, tg) if merge_src is not None else list(rows)
+        return write_results(f"transformer_{gpu_tag()}", out_rows, tg, out_dir=args.out), out_rows, tg
+
     if not args.skip_error:
         wan_err = error_rows("Wan shape", sizes["wan_grid"], 0, 4, 128, 32)
         cog_err = error_rows("CogVideoX shape", sizes["cog_grid"], sizes["cog_text"], 4, 64, 16)
@@ -591,40 +660,29 @@ def main():
             e = [r["rel_l2_error"] for r in er]
             targets[f"{lab}_attn_error_ratio_reorder_vs_raster"] = target(e[1] / e[0], 1.0, False)
             targets[f"{lab}_attn_error_ratio_compensation_vs_reorder"] = target(e[2] / e[1], 1.0, False)
+        save()
     if args.only in (None, "wan"):
         r = forward_rows("wan", *sizes["wan"], ASAConfig(), args.reps, args.compile)
         rows += r
         _free()
         targets["wan_forward_speedup_vs_best_dense"] = target(forward_target(r), 3.0, True)
         print_table(r, ["what", "density", "median_ms", "speedup_vs_best_dense", "max_possible_speedup", "compile_s"])
+        save()
     if args.only in (None, "cog"):
         r = forward_rows("cog", *sizes["cog"], ASAConfig(pool=16), args.reps, args.compile)
         rows += r
         targets["cog_forward_speedup_vs_best_dense"] = target(forward_target(r), 1.5, True)
         print_table(r, ["what", "density", "median_ms", "speedup_vs_best_dense", "max_possible_speedup", "compile_s"])
+        save()
     if not args.skip_profile:
         prof = profile_rows("Wan", sizes["wan_grid"], 0, 12, 128, 32, 30)
         prof += profile_rows("CogVideoX", sizes["cog_grid"], sizes["cog_text"], 48, 64, 16, 42)
         rows += prof
-    if args.merge_from:
-        redone = [r["what"] for r in rows]
-        fams = {"wan": ("Wan2.1",), "cog": ("CogVideoX-5B",), None: ("Wan2.1", "CogVideoX-5B")}[args.only]
-
-        def keep(r):
-            w = r["what"]
-            if w in redone:
-                return False
-            if w.startswith("attn_error"):
-                return args.skip_error
-            if w.startswith(("Wan2.1", "CogVideoX-5B")):
-                return not w.startswith(fams)
-            return args.skip_profile  # per-piece ASA timings
-        rows = carry_over(args.merge_from, keep, targets) + rows
+    path, out_rows, tg = save()
     print()
-    print_table(rows, ["what", "density", "median_ms", "speedup_vs_best_dense", "max_possible_speedup",
-                       "ms_per_forward", "rel_l2_error", "pass"])
-    print_targets(targets)
-    path = write_results(f"transformer_{gpu_tag()}", rows, targets, out_dir=args.out)
+    print_table(out_rows, ["what", "density", "median_ms", "speedup_vs_best_dense", "max_possible_speedup",
+                           "ms_per_forward", "rel_l2_error", "pass"])
+    print_targets(tg)
     print(f"wrote {path}")
 
 
