@@ -15,7 +15,7 @@ import re
 
 import pytest
 import torch
-from peft import LoraConfig
+from helpers import trained_lora
 from safetensors import safe_open
 
 from videoblade.io.lora import (
@@ -41,14 +41,6 @@ def _load(family):
     return folder, adapter, adapter.load(folder, dtype=torch.float32, components=("transformer",)).transformer
 
 
-def _train(transformer, rank, alpha, targets, seed):
-    transformer.add_adapter(LoraConfig(r=rank, lora_alpha=alpha, target_modules=list(targets), init_lora_weights=True))
-    g = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for n, p in transformer.named_parameters():
-            if "lora_" in n:
-                p.copy_(torch.randn(p.shape, generator=g) * 0.2)
-    return transformer_lora_state_dict(transformer)
 
 
 def _forward(adapter, folder, model, family):
@@ -71,7 +63,7 @@ def _tensors(path):
 def test_every_loader_path_gives_the_trained_forward(tmp_path, family, targets):
     # alpha != rank throughout: a scale applied twice or not at all shows in the forward
     folder, adapter, src = _load(family)
-    sd = _train(src, 4, 12, targets, seed=7)
+    sd = trained_lora(src, 4, 12, targets, seed=7)
     want = _forward(adapter, folder, src, family)
     path = save_lora(tmp_path, sd, family=family, rank=4, alpha=12, target_modules=list(targets), k_step=4, eta=0.5)
     files = [path]
@@ -98,7 +90,7 @@ def test_loading_a_comfy_file_leaves_the_returned_tensors_as_in_the_file(tmp_pat
     # diffusers' converter scales cross-attention / FFN tensors in place (`*=`); the LoRAInfo that
     # load_lora_into returns must still hold the file's tensors, not half-scaled ones
     folder, adapter, src = _load("wan")
-    sd = _train(src, 4, 16, WAN_EXPORTABLE, seed=2)
+    sd = trained_lora(src, 4, 16, WAN_EXPORTABLE, seed=2)
     comfy = export_comfy(save_lora(tmp_path, sd, family="wan", rank=4, alpha=16))
     info = load_lora_into(_load("wan")[2], comfy, rank=4)
     on_disk, _ = _tensors(comfy)
@@ -115,7 +107,7 @@ def test_diffusers_file_without_adapter_metadata_loads_with_the_recorded_alpha_i
     from safetensors.torch import save_file
 
     folder, adapter, src = _load("wan")
-    sd = _train(src, 4, 8, ("to_q", "to_k"), seed=5)
+    sd = trained_lora(src, 4, 8, ("to_q", "to_k"), seed=5)
     want = _forward(adapter, folder, src, "wan")
     path = tmp_path / LORA_FILE
     save_file({"transformer." + k: v for k, v in sd.items()}, str(path),
@@ -233,7 +225,7 @@ def test_comfy_export_names_every_target_after_a_real_original_wan_module():
 @pytest.mark.parametrize("dtype,alpha", [(torch.float32, 12), (torch.bfloat16, 4)])
 def test_comfy_export_loads_completely_in_comfyui_and_merges_to_the_trained_forward(tmp_path, dtype, alpha):
     folder, adapter, src = _load("wan")
-    sd = _train(src, 4, alpha, WAN_EXPORTABLE, seed=11)
+    sd = trained_lora(src, 4, alpha, WAN_EXPORTABLE, seed=11)
     if dtype != torch.float32:  # what was saved is what ComfyUI gets: the source uses the same rounded weights
         with torch.no_grad():
             for n, p in src.named_parameters():
@@ -273,7 +265,7 @@ def test_comfy_export_keys_pass_kijai_wrapper_key_standardisation_unchanged(tmp_
     # `.cross_attn.` (its "finetrainer" rule): a diffusers-named self-attention LoRA would land on the
     # cross-attention, so the export must carry original names that no rule touches.
     _, _, src = _load("wan")
-    sd = _train(src, 4, 4, WAN_EXPORTABLE, seed=1)
+    sd = trained_lora(src, 4, 4, WAN_EXPORTABLE, seed=1)
     lora, _ = _tensors(export_comfy(save_lora(tmp_path, sd, family="wan", rank=4, alpha=4)))
 
     def standardize(k):

@@ -7,7 +7,7 @@ import json
 
 import pytest
 import torch
-from peft import LoraConfig
+from helpers import trained_lora
 from safetensors import safe_open
 
 from videoblade.io.lora import (
@@ -18,20 +18,9 @@ from videoblade.io.lora import (
     load_lora_into,
     read_lora,
     save_lora,
-    transformer_lora_state_dict,
 )
 from videoblade.models import get_adapter
 from videoblade.models.tiny import tiny_model_folder
-
-
-def _trained_lora(transformer, rank, alpha, targets, seed=0):
-    transformer.add_adapter(LoraConfig(r=rank, lora_alpha=alpha, target_modules=list(targets), init_lora_weights=True))
-    g = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for n, p in transformer.named_parameters():
-            if "lora_" in n:
-                p.copy_(torch.randn(p.shape, generator=g) * 0.2)
-    return transformer_lora_state_dict(transformer)
 
 
 def _lora_params(module, adapter="default"):
@@ -52,7 +41,7 @@ def test_roundtrip_through_pipeline_load_lora_weights(tmp_path, family, alpha):
     adapter = get_adapter(family)
     geo = adapter.geometry(folder)
     src = adapter.load(folder, dtype=torch.float32, components=("transformer",)).transformer
-    sd = _trained_lora(src, 8, alpha, adapter.lora_target_modules)
+    sd = trained_lora(src, 8, alpha, adapter.lora_target_modules)
     path = save_lora(tmp_path, sd, family=family, rank=8, alpha=alpha, k_step=8, eta=0.9,
                      asa={"enabled": True, "pool": 32}, target_modules=list(adapter.lora_target_modules))
     assert path.name == LORA_FILE
@@ -85,7 +74,7 @@ def test_comfy_export_read_back_by_diffusers_converter(tmp_path, alpha):
     folder = tiny_model_folder("wan")
     adapter = get_adapter("wan")
     src = adapter.load(folder, dtype=torch.float32, components=("transformer",)).transformer
-    sd = _trained_lora(src, 4, alpha, ("to_q", "to_k", "to_v", "to_out.0", "ffn.net.0.proj", "ffn.net.2"), seed=3)
+    sd = trained_lora(src, 4, alpha, ("to_q", "to_k", "to_v", "to_out.0", "ffn.net.0.proj", "ffn.net.2"), seed=3)
     path = save_lora(tmp_path, sd, family="wan", rank=4, alpha=alpha, k_step=8, eta=0.9)
     comfy = export_comfy(path)
     info = read_lora(comfy)
@@ -126,7 +115,7 @@ def test_loader_detects_layouts_and_checks_family_and_rank(tmp_path):
     folder = tiny_model_folder("wan")
     adapter = get_adapter("wan")
     src = adapter.load(folder, dtype=torch.float32, components=("transformer",)).transformer
-    sd = _trained_lora(src, 4, 8, adapter.lora_target_modules)
+    sd = trained_lora(src, 4, 8, adapter.lora_target_modules)
     path = save_lora(tmp_path, sd, family="wan", rank=4, alpha=8)
     info = read_lora(tmp_path)
     assert info.layout == "diffusers" and info.rank == 4 and info.alpha == 8 and info.family == "wan"
@@ -170,7 +159,7 @@ def test_bare_peft_layout_keeps_family_alpha_and_loads_into_a_pipeline(tmp_path)
     folder = tiny_model_folder("wan")
     adapter = get_adapter("wan")
     src = adapter.load(folder, dtype=torch.float32, components=("transformer",)).transformer
-    sd = _trained_lora(src, 4, 8, adapter.lora_target_modules, seed=5)
+    sd = trained_lora(src, 4, 8, adapter.lora_target_modules, seed=5)
     assert all(k.startswith("blocks.") for k in sd)
     path = tmp_path / "bare.safetensors"
     save_file(sd, str(path), metadata={"format": "pt", "videoblade": json.dumps({"rank": 4, "lora_alpha": 8.0})})
