@@ -93,6 +93,21 @@ def test_bad_data_config_is_rejected():
         ToyDataConfig(background_ramp=0.8)
 
 
+@pytest.mark.parametrize("bad, match", [(dict(shape_size=3), "not all distinct"),  # the diamond is the cross
+                                        (dict(shape_size=2), "not all distinct"),  # diamond and cross empty
+                                        (dict(speed=0), "speed"), (dict(frames=1), "frames"),
+                                        (dict(n_along=0), "n_along")])
+def test_data_configs_with_duplicate_clips_are_refused_up_front(bad, match):
+    # each of these drew identical clips for different factors; the duplicates surfaced only at the
+    # evaluation (data_spacing), after the teacher had trained on them
+    with pytest.raises(ValueError, match=match):
+        ToyDataConfig(**bad)
+    # every accepted config renders a factor grid of distinct clips
+    for cfg in (ToyDataConfig(shape_size=4, n_clips=1), ToyDataConfig(frames=2, n_clips=1)):
+        x = render(cfg, factor_grid(cfg)).flatten(1)
+        assert x.unique(dim=0).shape[0] == x.shape[0]
+
+
 def test_reference_draws_follow_the_prompts():
     prompts = all_prompts()[:5] * 2
     x, clips = draw_reference(SMALL, prompts, seed=0)
@@ -173,6 +188,23 @@ def test_prompt_following_reads_colour_and_motion(cfg):
         prompt_following(x[:3], prompts, cfg)
     with pytest.raises(ValueError, match="not a toy-data prompt"):
         prompt_following(x[:1], ["a purple cat"], cfg)
+
+
+def test_nearest_neighbours_are_global_and_ties_go_to_the_lowest_index():
+    data, clips = make_dataset(SMALL)
+    d = to_unit(data)
+    # a blank clip (background only) is exactly as far from every clip of one shape and colour;
+    # it is matched to the first of them, so it covers one clip, the same one on every run
+    blank = to_unit(torch.from_numpy(data_background(SMALL))[None] * 2 - 1)
+    dist, idx = nearest(blank, d)
+    full = torch.cdist(blank, d, compute_mode="donot_use_mm_for_euclid_dist")[0]
+    ties = (full == full.min()).nonzero().flatten().tolist()  # 7 green crosses at the same distance
+    assert len(ties) > 1 and int(idx) == ties[0] and float(dist) == float(full.min())
+    assert coverage_fraction(blank.expand(5, -1), d) == 1 / d.shape[0]
+    # a sample is matched to the nearest clip of any prompt: a clip of another prompt, not the
+    # nearest clip of its own prompt
+    other = next(i for i, c in enumerate(clips) if c.prompt != clips[0].prompt)
+    assert int(nearest(d[other:other + 1], d)[1]) == other
 
 
 def test_duplicate_data_is_refused():

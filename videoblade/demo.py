@@ -22,7 +22,7 @@ table.txt, metrics.png, grid.mp4 and grid.gif. See the README demo section for a
 from __future__ import annotations
 
 import argparse
-import json
+import contextlib
 import os
 import sys
 import time
@@ -34,28 +34,65 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 import torch  # noqa: E402
 
 
+def _positive_int(text: str) -> int:
+    try:
+        n = int(text)
+    except ValueError:
+        n = 0
+    if n < 1:
+        raise argparse.ArgumentTypeError(f"must be a whole number >= 1, got {text!r}")
+    return n
+
+
 def _parse(argv: list[str] | None) -> argparse.Namespace:
     p = argparse.ArgumentParser(prog="python -m videoblade.demo", description=__doc__.split("\n\n")[0],
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--out", default="runs/demo", help="run directory (created; a finished teacher there is reused)")
     p.add_argument("--quick", action="store_true", help="seconds-scale version of the same pipeline (CI)")
     p.add_argument("--device", default="cpu", help="torch device for the teacher and the evaluation (default cpu)")
-    p.add_argument("--threads", type=int, default=None,
+    p.add_argument("--threads", type=_positive_int, default=None,
                    help="torch CPU threads (default: min(2, cpu count), the demo's reference machine)")
     p.add_argument("--no-progress", action="store_true", help="hide progress bars")
-    return p.parse_args(argv)
+    args = p.parse_args(argv)
+    from videoblade.models import device_problem
+
+    problem = device_problem(args.device)
+    if problem:  # before anything is built or trained
+        p.error(f"--device {args.device!r}: {problem}")
+    return args
+
+
+@contextlib.contextmanager
+def _library_progress_bars(enabled: bool):
+    """transformers' own bars ("Loading weights", "Writing model shards") and diffusers' follow
+    --no-progress too; their global switches are put back afterwards."""
+    if enabled:
+        yield
+        return
+    from diffusers.utils import logging as diffusers_logging
+    from transformers.utils import logging as transformers_logging
+
+    libs = [lib for lib in (diffusers_logging, transformers_logging) if lib.is_progress_bar_enabled()]
+    for lib in libs:
+        lib.disable_progress_bar()
+    try:
+        yield
+    finally:
+        for lib in libs:
+            lib.enable_progress_bar()
 
 
 def run(argv: list[str] | None = None) -> dict:
-    from videoblade.toy.pipeline import PROFILES, run_pipeline
+    from videoblade.toy.pipeline import PROFILES, run_pipeline, write_json
 
     args = _parse(argv)
     torch.set_num_threads(args.threads or max(1, min(2, os.cpu_count() or 1)))
     prof = PROFILES["quick" if args.quick else "full"]
     t0 = time.perf_counter()
-    summary = run_pipeline(args.out, prof, device=args.device, progress=not args.no_progress)
+    with _library_progress_bars(not args.no_progress):
+        summary = run_pipeline(args.out, prof, device=args.device, progress=not args.no_progress)
     summary["total_wall_s"] = round(time.perf_counter() - t0, 1)
-    (Path(args.out) / "summary.json").write_text(json.dumps(summary, indent=2))
+    write_json(Path(args.out) / "summary.json", summary)
     return summary
 
 

@@ -2,7 +2,7 @@
 
 It is the Wan adapter with the VAE replaced by the identity: the "latents" the sampler and the
 trainer see are RGB pixels in [-1, 1], layout [B, 3, F, H, W], so `decode` only maps them to
-uint8 frames. Why pixels rather than a tiny latent VAE: at the demo's 16x16 pixels x 5 frames a
+uint8 frames. Why pixels rather than a tiny latent VAE: at the demo's 12x12 pixels x 5 frames a
 VAE would have to be trained first (time the CPU budget does not have) and its reconstruction
 error would mix into the demo's metrics; with the identity every metric measures exactly what the
 transformer generated.
@@ -31,7 +31,8 @@ from videoblade.models.wan import WanAdapter
 __all__ = ["ToyAdapter", "PixelIdentityVAE", "build_toy_model", "TOY_TRANSFORMER", "TOY_TEXT_ENCODER",
            "build_word_tokenizer"]
 
-# demo defaults: 2 heads x 32 = 64 wide, 4 layers; 16x16 pixels x 5 frames -> 5 x 8 x 8 = 320 tokens
+# family defaults: 2 heads x 32 = 64 wide, 4 layers; 16x16 pixels x 5 frames -> 5 x 8 x 8 = 320 tokens
+# (the demo's profiles override the width and depth: videoblade.toy.pipeline.PROFILES)
 TOY_TRANSFORMER = dict(patch_size=[1, 2, 2], num_attention_heads=2, attention_head_dim=32, in_channels=3,
                        out_channels=3, text_dim=32, freq_dim=64, ffn_dim=256, num_layers=4, cross_attn_norm=True,
                        qk_norm="rms_norm_across_heads", eps=1e-6, rope_max_seq_len=64)

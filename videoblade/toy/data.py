@@ -59,6 +59,21 @@ class ToyDataConfig:
     background_ramp: float = 0.0
 
     def __post_init__(self) -> None:
+        # every clip of the factor grid must be distinct (the precision unit, the data's own
+        # nearest-neighbour spacing, would be 0): refused here, before a teacher trains on them
+        if self.frames < 2:
+            raise ValueError(f"frames must be >= 2 (one frame shows no motion, so the directions draw alike), "
+                             f"got {self.frames}")
+        if self.speed < 1:
+            raise ValueError(f"speed must be >= 1 pixel per frame (a still shape looks the same moving left "
+                             f"or right), got {self.speed}")
+        if self.n_along < 1:
+            raise ValueError(f"n_along must be >= 1, got {self.n_along}")
+        masks = [_shape_mask(s, self.shape_size) for s in SHAPES] if self.shape_size >= 1 else []
+        if not masks or not all(m.any() for m in masks) or any(
+                np.array_equal(a, b) for a, b in itertools.combinations(masks, 2)):
+            raise ValueError(f"at shape_size={self.shape_size} the shapes {SHAPES} are not all distinct "
+                             "(some are empty or draw alike): use shape_size >= 4")
         travel = (self.frames - 1) * self.speed
         room = min(self.height, self.width) - self.shape_size  # top-left coordinate range [0, room]
         if travel + self.n_along - 1 > room:

@@ -1,6 +1,9 @@
 """Sample quality against the toy dataset: precision (closeness to the data) and coverage.
 
-Clips are compared as flat vectors of pixels in [0, 1] with the Euclidean distance.
+Clips are compared as flat vectors of pixels in [0, 1] (generated values clamped, as when they are
+written as video) with the exact Euclidean distance, in float64. Nearest neighbours are searched
+over all training clips, whatever the prompt (the issue names no per-prompt restriction); a tie
+goes to the training clip of the lowest index.
 
 * precision = mean over generated clips of the distance to the nearest training clip, divided
   by the mean over training clips of the distance to the nearest *other* training clip (the

@@ -5,12 +5,16 @@ Stages (each timed, each with a progress bar), all inside one run directory:
 1. data: the procedural clips (`videoblade.toy.data`), deterministic from the seed.
 2. teacher/: a toy-family diffusers folder (`videoblade.models.toy`) whose Wan-architecture
    transformer is trained with flow matching (`videoblade.toy.teacher`). Reused when its stamp
-   matches, so a second `make demo` skips it.
+   matches, so a second `make demo` skips it: the stamp holds the teacher's settings and a hash
+   of the code that trains it (`TEACHER_CODE`) with the libraries' versions, so a changed profile,
+   a code change or a library upgrade trains it again.
 3. prompts/: the data's prompts encoded with the teacher folder's own text encoder into the
    project's prompt store (`videoblade.data.encode_prompts_to_store`), as for a real model.
 4. students/k{K}_{asa|dense}/: the project's own TDM trainer (`videoblade.distill.trainer.train`,
    the code behind `python -m videoblade.train`) distils the teacher to K = 8 and K = 4 steps,
-   with ASA in the student and fake score (BLADE) and without (TDM only).
+   with ASA in the student and fake score (BLADE) and without (TDM only). Reused when finished
+   under the same stamp (the trainer's settings, the teacher's stamp and weights, `STUDENT_CODE`);
+   the stamp is written last, so a run killed before it finished is trained again.
 5. evaluation: every method samples the same prompts from the same noise with the shared sampler
    (`videoblade.sampling.sample`): the teacher (dense, CFG) at 50, 8 and 4 steps, each student at
    its K (guidance 1, ASA on for the ASA students, realised density read from ASA's statistics).
@@ -25,7 +29,9 @@ from __future__ import annotations
 
 import copy
 import hashlib
+import importlib.metadata
 import json
+import math
 import os
 import shutil
 import time
@@ -108,6 +114,70 @@ def _hash(obj) -> str:
     return hashlib.sha1(json.dumps(obj, sort_keys=True, default=str).encode()).hexdigest()[:16]
 
 
+# The code each cached stage runs, as globs relative to the videoblade package, and the libraries
+# it runs on: the stage's stamp holds a hash of these files and the libraries' versions, so
+# editing any of them (a trainer fix, a `git pull`) retrains that stage on the next run instead of
+# reusing what the old code made. This file's own stage code is covered by PIPELINE_VERSION.
+TEACHER_CODE = ("toy/data.py", "toy/teacher.py", "schedules.py", "models/__init__.py", "models/base.py",
+                "models/wan.py", "models/toy.py")
+TEACHER_LIBRARIES = ("torch", "diffusers", "transformers")
+STUDENT_CODE = ("config.py", "schedules.py", "sampling.py", "distill/*.py", "attention/*.py", "kernels/*.py",
+                "data/*.py", "io/lora.py", "models/__init__.py", "models/base.py", "models/ffn.py", "models/wan.py",
+                "models/toy.py")
+STUDENT_LIBRARIES = ("torch", "diffusers", "transformers", "peft", "accelerate")
+_PACKAGE_ROOT = Path(__file__).resolve().parent.parent
+
+
+def code_fingerprint(patterns: tuple[str, ...], libraries: tuple[str, ...]) -> dict:
+    """{"sources": hash of the package files matching `patterns`, library: version, ...}."""
+    root = _PACKAGE_ROOT
+    h = hashlib.sha1()
+    for pattern in patterns:
+        files = sorted(root.glob(pattern))
+        if not files:
+            raise FileNotFoundError(f"no file of the videoblade package at {root} matches {pattern!r} "
+                                    "(the demo's cache stamps list the code each stage runs)")
+        for f in files:
+            h.update(f.relative_to(root).as_posix().encode() + b"\0" + f.read_bytes() + b"\0")
+    versions = {}
+    for lib in libraries:
+        try:
+            versions[lib] = importlib.metadata.version(lib)
+        except importlib.metadata.PackageNotFoundError:
+            versions[lib] = None
+    return {"sources": h.hexdigest()[:16], **versions}
+
+
+def strict_json(obj):
+    """obj with every non-finite float as None, tuples as lists: json.dumps writes NaN / Infinity
+    bare, which is not JSON (jq, JavaScript and pandas' strict readers reject it). A trainer's
+    last record holds a NaN loss when its last fake-score step was skipped."""
+    if isinstance(obj, float):
+        return obj if math.isfinite(obj) else None
+    if isinstance(obj, dict):
+        return {k: strict_json(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [strict_json(v) for v in obj]
+    return obj
+
+
+def write_json(path: Path, obj) -> None:
+    """Strict JSON (see strict_json), written to a temporary file and renamed: a run killed while
+    writing leaves the old file or none, never a truncated one."""
+    path = Path(path)
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    tmp.write_text(json.dumps(strict_json(obj), indent=2, allow_nan=False))
+    os.replace(tmp, path)
+
+
+def _read_json(path: Path):
+    """The JSON in `path`, or None when it is missing or unreadable (a file cut short by a killed run)."""
+    try:
+        return json.loads(Path(path).read_text())
+    except (OSError, ValueError):
+        return None
+
+
 class _Timer:
     def __init__(self):
         self.stages: dict[str, dict] = {}
@@ -132,17 +202,26 @@ def _vocabulary() -> list[str]:
     return sorted({w for p in all_prompts() for w in p.split()})
 
 
+def teacher_stamp(prof: DemoProfile) -> dict:
+    """Everything the teacher depends on: its settings, and the code and libraries that train it."""
+    from videoblade.models.toy import TOY_TEXT_ENCODER, TOY_TRANSFORMER
+
+    tcfg = dict(TOY_TRANSFORMER, **prof.transformer)
+    stamp = {"version": PIPELINE_VERSION, "data": prof.data.to_dict(), "transformer": tcfg,
+             "text_encoder": TOY_TEXT_ENCODER, "teacher": prof.teacher.to_dict(), "vocabulary": _vocabulary(),
+             "code": code_fingerprint(TEACHER_CODE, TEACHER_LIBRARIES)}
+    return json.loads(json.dumps(stamp))  # as it reads back from teacher.json (tuples as lists)
+
+
 def ensure_teacher(out: Path, prof: DemoProfile, clips: torch.Tensor, prompts: list[str], device: str,
                    progress: bool) -> tuple[Path, dict, bool]:
     """Build + train the teacher folder unless a matching one is cached. Returns (folder, summary, trained_now)."""
     from videoblade.models import get_adapter
-    from videoblade.models.toy import TOY_TEXT_ENCODER, TOY_TRANSFORMER, build_toy_model
+    from videoblade.models.toy import build_toy_model
     from videoblade.toy.teacher import STAMP, teacher_is_trained, train_teacher
 
     folder = out / "teacher"
-    tcfg = dict(TOY_TRANSFORMER, **prof.transformer)
-    stamp = {"version": PIPELINE_VERSION, "data": prof.data.to_dict(), "transformer": tcfg,
-             "text_encoder": TOY_TEXT_ENCODER, "teacher": prof.teacher.to_dict(), "vocabulary": _vocabulary()}
+    stamp = teacher_stamp(prof)
     if teacher_is_trained(folder, stamp):
         return folder, json.loads((folder / STAMP).read_text()), False
     if folder.exists():
@@ -198,18 +277,21 @@ def distill(out: Path, prof: DemoProfile, folder: Path, store: Path, teacher_sta
     # give other weights) must not reuse students distilled from the old one
     weights = folder / "transformer" / "diffusion_pytorch_model.safetensors"
     stamp = {"teacher": _hash(teacher_stamp), "teacher_weights": hashlib.sha1(weights.read_bytes()).hexdigest(),
-             "overrides": overrides, "version": PIPELINE_VERSION}
+             "overrides": overrides, "version": PIPELINE_VERSION,
+             "code": code_fingerprint(STUDENT_CODE, STUDENT_LIBRARIES)}
     stamp_file = run_dir / "demo_stamp.json"
-    if stamp_file.is_file() and json.loads(stamp_file.read_text()) == stamp and (run_dir / "summary.json").is_file():
-        summary = json.loads((run_dir / "summary.json").read_text())
-        if summary.get("finished"):
+    # the stamp is written last, when the run finished: a run killed before that (or a stamp or
+    # summary cut short) is trained again, never reused
+    if _read_json(stamp_file) == stamp and (run_dir / "pytorch_lora_weights.safetensors").is_file():
+        summary = _read_json(run_dir / "summary.json")
+        if isinstance(summary, dict) and summary.get("finished"):
             return run_dir, summary
     if run_dir.exists():
         shutil.rmtree(run_dir)
     run_dir.mkdir(parents=True)
     cfg = load_config(None, overrides, require=("model.path", "train.prompt_store"))
     summary = train(cfg, progress=progress)
-    stamp_file.write_text(json.dumps(stamp, indent=2))
+    write_json(stamp_file, stamp)
     return run_dir, summary
 
 
@@ -323,9 +405,14 @@ def evaluate_all(out: Path, prof: DemoProfile, folder: Path, students: dict, cli
 
 
 # ---------------------------------------------------------------------------- report
-def _label(row: dict, prof: DemoProfile) -> str:
-    base = METHOD_LABELS[row["method"]].format(cfg=prof.cfg)
-    return base if row["steps"] is None else f"{base}, {row['steps']} steps"
+def grid_label(row: dict, prof: DemoProfile) -> str:
+    """A grid row's label: the method on the first line; steps (and ASA's realised density) on the next."""
+    text = METHOD_LABELS[row["method"]].format(cfg=prof.cfg)
+    if row["steps"] is not None:
+        text += f"\n{row['steps']} steps"
+    if row["density"] is not None:
+        text += f" (density {row['density']:.2f})"
+    return text
 
 
 def format_table(rows: list[dict], prof: DemoProfile) -> str:
@@ -408,10 +495,7 @@ def video_grid(samples: dict[str, torch.Tensor], rows: list[dict], prof: DemoPro
     draw = ImageDraw.Draw(label_img)
     for ri, r in enumerate(rows):
         y = pad + ri * (h + pad) + h // 2 - 12
-        text = _label(r, prof).replace(", ", "\n", 1)
-        if r["density"] is not None:
-            text += f" (density {r['density']:.2f})"
-        draw.multiline_text((4, y), text, fill="black")
+        draw.multiline_text((4, y), grid_label(r, prof), fill="black")
     frames[:, :, :label_w] = np.asarray(label_img)[None]
     return torch.from_numpy(np.concatenate([frames] * repeats, axis=0))
 
@@ -484,7 +568,7 @@ def run_pipeline(out: str | Path, prof: DemoProfile, device: str = "cpu", progre
                         "cpu_count": os.cpu_count()},
         "files": {"plot": plot.name, "grid_mp4": "grid.mp4", "grid_gif": "grid.gif", "table": "table.txt"},
     }
-    (out / "summary.json").write_text(json.dumps(summary, indent=2))
+    write_json(out / "summary.json", summary)
     return summary
 
 
