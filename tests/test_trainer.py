@@ -348,6 +348,13 @@ def test_validate_request_fails_before_loading(tiny, tmp_path):
         validate_request(cfg(**{"train.deepspeed_config": bad}))
     with pytest.raises(TrainRequestError, match="train.compile does not work under DeepSpeed"):
         validate_request(cfg(**{"train.deepspeed_config": ROOT / "ds_config.json", "train.compile": "true"}))
+    # LoRA targets are checked on a meta-device transformer: one that matches nothing, and one that
+    # matches a layer peft cannot wrap (it failed inside peft after the weights had loaded)
+    with pytest.raises(TrainRequestError, match=r"\['to_qq'\] match no module"):
+        validate_request(cfg(**{"lora.target_modules": "[to_q,to_qq]", "train.export_comfy": "false"}))
+    with pytest.raises(TrainRequestError, match=r"norm_q \(RMSNorm\).*linear, convolution and embedding"):
+        validate_request(cfg(**{"lora.target_modules": "[norm_q]", "train.export_comfy": "false"}))
+    assert validate_request(cfg(**{"lora.target_modules": "[to_q,ffn.net.2]"})).target_modules == ["to_q", "ffn.net.2"]
     # k_step, t_max and sample.steps are checked against tdm.num_train_timesteps: it must be the folder's
     with pytest.raises(TrainRequestError, match="scheduler has 1000 training timesteps"):
         validate_request(cfg(**{"tdm.num_train_timesteps": 2000}))
@@ -587,7 +594,8 @@ def test_comfy_export_of_unmappable_lora_targets_fails_before_loading(tiny, tmp_
         validate_request(cfg(**targets))
     assert validate_request(cfg(**targets, **{"train.export_comfy": "false"})).target_modules[-1] == "proj_out"
     assert validate_request(cfg(**{"lora.target_modules": "[to_q,to_out.0,ffn.net.0.proj,ffn.net.2]"}))
-    assert validate_request(cfg("cogvideox", **targets))  # no ComfyUI export for CogVideoX
+    # no ComfyUI export for CogVideoX (whose feed-forward is ff.net.*: ffn.net.* matches nothing there)
+    assert validate_request(cfg("cogvideox", **{"lora.target_modules": "[to_q,to_k,ff.net.0.proj,proj_out]"}))
 
 
 def test_launch_script_resolves_relative_paths_from_where_it_is_started(tmp_path):

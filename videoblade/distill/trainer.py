@@ -161,9 +161,15 @@ def _fill_ds_config(path: str, cfg: RunConfig) -> dict:
     return d
 
 
-def _check_comfy_targets(info, targets: list[str]) -> None:
-    """Refuse LoRA targets the original-Wan / ComfyUI layout has no name for (`train.export_comfy`), before
-    the weights load: the module names come from a meta-device transformer built from its config.json."""
+# module types peft's LoRA wraps (a target matching anything else fails inside peft, after loading)
+_LORA_MODULE_TYPES = (torch.nn.Linear, torch.nn.Conv1d, torch.nn.Conv2d, torch.nn.Conv3d, torch.nn.Embedding)
+
+
+def _check_targets(info, targets: list[str], comfy: bool) -> None:
+    """Refuse LoRA targets before the weights load (the module names come from a meta-device transformer
+    built from its config.json): a target that matches no module, one that matches a module peft cannot
+    wrap (a norm, a whole block), and with ``comfy`` (`train.export_comfy`, Wan) one the original-Wan /
+    ComfyUI layout has no name for."""
     import diffusers
 
     from videoblade.io.lora import LoRAError, _to_original_module
@@ -171,13 +177,27 @@ def _check_comfy_targets(info, targets: list[str]) -> None:
     cls = getattr(diffusers, info.transformer_config["_class_name"])
     with torch.device("meta"):
         model = cls.from_config(info.transformer_config)
+
+    def hits(name: str) -> bool:  # peft's rule: a target matches the name or its dotted suffix
+        return any(name == t or name.endswith("." + t) for t in targets)
+
+    modules = [(n, m) for n, m in model.named_modules() if n and hits(n)]
+    missing = [t for t in targets if not any(n == t or n.endswith("." + t) for n, _ in modules)]
+    if missing:
+        raise TrainRequestError(f"lora.target_modules {missing} match no module of the transformer")
+    wrong = sorted({f"{n} ({type(m).__name__})" for n, m in modules if not isinstance(m, _LORA_MODULE_TYPES)})
+    if wrong:
+        shown = ", ".join(wrong[:4]) + (f" (+{len(wrong) - 4} more)" if len(wrong) > 4 else "")
+        raise TrainRequestError(f"lora.target_modules={targets} matches {shown}: LoRA wraps linear, convolution "
+                                "and embedding layers only; name those (e.g. to_q, ffn.net.0.proj)")
+    if not comfy:
+        return
     unmapped = []
-    for name, mod in model.named_modules():  # peft's rule: a target matches the name or its dotted suffix
-        if next(mod.children(), None) is None and any(name == t or name.endswith("." + t) for t in targets):
-            try:
-                _to_original_module(name)
-            except LoRAError:
-                unmapped.append(name)
+    for name, _ in modules:
+        try:
+            _to_original_module(name)
+        except LoRAError:
+            unmapped.append(name)
     if unmapped:
         shown = ", ".join(unmapped[:4]) + (f" (+{len(unmapped) - 4} more)" if len(unmapped) > 4 else "")
         raise TrainRequestError(
@@ -277,13 +297,7 @@ def validate_request(cfg: RunConfig) -> TrainRequest:
         raise TrainRequestError("train.compile does not work under DeepSpeed ZeRO-3 (its parameter hooks gather "
                                 "weights inside the blocks): set train.compile=false or run without DeepSpeed")
     targets = list(cfg.lora.target_modules or adapter.lora_target_modules)
-    if tr.export_comfy and adapter.family == "wan":
-        _check_comfy_targets(info, targets)
-    if cfg.asa.enabled:
-        bs = cfg.asa.block_size
-        if geometry.seq_len < 2 * bs:
-            # not an error: tiny test sizes; a real run has thousands of blocks
-            pass
+    _check_targets(info, targets, comfy=tr.export_comfy and adapter.family == "wan")
     if tr.stop_at_step is not None and tr.stop_at_step > tr.max_train_steps:
         raise TrainRequestError("train.stop_at_step must be <= train.max_train_steps")
     return TrainRequest(folder=folder, family=adapter.family, adapter=adapter, info=info, geometry=geometry,
@@ -350,6 +364,25 @@ def _save_tensors(path: Path, tensors: dict[str, torch.Tensor], meta: dict | Non
 
     tensors = {k: v.detach().cpu().contiguous() for k, v in tensors.items()} or {"_empty": torch.zeros(0)}
     save_file(tensors, str(path), metadata={"json": json.dumps(meta)} if meta is not None else None)
+
+
+@contextlib.contextmanager
+def _whole_transformers_models(accelerator):
+    """While accelerate's DeepSpeed ZeRO-3 config is registered, transformers partitions every model
+    it loads (zero.Init): a frozen helper that one rank loads and runs alone (the validation text
+    encoder) would come out with empty weights. Unregister it for the load, then put it back."""
+    plugin = getattr(accelerator.state, "deepspeed_plugin", None)
+    if plugin is None:
+        yield
+        return
+    from transformers.integrations import set_hf_deepspeed_config, unset_hf_deepspeed_config
+
+    unset_hf_deepspeed_config()
+    try:
+        yield
+    finally:
+        if getattr(plugin, "dschf", None) is not None:
+            set_hf_deepspeed_config(plugin.dschf)
 
 
 def _load_tensors(path: Path) -> tuple[dict[str, torch.Tensor], Any]:
@@ -539,9 +572,6 @@ class TDMTrainer:
         dtype = parse_dtype(cfg.model.dtype)
         load_device = "cpu" if req.use_deepspeed else self.device
         base = req.adapter.load(req.folder, dtype=dtype, device=load_device, components=("transformer",)).transformer
-        missing = [t for t in req.target_modules if not any(n.endswith(t) for n, _ in base.named_modules())]
-        if missing:
-            raise TrainRequestError(f"lora.target_modules {missing} match no module of the transformer")
 
         def lora(adapter_name: str) -> LoraConfig:
             return LoraConfig(r=cfg.lora.rank, lora_alpha=cfg.lora.lora_alpha, target_modules=list(req.target_modules),
@@ -906,8 +936,9 @@ class TDMTrainer:
                "text_max_length": int(self.req.store.text_max_length)}
         if acc.is_main_process and (not cache.is_file() or _load_tensors(cache)[1] != key):
             adapter = self.req.adapter
-            te = adapter.load(self.req.folder, dtype=torch.float32 if self.device.type == "cpu" else torch.bfloat16,
-                              device=self.device, components=("text_encoder", "tokenizer"))
+            with _whole_transformers_models(acc):
+                te = adapter.load(self.req.folder, dtype=torch.float32 if self.device.type == "cpu" else torch.bfloat16,
+                                  device=self.device, components=("text_encoder", "tokenizer"))
             emb = adapter.encode_prompts(te.text_encoder, te.tokenizer, self.req.validation_prompts[:n],
                                          max_length=self.req.store.text_max_length)
             _save_tensors(cache, {"embeds": emb.float()}, key)
