@@ -317,7 +317,8 @@ def test_entry_point_destroys_the_process_group_after_a_finished_run(monkeypatch
             dist.destroy_process_group()
 
 
-def test_validate_request_fails_before_loading(tiny, tmp_path):
+def test_validate_request_fails_before_loading(tiny, tmp_path, monkeypatch):
+    from videoblade.data import read_prompt_file
     from videoblade.distill.trainer import TrainRequestError, validate_request
 
     def cfg(**over):
@@ -355,6 +356,15 @@ def test_validate_request_fails_before_loading(tiny, tmp_path):
     with pytest.raises(TrainRequestError, match=r"norm_q \(RMSNorm\).*linear, convolution and embedding"):
         validate_request(cfg(**{"lora.target_modules": "[norm_q]", "train.export_comfy": "false"}))
     assert validate_request(cfg(**{"lora.target_modules": "[to_q,ffn.net.2]"})).target_modules == ["to_q", "ffn.net.2"]
+    # the recipes' relative validation list (videoblade/data/prompts/val.txt) is found from any directory;
+    # a relative path that exists where the run starts wins
+    monkeypatch.chdir(tmp_path)
+    req = validate_request(cfg(**{"train.validation_prompts": "videoblade/data/prompts/val.txt"}))
+    assert req.validation_prompts == read_prompt_file(ROOT / "videoblade/data/prompts/val.txt")
+    (tmp_path / "videoblade/data/prompts").mkdir(parents=True)
+    (tmp_path / "videoblade/data/prompts/val.txt").write_text("my own prompt\n")
+    req = validate_request(cfg(**{"train.validation_prompts": "videoblade/data/prompts/val.txt"}))
+    assert req.validation_prompts == ["my own prompt"]
     # k_step, t_max and sample.steps are checked against tdm.num_train_timesteps: it must be the folder's
     with pytest.raises(TrainRequestError, match="scheduler has 1000 training timesteps"):
         validate_request(cfg(**{"tdm.num_train_timesteps": 2000}))

@@ -279,8 +279,12 @@ def validate_request(cfg: RunConfig) -> TrainRequest:
                                 f"{adapter.family} model: set sample.flow_shift=null")
     val_prompts = None
     if tr.validation_prompts:
+        vp = Path(tr.validation_prompts)
+        shipped = Path(__file__).resolve().parents[2] / vp  # the recipes name the shipped list from the repo root
+        if not vp.is_absolute() and not vp.is_file() and shipped.is_file():
+            vp = shipped
         try:
-            val_prompts = read_prompt_file(tr.validation_prompts)
+            val_prompts = read_prompt_file(vp)
         except PromptStoreError as e:
             raise TrainRequestError(f"train.validation_prompts: {e}") from None
     out = Path(tr.output_dir)
