@@ -106,7 +106,6 @@ def test_density_stats_accumulate_on_device_and_reset():
     assert asa.density_stats() == {"mean": None, "layers": {}}
 
 
-
 def test_density_stats_read_every_layer_in_one_host_copy(monkeypatch):
     q, k, v = (torch.randn(1, 2, 64, 16) for _ in range(3))
     asa = AdaptiveSparseAttention(_cfg(reorder=False, compensation=False))
@@ -119,6 +118,7 @@ def test_density_stats_read_every_layer_in_one_host_copy(monkeypatch):
     st = asa.density_stats()
     assert len(copies) == 1  # one sync however many layers were recorded
     assert {i: d["heads"] for i, d in st["layers"].items()} == per_layer
+
 
 def test_gradients_flow_through_sparse_attention():
     q, k, v = (torch.randn(1, 2, 80, 16, requires_grad=True) for _ in range(3))

@@ -195,6 +195,9 @@ def test_text_overrides_keep_null_and_interpolation(monkeypatch):
     monkeypatch.setenv("VIDEOBLADE_TEST_ROOT", "/data/models")
     c = load_config(None, ["train.prompt_store=null", "model.path=${oc.env:VIDEOBLADE_TEST_ROOT}/wan"])
     assert c.train.prompt_store is None and c.model.path == "/data/models/wan"
+    # an empty value clears an optional text field, as in YAML: `model.path=` is still "not set"
+    with pytest.raises(ConfigError, match="model.path must be set"):
+        load_config(None, ["model.path="], require=("model.path",))
     # non-text fields are still parsed and checked as before
     c = load_config(None, ["asa.dense_layers=[0, 2]", "lora.rank=8", "asa.reorder=false"])
     assert c.asa.dense_layers == [0, 2] and c.lora.rank == 8 and c.asa.reorder is False

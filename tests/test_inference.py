@@ -747,6 +747,19 @@ def test_prompt_file_with_a_byte_order_mark(tiny_wan, tmp_path, no_weight_loads)
     assert [j.prompt for j in plan.jobs] == ["a dog on a beach"]
 
 
+def test_prompt_file_reads_like_process_prompts(tiny_wan, tmp_path, no_weight_loads):
+    # one reader for --prompt-file and utils/process_prompts.py: a U+2028 or form feed inside a line
+    # does not cut the prompt, so the videos follow the prompts that were encoded
+    from videoblade.data import read_prompt_file
+
+    pf = tmp_path / "p.txt"
+    pf.write_text("a dog\u2028on a beach\nfireworks\x0cat night\n", encoding="utf-8")
+    plan = plan_from_args(build_parser().parse_args(["--model", str(tiny_wan), "--height", str(H), "--width", str(W),
+                                                     "--frames", str(FRAMES), "--prompt-file", str(pf), "--out",
+                                                     str(tmp_path / "o")]))
+    assert [j.prompt for j in plan.jobs] == read_prompt_file(pf) and len(plan.jobs) == 2
+
+
 def test_report_is_written_after_every_prompt(tiny_wan, tmp_path, monkeypatch):
     # a run stopped part-way (Ctrl-C, a kill) still leaves a report of the videos it made
     from videoblade import inference as inf

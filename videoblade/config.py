@@ -326,10 +326,11 @@ def _field_kind(schema: type, key: str) -> str | None:
 def _verbatim(value: str, optional: bool) -> str | None:
     """A text override as typed: YAML would cut it at `` #``, read ``a: b`` as a mapping, ``[x]`` as
     a list and ``yes``/``no`` as booleans (a negative prompt or a folder name can hold any of them).
-    One pair of enclosing quotes is removed; ``null``/``None``/``~`` clear an optional field.
+    One pair of enclosing quotes is removed; ``null``/``None``/``~`` (or nothing, as in YAML) clear an
+    optional field.
     OmegaConf interpolations (``${oc.env:HOME}``) still resolve, as in the YAML file."""
     v = value.strip()
-    if optional and v in ("null", "None", "none", "~"):
+    if optional and v in ("", "null", "None", "none", "~"):
         return None
     if len(v) >= 2 and v[0] == v[-1] and v[0] in "'\"":
         v = v[1:-1]

@@ -420,18 +420,14 @@ class Plan:
 
 def _read_prompts(args) -> list[str]:
     if args.prompt_file is not None:
-        pf = Path(args.prompt_file)
-        if not pf.is_file():
-            raise InferenceError(f"--prompt-file {pf} does not exist")
+        # the reader utils/process_prompts.py uses: the same file gives the same prompts (BOM dropped,
+        # split on line ends only, blank and # lines skipped)
+        from videoblade.data import PromptStoreError, read_prompt_file
+
         try:
-            text = pf.read_text(encoding="utf-8-sig")  # a BOM would become part of the first prompt
-        except UnicodeDecodeError:
-            raise InferenceError(f"--prompt-file {pf} is not UTF-8 text") from None
-        prompts = [ln.strip() for ln in text.splitlines()]
-        prompts = [p for p in prompts if p and not p.startswith("#")]
-        if not prompts:
-            raise InferenceError(f"--prompt-file {pf} holds no prompts (one per line; blank and # lines are skipped)")
-        return prompts
+            return read_prompt_file(args.prompt_file)
+        except PromptStoreError as e:
+            raise InferenceError(f"--prompt-file: {e}") from None
     prompts = [p.strip() for p in (args.prompt or [])]
     if not prompts or any(not p for p in prompts):
         raise InferenceError("--prompt must be non-empty text")

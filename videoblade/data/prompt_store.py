@@ -246,7 +246,7 @@ class PromptStore:
         if not p.is_file():
             return []
         text = p.read_text(encoding="utf-8")
-        return text[:-1].split("\n") if text.endswith("\n") else text.split("\n") if text else []
+        return text.removesuffix("\n").split("\n") if text else []  # one prompt per "\n"-ended line
 
 
 class DistributedPromptSampler:

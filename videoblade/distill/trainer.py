@@ -178,11 +178,11 @@ def _check_targets(info, targets: list[str], comfy: bool) -> None:
     with torch.device("meta"):
         model = cls.from_config(info.transformer_config)
 
-    def hits(name: str) -> bool:  # peft's rule: a target matches the name or its dotted suffix
-        return any(name == t or name.endswith("." + t) for t in targets)
+    def hits(name: str, t: str) -> bool:  # peft's rule: a target matches the name or its dotted suffix
+        return name == t or name.endswith("." + t)
 
-    modules = [(n, m) for n, m in model.named_modules() if n and hits(n)]
-    missing = [t for t in targets if not any(n == t or n.endswith("." + t) for n, _ in modules)]
+    modules = [(n, m) for n, m in model.named_modules() if n and any(hits(n, t) for t in targets)]
+    missing = [t for t in targets if not any(hits(n, t) for n, _ in modules)]
     if missing:
         raise TrainRequestError(f"lora.target_modules {missing} match no module of the transformer")
     wrong = sorted({f"{n} ({type(m).__name__})" for n, m in modules if not isinstance(m, _LORA_MODULE_TYPES)})

@@ -113,7 +113,10 @@ def save_lora(out_dir: str | Path, state_dict: dict[str, torch.Tensor], *, famil
               alpha: float, target_modules: list[str] | None = None, k_step: int | None = None,
               eta: float | None = None, asa: Any = None, dtype: torch.dtype | None = None,
               extra: dict | None = None, filename: str = LORA_FILE) -> Path:
-    """Write `state_dict` (peft keys, as `transformer_lora_state_dict` returns) as a diffusers LoRA file."""
+    """Write `state_dict` (peft keys, as `transformer_lora_state_dict` returns) as a diffusers LoRA file.
+
+    `asa`: the ASA config the LoRA was trained with; None is recorded as null, which
+    `videoblade generate` reads as "trained dense" (dense attention unless --sparse)."""
     if not state_dict:
         raise LoRAError("empty LoRA state dict")
     tensors = {}
