@@ -17,7 +17,6 @@ separately.
 from __future__ import annotations
 
 import argparse
-import contextlib
 import math
 import os
 import sys
@@ -36,6 +35,7 @@ from common import (  # noqa: E402
     print_table,
     print_targets,
     read_merge_source,
+    switched_env,
     target,
     write_results,
 )
@@ -119,21 +119,6 @@ def bench_levels(name, q, k, v, fwd_bwd, reps, gen, rows, res):
                "level_fractions": list(c.level_fractions)}
         if _guarded(rows, row, lambda: {"median_ms": cuda_median_ms(f_, reps=reps)}):
             res[(name, "levels", key)] = row["median_ms"]
-
-
-@contextlib.contextmanager
-def switched_env(var: str, val: str):
-    """``var=val`` for the block; afterwards the value the run had before (set or unset), so that a
-    run started with a kernel switch keeps it for every later row (and its ``kernel_env`` is true)."""
-    prev = os.environ.get(var)
-    os.environ[var] = val
-    try:
-        yield
-    finally:
-        if prev is None:
-            os.environ.pop(var, None)
-        else:
-            os.environ[var] = prev
 
 
 def switched_rows(rows: list, row: dict, var: str, val: str, passes, reps: int) -> None:

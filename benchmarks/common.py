@@ -13,6 +13,7 @@ extra keys are allowed. A target's value must be computed from rows of the same 
 
 from __future__ import annotations
 
+import contextlib
 import datetime as _dt
 import json
 import os
@@ -216,3 +217,22 @@ def print_targets(targets: dict) -> None:
         mark = "MET " if target_met(t) else "miss"
         op = ">=" if t["higher_is_better"] else "<="
         print(f"[{mark}] {name}: {t['value']:.3f} (target {op} {t['target']})")
+
+
+@contextlib.contextmanager
+def switched_env(var: str, val: str | None):
+    """``var=val`` (``None``: unset) for the block; afterwards the value the run had before (set or
+    unset), so that a run started with a kernel switch keeps it for every later row (and its
+    ``kernel_env`` is true)."""
+    prev = os.environ.get(var)
+    if val is None:
+        os.environ.pop(var, None)
+    else:
+        os.environ[var] = val
+    try:
+        yield
+    finally:
+        if prev is None:
+            os.environ.pop(var, None)
+        else:
+            os.environ[var] = prev

@@ -59,6 +59,7 @@ from benchmarks.common import (  # noqa: E402
     print_table,
     print_targets,
     read_merge_source,
+    switched_env,
     target,
     write_results,
 )
@@ -368,14 +369,8 @@ def switch_ab_row(label: str, fwd, shape, var: str, value: str, density: float, 
     times = {"default": [], value: []}
     for _ in range(rounds):
         for side in times:
-            if side == "default":
-                os.environ.pop(var, None)
-            else:
-                os.environ[var] = value
-            try:
+            with switched_env(var, None if side == "default" else value):
                 times[side].append(_timer(fwd, warmup=1, reps=5, min_reps=3, max_total_ms=3000))
-            finally:
-                os.environ.pop(var, None)
     med = {k: sorted(v)[len(v) // 2] for k, v in times.items()}
     return dict(what=f"{label}: A/B {var}={value} against the default", shape=shape, density=density,
                 median_ms=med["default"], peer=f"{var}={value}", switched_ms=med[value], rounds_ms=times,

@@ -87,7 +87,7 @@ def _metrics(out_dir):
 
 def test_run_files_are_strict_json():
     # a skipped fake step's loss can be NaN: the run files write null there
-    from videoblade.distill.trainer import _strict_json
+    from videoblade.io.jsonfile import strict_json as _strict_json
 
     rec = {"loss_fake": float("nan"), "x": [1.5, float("-inf")], "nested": {"y": float("inf")}, "n": 3, "s": "a"}
     text = json.dumps(_strict_json(rec))

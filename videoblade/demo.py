@@ -83,7 +83,8 @@ def _library_progress_bars(enabled: bool):
 
 
 def run(argv: list[str] | None = None) -> dict:
-    from videoblade.toy.pipeline import PROFILES, run_pipeline, write_json
+    from videoblade.io.jsonfile import write_json
+    from videoblade.toy.pipeline import PROFILES, run_pipeline
 
     args = _parse(argv)
     torch.set_num_threads(args.threads or max(1, min(2, os.cpu_count() or 1)))

@@ -59,6 +59,7 @@ import torch
 
 from videoblade.config import RunConfig, dump_config, to_dict
 from videoblade.distill import tdm
+from videoblade.io.jsonfile import strict_json
 from videoblade.sampling import guided, randn
 from videoblade.schedules import Schedule
 
@@ -1076,7 +1077,7 @@ class TDMTrainer:
                     if self.log_with is not None:
                         acc.log({k: v for k, v in rec.items() if k != "step"}, step=self.global_step)
                     if metrics_f is not None:
-                        metrics_f.write(json.dumps(_strict_json(rec)) + "\n")
+                        metrics_f.write(json.dumps(strict_json(rec)) + "\n")
                         metrics_f.flush()
                 bar.update(1)
                 bar.set_postfix(loss_g=f"{rec['loss_gen']:.4g}", loss_f=f"{rec['loss_fake']:.4g}",
@@ -1111,22 +1112,10 @@ class TDMTrainer:
                    "family": self.req.family, "geometry": {"latent_shape": list(self.req.geometry.latent_shape),
                                                            "token_grid": list(self.req.geometry.token_grid)}}
         if acc.is_main_process:
-            (self.out / "summary.json").write_text(json.dumps(_strict_json(summary), indent=2))
+            (self.out / "summary.json").write_text(json.dumps(strict_json(summary), indent=2))
         if self.log_with is not None:
             acc.end_training()
         return summary
-
-
-def _strict_json(obj):
-    """obj with every non-finite float as None: a skipped fake step's loss may be NaN/inf, which
-    json.dumps writes as bare NaN / Infinity, not JSON (jq, JavaScript and pandas' strict readers reject it)."""
-    if isinstance(obj, float):
-        return obj if math.isfinite(obj) else None
-    if isinstance(obj, dict):
-        return {k: _strict_json(v) for k, v in obj.items()}
-    if isinstance(obj, (list, tuple)):
-        return [_strict_json(v) for v in obj]
-    return obj
 
 
 def train(cfg: RunConfig, progress: bool = True) -> dict:

@@ -31,7 +31,6 @@ import copy
 import hashlib
 import importlib.metadata
 import json
-import math
 import os
 import shutil
 import time
@@ -40,6 +39,7 @@ from pathlib import Path
 
 import torch
 
+from videoblade.io.jsonfile import write_json
 from videoblade.toy.data import ToyDataConfig, all_prompts, draw_reference, make_dataset
 from videoblade.toy.teacher import TeacherConfig
 
@@ -146,28 +146,6 @@ def code_fingerprint(patterns: tuple[str, ...], libraries: tuple[str, ...]) -> d
         except importlib.metadata.PackageNotFoundError:
             versions[lib] = None
     return {"sources": h.hexdigest()[:16], **versions}
-
-
-def strict_json(obj):
-    """obj with every non-finite float as None, tuples as lists: json.dumps writes NaN / Infinity
-    bare, which is not JSON (jq, JavaScript and pandas' strict readers reject it). A trainer's
-    last record holds a NaN loss when its last fake-score step was skipped."""
-    if isinstance(obj, float):
-        return obj if math.isfinite(obj) else None
-    if isinstance(obj, dict):
-        return {k: strict_json(v) for k, v in obj.items()}
-    if isinstance(obj, (list, tuple)):
-        return [strict_json(v) for v in obj]
-    return obj
-
-
-def write_json(path: Path, obj) -> None:
-    """Strict JSON (see strict_json), written to a temporary file and renamed: a run killed while
-    writing leaves the old file or none, never a truncated one."""
-    path = Path(path)
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    tmp.write_text(json.dumps(strict_json(obj), indent=2, allow_nan=False))
-    os.replace(tmp, path)
 
 
 def _read_json(path: Path):
