@@ -157,16 +157,20 @@ def check_summary(summary: Summary, shape, block_size: int, what: str = "summary
                          f"{block_size}, pool {pool}; got {list(summary.bias.shape)}: make it with {made_by}")
 
 
+def _check_level_lists(indices: torch.Tensor, counts: torch.Tensor, nlev: int, shape, block_size: int) -> None:
+    B, H, L, _ = shape
+    want = (nlev, B, H, num_blocks(L, block_size))
+    if indices.dim() != 5 or tuple(indices.shape[:4]) != want or tuple(counts.shape) != want:
+        raise ValueError(f"level lists must be [NLEV, B, H, NQ, MAXK] and [NLEV, B, H, NQ] with [NLEV, B, H, NQ] = "
+                         f"{list(want)} (NQ = ceil(L / block_size) for L={L}); got {tuple(indices.shape)}, "
+                         f"{tuple(counts.shape)}")
+
+
 def check_levels_geometry(levels: PooledLevels, shape, block_size: int) -> None:
     """Raise ValueError unless ``levels`` (a :func:`pool_levels` result) fits q, k, v of ``shape``
     [B, H, L, D] at ``block_size``: lists [NLEV, B, H, NQ, MAXK] / [NLEV, B, H, NQ] and every level's
     pooled tokens made from this call's k, v (the kernels index both by query / key block)."""
-    B, H, L, _ = shape
-    want = (len(levels.summaries), B, H, num_blocks(L, block_size))
-    if levels.indices.dim() != 5 or tuple(levels.indices.shape[:4]) != want or tuple(levels.counts.shape) != want:
-        raise ValueError(f"level lists must be [NLEV, B, H, NQ, MAXK] and [NLEV, B, H, NQ] with [NLEV, B, H, NQ] = "
-                         f"{list(want)} (NQ = ceil(L / block_size) for L={L}); got {tuple(levels.indices.shape)}, "
-                         f"{tuple(levels.counts.shape)}")
+    _check_level_lists(levels.indices, levels.counts, len(levels.summaries), shape, block_size)
     for lev, summ in enumerate(levels.summaries):
         check_summary(summ, shape, block_size, what=f"levels.summaries[{lev}]",
                       made_by="pool_levels(k, v, block_size, pools, indices, counts)")
@@ -393,11 +397,7 @@ def pool_levels(k: torch.Tensor, v: torch.Tensor, block_size: int, pools, indice
     err = level_pools_error(block_size, pools)
     if err:
         raise ValueError(err)
-    B, H, L, _ = k.shape
-    want = (len(pools), B, H, num_blocks(L, block_size))
-    if indices.dim() != 5 or tuple(indices.shape[:4]) != want or tuple(counts.shape) != want:
-        raise ValueError(f"level lists must be [NLEV, B, H, NQ(, MAXK)] = {list(want)} (NQ = ceil(L / block_size) "
-                         f"for L={L}), got {tuple(indices.shape)} and {tuple(counts.shape)}")
+    _check_level_lists(indices, counts, len(pools), k.shape, block_size)
     return PooledLevels(tuple(pool_summaries(k, v, block_size, p, backend) for p in pools), indices, counts)
 
 
