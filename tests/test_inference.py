@@ -200,6 +200,12 @@ def test_baseline_preset(tiny_wan, trained, tmp_path):
     assert (plan.steps, plan.guidance, plan.sampler, plan.asa, plan.lora, plan.method) == (
         50, 5.0, "unipc", None, None, "baseline")
     assert any("ignores --lora" in n for n in plan.notes)
+    # LoRA-only flags under --baseline without --lora are said to be ignored, not dropped silently
+    plan = plan_from_args(build_parser().parse_args(_common(tiny_wan, "--baseline", "--lora-scale", "0.5",
+                                                            "--lora-rank", "8", "--prompt", "x",
+                                                            "--out", str(tmp_path))))
+    assert any("ignores --lora-scale" in n for n in plan.notes)
+    assert any("ignores --lora-rank" in n for n in plan.notes)
     with pytest.raises(InferenceError, match="dense by definition"):
         plan_from_args(build_parser().parse_args(_common(tiny_wan, "--baseline", "--sparse", "--prompt", "x",
                                                          "--out", str(tmp_path))))

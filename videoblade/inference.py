@@ -561,10 +561,12 @@ def plan_from_args(args: argparse.Namespace) -> Plan:
     if lora_arg:
         lora = inspect_lora(lora_arg)
         _check_lora_against_model(lora, adapter, info, args.lora_rank)
-    elif args.lora_rank is not None and not baseline:
-        raise InferenceError("--lora-rank needs --lora")
-    elif args.lora_scale != 1.0 and not baseline:
-        raise InferenceError("--lora-scale needs --lora")
+    else:
+        for flag, given in (("--lora-rank", args.lora_rank is not None), ("--lora-scale", args.lora_scale != 1.0)):
+            if given and baseline:
+                notes.append(f"--baseline ignores {flag} (the baseline is the teacher, without a LoRA)")
+            elif given:
+                raise InferenceError(f"{flag} needs --lora")
 
     # steps and eta: the flags, else what the student was trained for (its LoRA's record), else 8 / 0.9
     steps, eta = args.steps, args.eta
