@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import numpy as np
 import pytest
 import torch
@@ -100,3 +102,24 @@ def test_long_names_and_temporary_files(tmp_path, monkeypatch):
     write_video(tmp_path / "a cat-0.mp4", frames)
     assert len(seen) == 1 and not seen[0].lower().endswith((".mp4", ".gif", ".jpg", ".png"))
     assert video_info(tmp_path / "a cat-0.mp4")["frames"] == 3
+
+
+def test_temporary_names_differ_for_names_sharing_a_prefix(tmp_path, monkeypatch):
+    """Two eval-folder names that agree in their first 64 bytes (long prompts that differ at the end) get
+    different temporary files, so two writers in one process (threads) cannot write into the same one."""
+    import imageio_ffmpeg
+
+    seen = []
+    real = imageio_ffmpeg.write_frames
+
+    def spy(path, *a, **k):
+        seen.append(path)
+        return real(path, *a, **k)
+
+    monkeypatch.setattr(imageio_ffmpeg, "write_frames", spy)
+    frames = smooth_clip(2, 16, 16)
+    common = "a" * 80
+    for name in (common + " red-0.mp4", common + " blue-0.mp4"):
+        write_video(tmp_path / name, frames)
+    assert len(seen) == 2 and seen[0] != seen[1]
+    assert all(len(Path(p).name.encode()) <= 255 for p in seen)

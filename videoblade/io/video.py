@@ -7,7 +7,9 @@ every pixel of the input is kept exactly where it was; `write_video` returns the
 
 from __future__ import annotations
 
+import hashlib
 import os
+import threading
 from pathlib import Path
 
 import numpy as np
@@ -66,7 +68,10 @@ def write_video(path: str | Path, frames, fps: float = 16, crf: int = 18) -> tup
     frames = _pad_even(to_uint8_frames(frames))
     _, h, w, _ = frames.shape
     stem = path.stem.encode("utf-8")[:64].decode("utf-8", errors="ignore")
-    tmp = path.with_name(f".{stem}.{os.getpid()}.tmp")
+    # the full name's hash, the process and the thread: names sharing their first 64 bytes, or written by
+    # two threads at once, never share a temporary file
+    tag = hashlib.sha1(path.name.encode("utf-8")).hexdigest()[:8]
+    tmp = path.with_name(f".{stem}.{tag}.{os.getpid()}.{threading.get_ident()}.tmp")
     try:
         writer = imageio_ffmpeg.write_frames(
             str(tmp), (w, h), fps=float(fps), codec="libx264", pix_fmt_in="rgb24", pix_fmt_out="yuv420p",
