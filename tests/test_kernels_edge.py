@@ -270,3 +270,22 @@ def test_kernel_checks_list_values_when_asked(monkeypatch):
     kvi_s = kvi.sort(-1).values
     out = block_sparse_attention(q, k, v, kvi_s, kvc, 16)[0]
     assert rel_err(out, block_sparse_attention_ref(q, k, v, kvi_s, kvc, 16)[0]) < 1e-5
+
+
+def test_sequences_past_int32_row_offsets_are_refused():
+    # inside one (batch, head) the kernels index rows in int32: at 12 heads x 128 a sequence of 1.4M
+    # tokens reaches past 2**31 elements and read/wrote wrapped addresses. Meta tensors: no memory needed.
+    B, H, D = 1, 12, 128
+    n_ok = 32760  # Wan2.1 at 81x480x832 stays far inside
+    for L, refused in ((n_ok, False), (1_400_000, True)):
+        q = torch.empty(B, L, H, D, device="meta", dtype=torch.bfloat16).transpose(1, 2)
+        n = num_blocks(L, 128)
+        kvi = torch.empty(B, H, n, 4, dtype=torch.int32, device="meta")
+        kvc = torch.empty(B, H, n, dtype=torch.int32, device="meta")
+        if refused:
+            with pytest.raises(ValueError, match="2\\*\\*31"):
+                block_sparse_attention(q, q, q, kvi, kvc, 128)
+        else:
+            from videoblade.kernels.block_sparse import _check
+
+            _check(q, q, q, kvi, kvc, 128)  # passes the geometry checks

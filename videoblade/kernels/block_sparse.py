@@ -795,6 +795,13 @@ def _check(q, k, v, kv_indices, kv_counts, block_size, summary=None, levels=None
         others += [("levels.indices", levels.indices), ("levels.counts", levels.counts)]
         others += [(f"levels.summaries[{i}].k", s.k) for i, s in enumerate(levels.summaries)]
         others += [(f"levels.summaries[{i}].v", s.v) for i, s in enumerate(levels.summaries)]
+    # inside one (batch, head) the kernels index rows in int32 (batch and head offsets are int64); the
+    # outputs are [B, L, H, D] memory (row stride H * D)
+    row_stride = max(H * D, *(t.stride(2) for t in (q, k, v)))
+    if (L - 1) * row_stride + D > 2**31:
+        raise ValueError(f"{L} tokens at a row stride of {row_stride} elements reach past 2**31 inside one (batch, "
+                         "head), beyond the kernels' int32 row offsets: call the kernel on fewer heads at a time "
+                         "(each slice contiguous) or on a shorter sequence")
     for name, t in others:
         if t.device != q.device:
             raise ValueError(f"{name} is on {t.device}, q on {q.device}: every input must be on q's device")
