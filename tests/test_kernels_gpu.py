@@ -181,6 +181,30 @@ def test_gpu_public_fn_autograd_noncontiguous():
         assert torch.equal(a, b)
 
 
+@pytest.mark.parametrize("tma", ["auto", "0"])
+def test_gpu_broadcast_grad_out(tma, monkeypatch):
+    # a loss like (out * w).sum() hands the backward a grad_out with stride 0 on B, H and L (an expand of
+    # w): at head dim 128 on Hopper the dq and dk/dv kernels read it through TMA descriptors by default.
+    # The gradients must equal those of the same grad_out materialised contiguous.
+    monkeypatch.setenv("VIDEOBLADE_KERNEL_TMA", tma)
+    g = torch.Generator(device="cuda").manual_seed(5)
+    B, H, L, D, block = 1, 2, 1000, 128, 128
+    q, k, v = (torch.randn(B, H, L, D, device="cuda", dtype=torch.bfloat16, generator=g) for _ in range(3))
+    kvi, kvc = mask_to_block_lists(random_mask(B, H, num_blocks(L, block), 0.5, g))
+    w = torch.randn(D, device="cuda", dtype=torch.bfloat16, generator=g)
+
+    def grads(do_of):
+        leaves = [t.clone().requires_grad_() for t in (q, k, v)]
+        out, _ = block_sparse_attention(*leaves, kvi, kvc, block)
+        return torch.autograd.grad(out, leaves, do_of(out))
+
+    strided = grads(lambda out: w.expand_as(out))
+    assert w.expand(B, H, L, D).stride()[:3] == (0, 0, 0)
+    dense = grads(lambda out: w.expand_as(out).contiguous())
+    for name, a, b in zip("qkv", strided, dense):
+        assert torch.isfinite(a).all() and torch.equal(a, b), f"d{name} differs with a stride-0 grad_out"
+
+
 def test_gpu_estimate_matches_torch():
     g = torch.Generator(device="cuda").manual_seed(4)
     q, k = (torch.randn(1, 12, 32760, 128, device="cuda", dtype=torch.bfloat16, generator=g) for _ in range(2))
