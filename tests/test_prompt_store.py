@@ -128,6 +128,33 @@ def test_sampler_resume_refuses_another_seed():
         DistributedPromptSampler(11, 2, 1, 0, seed=6).load_state_dict(state)
 
 
+def test_neighbouring_seeds_draw_unrelated_orders():
+    # epoch e was seeded with seed + e: seed 1's first epoch was seed 0's second, so seed ablations
+    # (seeds 0, 1, 2) trained on one prompt order shifted by an epoch
+    n = 50
+
+    def epochs(seed, k):
+        s = DistributedPromptSampler(n, n, 1, 0, seed=seed)
+        return [s.next_indices() for _ in range(k)]
+
+    a, b = epochs(0, 3), epochs(1, 3)
+    assert all(x != y for x in a for y in b)
+    assert sorted(a[0]) == list(range(n)) and a[0] != a[1]
+
+
+def test_resume_of_a_checkpoint_without_order_keeps_its_legacy_order():
+    # a checkpoint written before the sampler recorded its order continues the order it started with
+    n = 7
+    state = {"position": 9, "seed": 4, "num_prompts": n, "batch_size": 3, "num_replicas": 1}
+    s = DistributedPromptSampler(n, 3, 1, 0, seed=4)
+    s.load_state_dict(state)
+    legacy = torch.randperm(n, generator=torch.Generator().manual_seed(4 + 1)).tolist()
+    assert s.next_indices() == legacy[2:5]
+    assert s.state_dict()["order"] == "seed+epoch"
+    with pytest.raises(PromptStoreError, match="unknown"):
+        DistributedPromptSampler(n, 3, 1, 0, seed=4).load_state_dict(dict(state, order="other"))
+
+
 def test_multi_shard_store_reads_rows_and_replaces_safely(tmp_path, monkeypatch):
     # rows come from the right shards in the requested order; re-writing a store puts the new one in
     # place before the old is deleted, and a failed write leaves the old store and no temporary folder

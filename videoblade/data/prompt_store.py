@@ -19,6 +19,7 @@ across all ranks, and the position (an integer) is all that a checkpoint needs t
 from __future__ import annotations
 
 import bisect
+import hashlib
 import json
 import os
 import shutil
@@ -249,11 +250,23 @@ class PromptStore:
         return text.removesuffix("\n").split("\n") if text else []  # one prompt per "\n"-ended line
 
 
+ORDER = "blake2b"  # epoch e's permutation seeded with blake2b(f"{seed}/{e}")
+LEGACY_ORDER = "seed+epoch"  # checkpoints written before the order was recorded
+
+
+def _epoch_seed(seed: int, epoch: int, order: str = ORDER) -> int:
+    if order == LEGACY_ORDER:
+        return seed + epoch
+    return int.from_bytes(hashlib.blake2b(f"{seed}/{epoch}".encode(), digest_size=8).digest(), "little")
+
+
 class DistributedPromptSampler:
     """Deterministic, resumable batches of prompt indices for one rank.
 
-    The stream is the concatenation of per-epoch permutations of range(n) (epoch e uses
-    torch.Generator seeded with seed + e). Step s consumes stream items
+    The stream is the concatenation of per-epoch permutations of range(n) (epoch e uses a
+    torch.Generator seeded with a hash of (seed, e), so runs with neighbouring seeds draw unrelated
+    orders; seed + e, the order of checkpoints that do not record ``order``, made seed s + 1 replay
+    seed s one epoch later). Step s consumes stream items
     [s*W*B, (s+1)*W*B) (W ranks, B per rank); rank r takes items r, r+W, r+2W, ... of them. So
     every prompt appears exactly once per epoch across the ranks, and `position` (items consumed)
     is the whole state.
@@ -266,12 +279,13 @@ class DistributedPromptSampler:
             raise ValueError(f"rank {rank} not in [0, {num_replicas})")
         self.n, self.batch_size, self.world, self.rank, self.seed = num_prompts, batch_size, num_replicas, rank, seed
         self.position = 0
+        self.order = ORDER  # how an epoch's generator is seeded (a resumed run keeps its checkpoint's)
         self._perm_epoch: int | None = None
         self._perm: torch.Tensor | None = None
 
     def _epoch_perm(self, epoch: int) -> torch.Tensor:
         if self._perm_epoch != epoch:
-            g = torch.Generator().manual_seed(int(self.seed) + int(epoch))
+            g = torch.Generator().manual_seed(_epoch_seed(int(self.seed), int(epoch), self.order))
             self._perm = torch.randperm(self.n, generator=g)
             self._perm_epoch = epoch
         return self._perm
@@ -293,7 +307,7 @@ class DistributedPromptSampler:
 
     def state_dict(self) -> dict:
         return {"position": int(self.position), "seed": int(self.seed), "num_prompts": int(self.n),
-                "batch_size": int(self.batch_size), "num_replicas": int(self.world)}
+                "batch_size": int(self.batch_size), "num_replicas": int(self.world), "order": self.order}
 
     def load_state_dict(self, state: dict) -> None:
         if int(state.get("num_prompts", self.n)) != self.n:
@@ -306,4 +320,10 @@ class DistributedPromptSampler:
                 f"the checkpoint's prompt order was drawn with seed {state['seed']}, this run uses {self.seed}: "
                 "resume with the same train.seed (another seed would repeat and skip prompts mid-epoch)"
             )
+        order = state.get("order", LEGACY_ORDER)
+        if order not in (ORDER, LEGACY_ORDER):
+            raise PromptStoreError(f"the checkpoint's prompt order {order!r} is unknown to this videoblade "
+                                   f"(it knows {ORDER!r} and {LEGACY_ORDER!r}): resume with the version that wrote it")
+        self.order = order
+        self._perm_epoch = None
         self.position = int(state["position"])
