@@ -899,3 +899,10 @@ def test_flow_match_scheduler_folder_is_a_flow_model(tiny_wan, tmp_path, no_weig
             "--prompt", "x", "--out", str(tmp_path / "o"), "--sampler", "unipc"]
     assert plan_from_args(build_parser().parse_args(base)).flow_shift == 3.0
     assert plan_from_args(build_parser().parse_args([*base, "--flow-shift", "5"])).flow_shift == 5.0
+    # a resolution-dependent shift (use_dynamic_shifting: UniPC's set_timesteps then needs mu, which
+    # failed after the weights loaded) is refused while planning, with what to change
+    _write(folder / "scheduler" / "scheduler_config.json",
+           json.dumps({"_class_name": "FlowMatchEulerDiscreteScheduler", "num_train_timesteps": 1000, "shift": 3.0,
+                       "use_dynamic_shifting": True}))
+    with pytest.raises(InferenceError, match="use_dynamic_shifting"):
+        plan_from_args(build_parser().parse_args(base))

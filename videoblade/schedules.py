@@ -89,6 +89,12 @@ class Schedule:
         is_flow = pred == "flow_prediction" or config.get("use_flow_sigmas", False) or (
             "FlowMatch" in config.get("_class_name", "")
         )
+        if is_flow and config.get("use_dynamic_shifting"):
+            raise ValueError(
+                "the scheduler config sets use_dynamic_shifting (a shift computed from the resolution, mu, at "
+                "every call), which videoblade's fixed-shift flow schedule cannot follow: set "
+                "use_dynamic_shifting to false and the shift the model was trained with as flow_shift"
+            )
         if is_flow:
             shift = float(config.get("flow_shift", config.get("shift", 1.0)) or 1.0)
             sched = cls.flow(T, shift)
