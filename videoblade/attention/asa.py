@@ -267,7 +267,10 @@ class AdaptiveSparseAttention:
             d = torch.ones(heads, dtype=torch.float32, device=device) if density is None else density
             st = self._stats.get(int(layer_idx))
             if st is None or st.density_sum.shape != d.shape or st.density_sum.device != d.device:
-                self._stats[int(layer_idx)] = _LayerStats(d.clone(), 1)
+                # the sums outlive the call: a normal tensor even when this call runs under
+                # torch.inference_mode (a later call outside it could not add into an inference tensor)
+                with torch.inference_mode(False):
+                    self._stats[int(layer_idx)] = _LayerStats(d.clone(), 1)
             else:
                 st.density_sum.add_(d)
                 st.calls += 1

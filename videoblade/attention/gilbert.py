@@ -175,7 +175,10 @@ def gilbert_order(grid: tuple, text_tokens: int = 0) -> tuple[torch.Tensor, torc
     perm = np.concatenate([np.arange(text_tokens, dtype=np.int64), video + text_tokens])
     inv = np.empty_like(perm)
     inv[perm] = np.arange(perm.size, dtype=np.int64)
-    return torch.from_numpy(perm), torch.from_numpy(inv)
+    # cached for the process: never inference tensors (made during a first call under
+    # torch.inference_mode they could not index a later forward that autograd records)
+    with torch.inference_mode(False):
+        return torch.from_numpy(perm), torch.from_numpy(inv)
 
 
 _DEVICE_CACHE: dict = {}
@@ -196,8 +199,9 @@ def gilbert_order_on(grid, text_tokens: int, device) -> tuple[torch.Tensor, torc
 def _cache_order(key, grid, text_tokens: int, device) -> tuple[torch.Tensor, torch.Tensor]:
     perm, inv = gilbert_order(grid, text_tokens)
     if device.type != "cpu":
-        perm = perm.to(device, non_blocking=False)
-        inv = inv.to(device, non_blocking=False)
+        with torch.inference_mode(False):  # cached: normal tensors even when first met in inference mode
+            perm = perm.to(device, non_blocking=False)
+            inv = inv.to(device, non_blocking=False)
     if len(_DEVICE_CACHE) > 256:  # many distinct grids: forget the oldest
         _DEVICE_CACHE.pop(next(iter(_DEVICE_CACHE)))
     hit = _DEVICE_CACHE[key] = (perm, inv)

@@ -205,14 +205,17 @@ def _pool_geometry(L: int, block_size: int, pool: int, device) -> tuple[int, int
     at least 1), bias float32 [NS] (log count, -inf for an empty group)).
 
     Cached per geometry (a pure function of it): the few tiny launches that build the counts and
-    the log bias run once, not in every attention call. Callers must not write into them."""
+    the log bias run once, not in every attention call. Callers must not write into them. Never
+    inference tensors (a first call under torch.inference_mode would otherwise cache tensors that a
+    later training forward cannot save for backward)."""
     ns, n_full, rem = _pool_shape(L, block_size, pool)
-    counts = torch.full((ns,), float(pool), dtype=torch.float32, device=device)
-    if rem:
-        counts[n_full] = float(rem)
-    counts[n_full + (1 if rem else 0) :] = 0.0
-    bias = torch.where(counts > 0, counts.log(), torch.full_like(counts, float("-inf")))
-    return ns, n_full, rem, counts.clamp(min=1.0)[:, None], bias
+    with torch.inference_mode(False):
+        counts = torch.full((ns,), float(pool), dtype=torch.float32, device=device)
+        if rem:
+            counts[n_full] = float(rem)
+        counts[n_full + (1 if rem else 0) :] = 0.0
+        bias = torch.where(counts > 0, counts.log(), torch.full_like(counts, float("-inf")))
+        return ns, n_full, rem, counts.clamp(min=1.0)[:, None], bias
 
 
 @torch.library.custom_op("videoblade::pool_geometry", mutates_args=())
