@@ -16,7 +16,8 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from videoblade.data import DEFAULT_TRAIN_PROMPTS, encode_prompt_file  # noqa: E402
+from videoblade.data import DEFAULT_TRAIN_PROMPTS, PromptStoreError, encode_prompt_file  # noqa: E402
+from videoblade.models import ModelRequestError  # noqa: E402
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -31,9 +32,13 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--shard_size", type=int, default=1024, help="prompts per safetensors shard")
     ap.add_argument("--device", default=None, help="cuda / cpu (default: cuda when available)")
     a = ap.parse_args(argv)
-    out = encode_prompt_file(a.model, a.prompts, a.out, text_max_length=a.max_length, dtype=a.dtype,
-                             negative_prompt=a.negative_prompt, batch_size=a.batch_size, shard_size=a.shard_size,
-                             device=a.device)
+    try:
+        out = encode_prompt_file(a.model, a.prompts, a.out, text_max_length=a.max_length, dtype=a.dtype,
+                                 negative_prompt=a.negative_prompt, batch_size=a.batch_size,
+                                 shard_size=a.shard_size, device=a.device)
+    except (PromptStoreError, ModelRequestError) as e:  # a request that cannot work: one line, exit 2
+        print(f"error: {e}", file=sys.stderr)
+        return 2
     print(f"prompt store written to {out}")
     return 0
 

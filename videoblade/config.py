@@ -255,6 +255,8 @@ def _validate(cfg: RunConfig) -> None:
                f"{4 * ((m.frames + 2) // 4) + 1}), got {m.frames}")
     for key, val in (("model.height", m.height), ("model.width", m.width)):
         _check(val is None or val > 0, key, f"must be positive, got {val}")
+    _check(m.text_max_length is None or m.text_max_length >= 1, "model.text_max_length",
+           f"must be >= 1 or null (the family's length), got {m.text_max_length}")
 
     check_asa(a)
 

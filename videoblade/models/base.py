@@ -189,7 +189,7 @@ def _read_json(path: Path) -> dict:
 
 def _nearest_multiples(value: int, m: int) -> str:
     lo = (value // m) * m
-    hi = lo + m
+    hi = max(lo + m, m)  # a negative value's nearest valid size is m, not 0 or below
     return f"{lo} or {hi}" if lo > 0 else f"{hi}"
 
 
@@ -435,7 +435,8 @@ class ModelAdapter:
             m = sc * p
             if val <= 0 or val % m != 0:
                 raise ModelRequestError(
-                    f"{name}={val} is not divisible by {m} (VAE spatial factor {sc} x patch {p}): "
+                    f"{name}={val} is not {'divisible by' if val > 0 else 'a positive multiple of'} {m} "
+                    f"(VAE spatial factor {sc} x patch {p}): "
                     f"use {_nearest_multiples(val, m)}"
                 )
         F = self.latent_frames(info, frames)

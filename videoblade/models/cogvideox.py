@@ -100,6 +100,27 @@ class CogVideoXAdapter(ModelAdapter):
                     f"frame count to decode exactly {frames} frames")
         return None
 
+    def geometry(self, folder_or_info, height=None, width=None, frames=None) -> VideoGeometry:
+        info = self._as_info(folder_or_info)
+        g = super().geometry(info, height, width, frames)
+        c = info.transformer_config
+        if c.get("use_rotary_positional_embeddings", False) and c.get("patch_size_t") is not None:
+            # CogVideoX 1.5's rotary table ("slice" grid) has sample_height / p x sample_width / p
+            # positions and is cut to the token grid: a larger grid has no positions (the forward
+            # then fails on mismatched sizes, after the weights loaded; CogVideoXPipeline likewise)
+            _, ph, pw = g.patch
+            for name, val, grid, sample, p, default in (
+                    ("height", g.height, g.token_grid[1], "sample_height", ph, 60),  # diffusers' defaults
+                    ("width", g.width, g.token_grid[2], "sample_width", pw, 90)):
+                most = int(c.get(sample, default)) // p
+                if grid > most:
+                    raise ModelRequestError(
+                        f"{name}={val} gives {grid} token {'rows' if name == 'height' else 'columns'}, more than "
+                        f"the {most} positions of CogVideoX 1.5's rotary table (transformer {sample} "
+                        f"{c.get(sample, default)} / patch {p}): use {name} <= {most * p * g.spatial_compression}"
+                    )
+        return g
+
     def vae_decode(self, vae, z: torch.Tensor) -> torch.Tensor:
         # geometry gives an even latent count only as CogVideoX 1.5's padded latents: drop the leading
         # pad frame as CogVideoXPipeline does (decoded, it would add 4 frames to the video)

@@ -61,8 +61,12 @@ TINY_DEFAULTS: dict[str, dict[str, Any]] = {
                             sample_frames=17, patch_size=2, patch_size_t=None, temporal_compression_ratio=4,
                             max_text_seq_length=20, use_rotary_positional_embeddings=True,
                             use_learned_positional_embeddings=False),
+        # sample size: enable_tiling()'s tiles are half of it (48 x 80 pixels, smaller than the default
+        # 64 x 96 frame, so tiling is exercised); AutoencoderKLCogVideoX's tiled decode keeps the frame
+        # size only when a tile's kept part equals its stride (tile heights 48k, widths 40k, as
+        # CogVideoX's 240 x 360): the 32 x 48 tiles of a 64 x 96 sample size decoded 64 x 96 frames as 70 x 110
         "vae": dict(block_out_channels=[8, 8, 8, 8], latent_channels=4, layers_per_block=1, norm_num_groups=2,
-                    temporal_compression_ratio=4, scaling_factor=0.7, sample_height=64, sample_width=96),
+                    temporal_compression_ratio=4, scaling_factor=0.7, sample_height=96, sample_width=160),
         "text_encoder": dict(_COMMON_TEXT),
         # as CogVideoX-5B: scaled-linear betas, zero terminal SNR, v-prediction, trailing spacing
         "scheduler": dict(num_train_timesteps=1000, beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear",

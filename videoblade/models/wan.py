@@ -424,7 +424,9 @@ class WanAdapter(ModelAdapter):
         ids, mask = inputs.input_ids.to(enc_device), inputs.attention_mask.to(enc_device)
         with torch.no_grad():
             emb = text_encoder(ids, mask).last_hidden_state
-        emb = emb * mask.gt(0).unsqueeze(-1).to(emb.dtype)  # == pipeline's u[:len] then zero padding
+        # == the pipeline's u[:len] then zero padding; a fill, not a product with the mask, so that a
+        # non-finite padded row (a T5 overflowing in fp16) becomes zeros there too, not NaN
+        emb = emb.masked_fill(~mask.gt(0).unsqueeze(-1), 0.0)
         return emb.to(device=device or enc_device, dtype=dtype or emb.dtype)
 
     def predict(self, transformer, x_t, t, prompt_embeds, geometry: VideoGeometry, attention_kwargs=None,
