@@ -158,7 +158,9 @@ def test_cogvideox_temporal_patch(tmp_path):
     # before the decode) -> 11 temporal patches
     g = ad.geometry(folder, 768, 1360, 81)
     assert g.latent_shape == (16, 22, 96, 170) and g.token_grid == (11, 48, 85) and g.patch == (2, 2, 2)
-    assert ad.geometry(folder).frames == 81  # the config's own sample_frames is accepted
+    d = ad.geometry(folder)  # the config's own sample_frames is accepted
+    # the default size is 1.5's published 768 x 1360, not the pipeline's sample size x 8 (2400 x 2400)
+    assert (d.height, d.width, d.frames) == (768, 1360, 81)
     # 85 frames -> 22 latent frames (no padding): the VAE decodes them to 88 frames, not 85
     with pytest.raises(ModelRequestError, match=r"frames=85 gives 22 latent frames.*use 81 or 89$"):
         ad.geometry(folder, 768, 1360, 85)

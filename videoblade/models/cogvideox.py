@@ -142,6 +142,11 @@ class CogVideoXAdapter(ModelAdapter):
             c = info.transformer_config
             tc, sc = self.vae_factors(info)
             dh, dw = int(c.get("sample_height", 60)) * sc, int(c.get("sample_width", 90)) * sc
+            if c.get("patch_size_t") is not None and height is None and width is None:
+                # CogVideoX 1.5: its sample size is the rotary table's extent (300 x 300 latents, so
+                # the pipeline's default would be 2400 x 2400 pixels, far past any GPU's memory at 81
+                # frames); the size it was trained and published for is 768 x 1360
+                dh, dw = min(dh, 768), min(dw, 1360)
             df = int(c.get("sample_frames", 49))
             return (int(dh if height is None else height), int(dw if width is None else width),
                 int(df if frames is None else frames))
