@@ -33,6 +33,10 @@ renamed, so a kill during a save leaves the previous checkpoint usable; the last
 `checkpoints_total_limit` are kept. They hold both LoRAs, both optimizers and LR schedulers
 (safetensors + JSON; DeepSpeed engines use DeepSpeed's own checkpoint format), every rank's RNG
 states, the step, the prompt position and the skip counter, so a resumed run continues bit for bit.
+A resume is checked before any weights load (`_check_resume`: launcher setup, prompt store and seed,
+LoRA rank and targets), and an output folder holding checkpoints past the step a run starts from is
+refused (the pruning would delete the new run's checkpoints, and `latest` would continue the other
+run). metrics.jsonl rows past that step (logged after the last checkpoint of a killed run) are dropped.
 
 Run folder: config.yaml (resolved), metrics.jsonl, logs/ (trackers), checkpoints/, samples/*.mp4,
 pytorch_lora_weights.safetensors (student, diffusers layout), lora_comfy.safetensors (Wan),
@@ -89,6 +93,7 @@ class TrainRequest:
     target_modules: list[str]
     validation_prompts: list[str] | None = None
     notes: list[str] = field(default_factory=list)
+    resume: Path | None = None  # the checkpoint to resume from (checked against the run by validate_request)
 
 
 def _want_deepspeed(cfg: RunConfig) -> tuple[bool, str | None]:
@@ -166,11 +171,11 @@ def _fill_ds_config(path: str, cfg: RunConfig) -> dict:
 _LORA_MODULE_TYPES = (torch.nn.Linear, torch.nn.Conv1d, torch.nn.Conv2d, torch.nn.Conv3d, torch.nn.Embedding)
 
 
-def _check_targets(info, targets: list[str], comfy: bool) -> None:
+def _check_targets(info, targets: list[str], comfy: bool) -> list[str]:
     """Refuse LoRA targets before the weights load (the module names come from a meta-device transformer
     built from its config.json): a target that matches no module, one that matches a module peft cannot
     wrap (a norm, a whole block), and with ``comfy`` (`train.export_comfy`, Wan) one the original-Wan /
-    ComfyUI layout has no name for."""
+    ComfyUI layout has no name for. Returns the names of the modules the LoRAs wrap."""
     import diffusers
 
     from videoblade.io.lora import LoRAError, _to_original_module
@@ -192,7 +197,7 @@ def _check_targets(info, targets: list[str], comfy: bool) -> None:
         raise TrainRequestError(f"lora.target_modules={targets} matches {shown}: LoRA wraps linear, convolution "
                                 "and embedding layers only; name those (e.g. to_q, ffn.net.0.proj)")
     if not comfy:
-        return
+        return [n for n, _ in modules]
     unmapped = []
     for name, _ in modules:
         try:
@@ -206,6 +211,7 @@ def _check_targets(info, targets: list[str], comfy: bool) -> None:
             "(lora_comfy.safetensors) has no name for: it covers the blocks' attention (to_q, to_k, to_v, to_out.0) "
             "and feed-forward (ffn.net.0.proj, ffn.net.2) only. Set train.export_comfy=false to train these "
             "targets (the diffusers LoRA is still written), or drop them from lora.target_modules")
+    return [n for n, _ in modules]
 
 
 def validate_request(cfg: RunConfig) -> TrainRequest:
@@ -302,12 +308,91 @@ def validate_request(cfg: RunConfig) -> TrainRequest:
         raise TrainRequestError("train.compile does not work under DeepSpeed ZeRO-3 (its parameter hooks gather "
                                 "weights inside the blocks): set train.compile=false or run without DeepSpeed")
     targets = list(cfg.lora.target_modules or adapter.lora_target_modules)
-    _check_targets(info, targets, comfy=tr.export_comfy and adapter.family == "wan")
+    lora_modules = _check_targets(info, targets, comfy=tr.export_comfy and adapter.family == "wan")
     if tr.stop_at_step is not None and tr.stop_at_step > tr.max_train_steps:
         raise TrainRequestError("train.stop_at_step must be <= train.max_train_steps")
+    resume = _check_resume(cfg, out, store, use_ds, lora_modules)
     return TrainRequest(folder=folder, family=adapter.family, adapter=adapter, info=info, geometry=geometry,
                         schedule=schedule, store=store, output_dir=out, use_deepspeed=use_ds, ds_config=ds_config,
-                        target_modules=targets, validation_prompts=val_prompts, notes=notes)
+                        target_modules=targets, validation_prompts=val_prompts, notes=notes, resume=resume)
+
+
+def _resume_checkpoint(tr, out: Path) -> Path | None:
+    """The checkpoint `train.resume_from_checkpoint` names ("latest": the newest complete one in
+    `out`, if any), or None."""
+    if tr.resume_from_checkpoint == "latest":
+        return latest_checkpoint(out)
+    if tr.resume_from_checkpoint:
+        resume = Path(tr.resume_from_checkpoint)
+        if not (resume / "state.json").is_file():
+            raise TrainRequestError(f"train.resume_from_checkpoint={resume} is not a complete checkpoint")
+        return resume
+    return None
+
+
+def _check_resume(cfg: RunConfig, out: Path, store, use_ds: bool, lora_modules: list[str]) -> Path | None:
+    """Resolve the checkpoint to resume from and check, before any weights load, that this run can
+    continue it: same launcher setup (DeepSpeed or not), prompt store and seed, LoRA rank and target
+    modules; and that `out` holds no checkpoint past the step this run starts from (the pruning keeps
+    the highest steps, so it would delete this run's own checkpoints as they are written, and a later
+    `latest` resume would continue the other run instead)."""
+    from videoblade.data import DistributedPromptSampler, PromptStoreError
+
+    tr = cfg.train
+    resume = _resume_checkpoint(tr, out)
+    start = 0
+    if resume is not None:
+        try:
+            state = json.loads((resume / "state.json").read_text())
+            start = int(state["step"])
+        except (OSError, ValueError, KeyError, TypeError) as e:
+            raise TrainRequestError(f"{resume}/state.json is unreadable ({e}): resume from another checkpoint "
+                                    "(train.resume_from_checkpoint=<folder>)") from None
+        if bool(state.get("deepspeed")) != use_ds:
+            raise TrainRequestError(f"{resume} was written {'with' if state.get('deepspeed') else 'without'} "
+                                    "DeepSpeed; resume with the same launcher setup (or train.resume_from_checkpoint=null "
+                                    "with another train.output_dir)")
+        try:
+            DistributedPromptSampler(len(store), tr.train_batch_size, seed=tr.seed).load_state_dict(state["sampler"])
+        except PromptStoreError as e:
+            raise TrainRequestError(f"{resume}: {e}") from None
+        if not use_ds:
+            _check_checkpoint_loras(resume, cfg.lora.rank, lora_modules)
+    root = out / "checkpoints"
+    steps = [CKPT_RE.match(d.name) for d in root.iterdir()] if root.is_dir() else []
+    later = sorted(int(m.group(1)) for m in steps if m and int(m.group(1)) > start)
+    if later:
+        what = f"resumes from step {start} ({resume})" if resume is not None else "starts from step 0"
+        raise TrainRequestError(
+            f"{root} holds checkpoint-{later[-1]}, past the step this run {what}: this run's checkpoints would be "
+            "pruned in favour of those, and a later train.resume_from_checkpoint=latest would continue the other run. "
+            "Choose another train.output_dir, move those checkpoints away, or resume from the newest "
+            "(train.resume_from_checkpoint=latest)")
+    return resume
+
+
+def _check_checkpoint_loras(path: Path, rank: int, lora_modules: list[str]) -> None:
+    """The checkpoint's LoRAs (tensor names and shapes only) against lora.rank / lora.target_modules."""
+    from safetensors import safe_open
+
+    for role in ("student", "fake"):
+        f = path / f"{role}_lora.safetensors"
+        try:
+            with safe_open(str(f), framework="pt") as st:
+                shapes = {k: st.get_slice(k).get_shape() for k in st.keys()}
+        except Exception as e:  # a missing or cut file
+            raise TrainRequestError(f"{f} is unreadable ({e}): resume from another checkpoint") from None
+        ranks = {s[0] for k, s in shapes.items() if f".lora_A.{role}." in k or f".lora_embedding_A.{role}" in k}
+        if ranks and ranks != {rank}:
+            raise TrainRequestError(f"{path}: its {role} LoRA has rank {sorted(ranks)}, this run lora.rank={rank}: "
+                                    "resume with the checkpoint's lora.rank, or start over in another train.output_dir")
+        have = {re.sub(r"\.lora_(embedding_)?[AB]\..*$", "", k) for k in shapes if ".lora_" in k}
+        if have != set(lora_modules):
+            extra, missing = sorted(have - set(lora_modules)), sorted(set(lora_modules) - have)
+            raise TrainRequestError(
+                f"{path}: its {role} LoRA wraps other modules than lora.target_modules selects (only in the "
+                f"checkpoint: {extra[:4]}, only in this run: {missing[:4]}): resume with the checkpoint's "
+                "lora.target_modules, or start over in another train.output_dir")
 
 
 # ============================================================================ roles
@@ -399,6 +484,16 @@ def _load_tensors(path: Path) -> tuple[dict[str, torch.Tensor], Any]:
     return t, (json.loads(meta) if meta else None)
 
 
+def _cache_meta(path: Path) -> Any:
+    """The JSON metadata of a safetensors cache file, or None when it is missing or unreadable."""
+    if not path.is_file():
+        return None
+    try:
+        return _load_tensors(path)[1]
+    except Exception:  # safetensors' header / JSON errors: a file cut short is no cache
+        return None
+
+
 def _optimizer_to_file(opt, path: Path) -> None:
     sd = opt.state_dict()
     tensors, rest = {}, {}
@@ -469,6 +564,28 @@ def _deepspeed_keep_tuple_attributes() -> None:
     apply_to_tensors_only._videoblade = True
     zu.apply_to_tensors_only = apply_to_tensors_only
     po.apply_to_tensors_only = apply_to_tensors_only
+
+
+def _truncate_metrics(path: Path, step: int) -> None:
+    """Drop the rows of `path` (metrics.jsonl) past `step`, the step this run starts from: rows an
+    earlier run logged after its last checkpoint (or a run started over in the same folder), which
+    this run logs again, and a line cut short by a kill. Rewritten atomically."""
+    if not path.is_file():
+        return
+    lines = path.read_text().splitlines(keepends=True)
+    keep = []
+    for ln in lines:
+        try:
+            row = json.loads(ln)
+        except ValueError:
+            continue
+        if isinstance(row, dict) and isinstance(row.get("step"), int) and row["step"] <= step:
+            keep.append(ln if ln.endswith("\n") else ln + "\n")
+    if keep == lines:
+        return
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text("".join(keep))
+    os.replace(tmp, path)
 
 
 def _free_port() -> int:
@@ -739,8 +856,12 @@ class TDMTrainer:
             return None
         norm = None
         if acc.sync_gradients:
-            norm = acc.clip_grad_norm_(self.params[role], self.cfg.optim.max_grad_norm)
-            norm = None if norm is None else float(norm)
+            # unscale (fp16's GradScaler) this role's optimizer only: `acc.clip_grad_norm_` unscales every
+            # prepared optimizer, so the fake step's clip would unscale the student's half-accumulated
+            # window, and the student's own clip (after the fake's scaler.update reset that record)
+            # would divide those micro-steps' gradients by the loss scale a second time
+            acc.unscale_gradients(optimizer=self.optimizers[role])
+            norm = float(torch.nn.utils.clip_grad_norm_(self.params[role], self.cfg.optim.max_grad_norm))
         self.optimizers[role].step()
         if acc.sync_gradients:
             self.schedulers[role].step()
@@ -939,14 +1060,17 @@ class TDMTrainer:
         # model re-encodes instead of validating on stale embeddings
         key = {"prompts": list(self.req.validation_prompts[:n]), "model": str(self.req.folder),
                "text_max_length": int(self.req.store.text_max_length)}
-        if acc.is_main_process and (not cache.is_file() or _load_tensors(cache)[1] != key):
+        if acc.is_main_process and _cache_meta(cache) != key:
             adapter = self.req.adapter
             with _whole_transformers_models(acc):
                 te = adapter.load(self.req.folder, dtype=torch.float32 if self.device.type == "cpu" else torch.bfloat16,
                                   device=self.device, components=("text_encoder", "tokenizer"))
             emb = adapter.encode_prompts(te.text_encoder, te.tokenizer, self.req.validation_prompts[:n],
                                          max_length=self.req.store.text_max_length)
-            _save_tensors(cache, {"embeds": emb.float()}, key)
+            # atomically: a file cut short by a kill would fail every later run's start
+            tmp = cache.with_name(cache.name + ".tmp")
+            _save_tensors(tmp, {"embeds": emb.float()}, key)
+            os.replace(tmp, cache)
             del te
         acc.wait_for_everyone()
         return _load_tensors(cache)[0]["embeds"].to(self.device)
@@ -1017,13 +1141,7 @@ class TDMTrainer:
         tr = cfg.train
         if acc.is_main_process:
             dump_config(cfg, self.out)
-        resume = None
-        if tr.resume_from_checkpoint == "latest":
-            resume = latest_checkpoint(self.out)
-        elif tr.resume_from_checkpoint:
-            resume = Path(tr.resume_from_checkpoint)
-            if not (resume / "state.json").is_file():
-                raise TrainRequestError(f"train.resume_from_checkpoint={resume} is not a complete checkpoint")
+        resume = self.req.resume
         if resume is not None:
             self.load_checkpoint(resume)
         if self.log_with is not None:
@@ -1041,7 +1159,10 @@ class TDMTrainer:
             acc.print(f"[videoblade] {note}")
         val_embeds = self._validation_embeds()
         stop = tr.stop_at_step or tr.max_train_steps
-        metrics_f = open(self.out / "metrics.jsonl", "a") if acc.is_main_process else None
+        metrics_f = None
+        if acc.is_main_process:
+            _truncate_metrics(self.out / "metrics.jsonl", self.global_step)
+            metrics_f = open(self.out / "metrics.jsonl", "a")
         bar = tqdm(total=tr.max_train_steps, initial=self.global_step, desc="TDM", unit="step",
                    disable=not (progress and acc.is_local_main_process)
                    or os.environ.get("TQDM_DISABLE", "") not in ("", "0"),
