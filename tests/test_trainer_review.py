@@ -202,3 +202,28 @@ def test_validation_embedding_cache_cut_short_is_rebuilt(wan, tmp_path):
     torch.testing.assert_close(again, emb)
     assert _load_tensors(cache)[0]["embeds"].shape == emb.shape
     assert not list(out.glob("*.tmp"))
+
+
+def test_logged_learning_rate_is_the_one_the_step_used(wan, tmp_path):
+    # lr_* was read after the schedulers stepped: the rate of the next step (during warmup one
+    # warmup increment ahead of what the optimizer had just used)
+    from diffusers.optimization import get_scheduler
+
+    out = tmp_path / "lr"
+    cfg = _cfg(wan, out, **{"optim.lr_warmup_steps": 3, "train.max_train_steps": 4, "train.checkpointing_steps": 4})
+    from videoblade.distill.trainer import train
+
+    train(cfg, progress=False)
+    rows = [json.loads(ln) for ln in (out / "metrics.jsonl").read_text().splitlines()]
+    for role in ("student", "fake"):
+        o = cfg.optim
+        lr = o.learning_rate if role == "student" else o.learning_rate_fake
+        opt = torch.optim.SGD([torch.nn.Parameter(torch.zeros(1))], lr=lr)
+        sch = get_scheduler(o.lr_scheduler, opt, num_warmup_steps=o.lr_warmup_steps,
+                            num_training_steps=cfg.train.max_train_steps, num_cycles=o.lr_num_cycles)
+        want = []
+        for _ in rows:
+            want.append(sch.get_last_lr()[0])
+            opt.step()
+            sch.step()
+        assert [r[f"lr_{role}"] for r in rows] == pytest.approx(want), role

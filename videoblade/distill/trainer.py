@@ -1176,6 +1176,8 @@ class TDMTrainer:
         try:
             while self.global_step < stop:
                 agg: dict[str, list[float]] = {}
+                # the rates this step's optimizer steps use (the schedulers step after them)
+                lrs = {r: self.schedulers[r].get_last_lr()[0] for r in ("student", "fake")}
                 for _ in range(tr.gradient_accumulation_steps):
                     idx = self.sampler.next_indices()
                     emb = self.req.store.get(idx).to(self.device)
@@ -1189,8 +1191,7 @@ class TDMTrainer:
                 t_prev = now
                 rec = {k: sum(v) / len(v) for k, v in agg.items()}
                 rec.update(step=self.global_step, skipped_fake_steps=self.skipped_fake,
-                           lr_student=self.schedulers["student"].get_last_lr()[0],
-                           lr_fake=self.schedulers["fake"].get_last_lr()[0], s_per_it=step_times[-1],
+                           lr_student=lrs["student"], lr_fake=lrs["fake"], s_per_it=step_times[-1],
                            peak_memory_gb=_peak_memory_gb(self.device), epoch=self.sampler.epoch)
                 rec.update(self._density())
                 last = rec
@@ -1207,6 +1208,7 @@ class TDMTrainer:
                     self.save_checkpoint()
                 if val_embeds is not None and self.global_step % tr.validation_steps == 0:
                     videos += self.validate(val_embeds)
+                t_prev = time.perf_counter()  # s_per_it: the step itself, not the checkpoint or validation after it
         finally:
             bar.close()
             if metrics_f is not None:
