@@ -265,3 +265,14 @@ def test_write_refuses_a_shard_size_below_one(tmp_path, monkeypatch):
         write_prompt_store(tmp_path / "s", [torch.zeros(2, 2, 3)], ["a", "b"], family="wan", text_max_length=2,
                            negative_embeds=torch.zeros(1, 2, 3), shard_size=0)
     assert not (tmp_path / "s").exists()
+
+
+def test_text_encoder_never_computes_in_fp16():
+    # an fp16 store was encoded by a T5 running in fp16, which overflows (inf/NaN embeddings); the
+    # store keeps its dtype, the encoder computes in bf16 (float32 on the CPU)
+    from videoblade.data.encode import encoder_dtype
+
+    assert encoder_dtype("fp16", "cuda") == torch.bfloat16
+    assert encoder_dtype("bf16", "cuda:0") == torch.bfloat16
+    assert encoder_dtype("fp32", "cuda") == torch.float32
+    assert {encoder_dtype(d, "cpu") for d in ("fp16", "bf16", "fp32")} == {torch.float32}

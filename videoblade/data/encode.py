@@ -28,7 +28,7 @@ def encode_prompts_to_store(model_path: str | Path, prompts: list[str], out_dir:
                             text_max_length: int | None = None, dtype: str = "bf16", negative_prompt: str = "",
                             batch_size: int = 8, shard_size: int = 1024, device: str | None = None,
                             progress: bool = True) -> Path:
-    from videoblade.models import device_problem, get_adapter, parse_dtype
+    from videoblade.models import device_problem, get_adapter
 
     model_path = Path(model_path)
     adapter = get_adapter(model_path)  # reads configs only; raises ModelRequestError with a fix
@@ -53,7 +53,7 @@ def encode_prompts_to_store(model_path: str | Path, prompts: list[str], out_dir:
     problem = device_problem(device)
     if problem:
         raise PromptStoreError(f"device {device!r} is not available here: {problem}")
-    enc_dtype = parse_dtype(dtype) if device != "cpu" else torch.float32  # bf16 matmuls are slow on CPU
+    enc_dtype = encoder_dtype(dtype, device)
     loaded = adapter.load(model_path, dtype=enc_dtype, device=device, components=("text_encoder", "tokenizer"))
 
     def batches():
@@ -70,6 +70,18 @@ def encode_prompts_to_store(model_path: str | Path, prompts: list[str], out_dir:
     return write_prompt_store(out_dir, batches(), prompts, family=adapter.family, text_max_length=max_len,
                               negative_embeds=neg.float().cpu(), negative_prompt=negative_prompt, dtype=dtype,
                               shard_size=shard_size, model_path=str(model_path))
+
+
+def encoder_dtype(store_dtype: str, device) -> torch.dtype:
+    """The dtype the text encoder computes in for a store of ``store_dtype``: float32 on the CPU (bf16
+    matmuls are slow there), else the store's dtype, except fp16: T5 encoders overflow in fp16 (the
+    reason the pipelines run them in bf16 or fp32), so an fp16 store is computed in bf16 and cast."""
+    from videoblade.models import parse_dtype
+
+    if torch.device(device).type == "cpu":
+        return torch.float32
+    dt = parse_dtype(store_dtype)
+    return torch.bfloat16 if dt == torch.float16 else dt
 
 
 def encode_prompt_file(model_path: str | Path, prompts_file: str | Path, out_dir: str | Path, **kwargs) -> Path:
