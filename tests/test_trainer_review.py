@@ -227,3 +227,32 @@ def test_logged_learning_rate_is_the_one_the_step_used(wan, tmp_path):
             opt.step()
             sch.step()
         assert [r[f"lr_{role}"] for r in rows] == pytest.approx(want), role
+
+
+def test_validation_samples_without_lora_dropout_and_stale_save_folders_go(wan, tmp_path, monkeypatch):
+    # validation sampled with the student in train mode: with lora.lora_dropout > 0 every validation
+    # video carried dropout noise; a `.tmp-checkpoint-N` left by a kill during a save stayed for good
+    from videoblade.distill.trainer import TDMTrainer
+
+    out = tmp_path / "drop"
+    stale = out / "checkpoints" / ".tmp-checkpoint-7"
+    stale.mkdir(parents=True)
+    cfg = _cfg(wan, out, **{"lora.lora_dropout": 0.5, "train.max_train_steps": 1, "train.checkpointing_steps": 1})
+    trainer = TDMTrainer(cfg)
+    trainer.run(progress=False)
+    assert not stale.exists() and (out / "checkpoints" / "checkpoint-1").is_dir()
+
+    student = trainer._raw["student"]
+    dropouts = [m for n, m in student.named_modules() if n.endswith("lora_dropout.student")]
+    assert dropouts and student.training
+    seen = []
+    real = trainer._validation_latents
+
+    def spy(emb):
+        seen.append([m.training for m in dropouts])
+        return real(emb)
+
+    monkeypatch.setattr(trainer, "_validation_latents", spy)
+    paths = trainer.validate(trainer.req.store.get([0]).to(trainer.device))
+    assert len(paths) == 1 and seen == [[False] * len(dropouts)]
+    assert student.training and all(m.training for m in dropouts)  # back to training afterwards

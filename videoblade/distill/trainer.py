@@ -1097,7 +1097,13 @@ class TDMTrainer:
         """Sample with the student through the shared sampler; write mp4s (main process). All ranks run
         the forwards (ZeRO-3 gathers parameters collectively); only the main one decodes and writes."""
         cfg, acc, req = self.cfg, self.accelerator, self.req
-        lat = self._validation_latents(embeds)
+        student = self._raw["student"]
+        was_training = student.training
+        student.eval()  # LoRA dropout (lora.lora_dropout > 0) off while sampling, as at inference
+        try:
+            lat = self._validation_latents(embeds)
+        finally:
+            student.train(was_training)
         for a in self.roles.asa.values():
             a.reset_stats()
         paths: list[str] = []
@@ -1141,6 +1147,9 @@ class TDMTrainer:
         tr = cfg.train
         if acc.is_main_process:
             dump_config(cfg, self.out)
+            # temporary folders of saves a kill interrupted (never read: latest_checkpoint skips them)
+            for d in self._ckpt_root().glob(".tmp-checkpoint-*"):
+                shutil.rmtree(d, ignore_errors=True)
         resume = self.req.resume
         if resume is not None:
             self.load_checkpoint(resume)
