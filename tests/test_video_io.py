@@ -78,11 +78,25 @@ def test_write_is_atomic_and_failures_raise(tmp_path):
     assert sorted(p.name for p in tmp_path.iterdir()) == ["a.mp4", "dir.mp4"]
 
 
+def _spy_ffmpeg_paths(monkeypatch) -> list:
+    """The paths write_video hands ffmpeg (its temporary files), recorded as it writes."""
+    import imageio_ffmpeg
+
+    seen = []
+    real = imageio_ffmpeg.write_frames
+
+    def spy(path, *a, **k):
+        seen.append(path)
+        return real(path, *a, **k)
+
+    monkeypatch.setattr(imageio_ffmpeg, "write_frames", spy)
+    return seen
+
+
 def test_long_names_and_temporary_files(tmp_path, monkeypatch):
     """A name of up to NAME_MAX (255 bytes) is written (the temporary name beside it must not be longer),
     and the temporary file is never a '.mp4' a scorer listing the folder would take for a video (a run
     killed by SIGTERM, as a job scheduler's time limit does, leaves it behind)."""
-    import imageio_ffmpeg
 
     frames = smooth_clip(3, 16, 16)
     name = "é" * 122 + "-4.mp4"  # 250 bytes
@@ -91,14 +105,7 @@ def test_long_names_and_temporary_files(tmp_path, monkeypatch):
     assert read_video(tmp_path / name).shape == (3, 16, 16, 3)
     assert sorted(p.name for p in tmp_path.iterdir()) == [name]
 
-    seen = []
-    real = imageio_ffmpeg.write_frames
-
-    def spy(path, *a, **k):
-        seen.append(path)
-        return real(path, *a, **k)
-
-    monkeypatch.setattr(imageio_ffmpeg, "write_frames", spy)
+    seen = _spy_ffmpeg_paths(monkeypatch)
     write_video(tmp_path / "a cat-0.mp4", frames)
     assert len(seen) == 1 and not seen[0].lower().endswith((".mp4", ".gif", ".jpg", ".png"))
     assert video_info(tmp_path / "a cat-0.mp4")["frames"] == 3
@@ -107,16 +114,7 @@ def test_long_names_and_temporary_files(tmp_path, monkeypatch):
 def test_temporary_names_differ_for_names_sharing_a_prefix(tmp_path, monkeypatch):
     """Two eval-folder names that agree in their first 64 bytes (long prompts that differ at the end) get
     different temporary files, so two writers in one process (threads) cannot write into the same one."""
-    import imageio_ffmpeg
-
-    seen = []
-    real = imageio_ffmpeg.write_frames
-
-    def spy(path, *a, **k):
-        seen.append(path)
-        return real(path, *a, **k)
-
-    monkeypatch.setattr(imageio_ffmpeg, "write_frames", spy)
+    seen = _spy_ffmpeg_paths(monkeypatch)
     frames = smooth_clip(2, 16, 16)
     common = "a" * 80
     for name in (common + " red-0.mp4", common + " blue-0.mp4"):
