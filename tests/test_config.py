@@ -156,6 +156,10 @@ def test_none_spellings_clear_optional_paths(tmp_path, spelling):
     y.write_text(f"train:\n  resume_from_checkpoint: {spelling}\n")
     assert load_config(y).train.resume_from_checkpoint is None
     assert load_config(None, ["train.report_to=none"]).train.report_to == "none"  # a plain string stays one
+    # optional numbers too (`sample.steps=None` failed: "None" could not be converted to an int)
+    keys = ("sample.steps", "sample.eta", "model.height", "model.frames", "asa.dense_timestep_above")
+    c = load_config(None, [f"{k}={spelling}" for k in keys])
+    assert (c.sample.steps, c.sample.eta, c.model.height, c.model.frames, c.asa.dense_timestep_above) == (None,) * 5
 
 
 def test_sample_defaults_follow_the_student():

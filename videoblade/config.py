@@ -310,8 +310,8 @@ def _validate(cfg: RunConfig) -> None:
 
 
 # ---------------------------------------------------------------------------- load / dump
-def _field_kind(schema: type, key: str) -> str | None:
-    """"str" or "str | None" when the dotted ``key`` names a text field of ``schema``, else None."""
+def _field_type(schema: type, key: str) -> str | None:
+    """The annotation (as written, e.g. "int | None") of the field the dotted ``key`` names, else None."""
     cls = schema
     parts = key.split(".")
     for i, name in enumerate(parts):
@@ -320,9 +320,15 @@ def _field_kind(schema: type, key: str) -> str | None:
         if f is None:
             return None
         if i == len(parts) - 1:
-            return f.type if f.type in ("str", "str | None") else None
+            return f.type if isinstance(f.type, str) else None
         cls = f.default_factory if isinstance(f.default_factory, type) else None  # a section's class
     return None
+
+
+def _field_kind(schema: type, key: str) -> str | None:
+    """"str" or "str | None" when the dotted ``key`` names a text field of ``schema``, else None."""
+    t = _field_type(schema, key)
+    return t if t in ("str", "str | None") else None
 
 
 def _verbatim(value: str, optional: bool) -> str | None:
@@ -361,7 +367,10 @@ def load_config(path: str | Path | None = None, overrides: list[str] | None = No
         for o in overrides or ():
             key, value = o.split("=", 1)
             kind = _field_kind(schema, key.strip())
-            if kind is None:  # numbers, bools, lists, unknown keys: parsed as YAML, checked by the schema
+            ftype = _field_type(schema, key.strip()) or ""
+            if kind is None and ftype.endswith("| None") and value.strip() in ("None", "none"):
+                OmegaConf.update(merged, key.strip(), None)  # Python's spelling of null, as for text fields
+            elif kind is None:  # numbers, bools, lists, unknown keys: parsed as YAML, checked by the schema
                 merged = OmegaConf.merge(merged, OmegaConf.from_dotlist([o]))
             else:  # text fields take the text as typed (see _verbatim)
                 OmegaConf.update(merged, key.strip(), _verbatim(value, optional=kind == "str | None"))
