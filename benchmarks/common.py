@@ -129,10 +129,22 @@ def target_met(t: dict) -> bool:
     return t["value"] >= t["target"] if t["higher_is_better"] else t["value"] <= t["target"]
 
 
+# the fields DESIGN.md names for every row ("pass" is the forward / backward pass measured)
+ROW_FIELDS = ("what", "shape", "density", "pass", "median_ms", "peer")
+
+
+def complete_row(row: dict) -> dict:
+    """A copy of ``row`` holding every field of :data:`ROW_FIELDS` (null where the row does not
+    measure it, e.g. a quality row's ``median_ms`` or a decode row's ``density``), so every row of
+    every results file can be read the same way."""
+    return {**{k: None for k in ROW_FIELDS if k not in row}, **row} if isinstance(row, dict) else row
+
+
 def write_results(name: str, rows: Sequence[dict], targets: dict | None = None, out_dir: str | os.PathLike | None = None,
                   **extra) -> Path:
-    """Write ``<out_dir or benchmarks/results>/<name>.json`` and return its path."""
-    doc = {**env_info(), "rows": list(rows), "targets": dict(targets or {}), **extra}
+    """Write ``<out_dir or benchmarks/results>/<name>.json`` and return its path. Every row gets the
+    fields of :data:`ROW_FIELDS` (:func:`complete_row`; the caller's dicts are not changed)."""
+    doc = {**env_info(), "rows": [complete_row(r) for r in rows], "targets": dict(targets or {}), **extra}
     d = Path(out_dir) if out_dir is not None else RESULTS_DIR
     d.mkdir(parents=True, exist_ok=True)
     path = d / f"{name}.json"

@@ -570,7 +570,7 @@ def main(argv=None) -> int:
         print(f"nothing measured (skipped: {', '.join(skipped) or 'none'}); nothing written", flush=True)
         return 1
     targets = json.loads(path.read_text())["targets"]
-    print_table([r for r in rows if "median_ms" in r], ["model", "what", "density", "median_ms", "psnr_db"])
+    print_table([r for r in rows if r.get("median_ms") is not None], ["model", "what", "density", "median_ms", "psnr_db"])
     print(f"\n{'target':<28}{'value':>10}{'target':>10}")
     for k, v in targets.items():
         print(f"{k:<28}{v['value']:>10.2f}{v['target']:>10.1f}")

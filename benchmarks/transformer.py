@@ -463,7 +463,7 @@ def kernel_breakdown(label: str, fwd, model, shape: str) -> dict:
 
 def forward_target(rows: list[dict]) -> float:
     """Fastest ASA forward over the fastest dense forward (eager or compiled, any SDPA backend)."""
-    timed = [r for r in rows if "median_ms" in r]
+    timed = [r for r in rows if r.get("median_ms") is not None]
     dense = min(r["median_ms"] for r in timed if r["density"] == 1.0)
     asa = min(r["median_ms"] for r in timed if "ASA defaults" in r["what"] and "without" not in r["what"])
     return dense / asa
