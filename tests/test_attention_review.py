@@ -43,3 +43,15 @@ def test_statistics_started_under_inference_mode_keep_counting():
     st = asa.density_stats()
     assert st["layers"][0]["calls"] == 2 and st["layers"][1]["calls"] == 2
     assert st["layers"][1]["heads"] == [1.0, 1.0]
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_pool_left_null_is_the_families(family):
+    # SPEC 1.5: compensation pool 32 for Wan, 16 for CogVideoX; an ASAConfig without a pool (the default)
+    # takes the installed transformer's, a bare AdaptiveSparseAttention the default 32
+    model = make(family)
+    cfg = ASAConfig(**dict({k: v for k, v in SPARSE.items() if k != "pool"}, block_size=64))
+    asa = set_adaptive_sparse_attention(model, cfg)
+    assert asa.cfg.pool == {"wan": 32, "cogvideox": 16}[family] and cfg.pool is None  # the caller's stays
+    assert AdaptiveSparseAttention(ASAConfig()).cfg.pool == 32
+    assert AdaptiveSparseAttention(ASAConfig(block_size=16)).cfg.pool == 16  # at most one block

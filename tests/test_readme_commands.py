@@ -162,7 +162,8 @@ def test_the_override_examples_parse_as_the_readme_says(monkeypatch):
         key, value = o.split("=", 1)
         section, name = key.split(".")
         have = getattr(getattr(cfg, section), name)
-        want = value if isinstance(have, str) else yaml.safe_load(value)  # text as typed, the rest as YAML
+        # text as typed, the rest as YAML; None (Python's null) clears an optional field of any type
+        want = None if value in ("None", "none") else value if isinstance(have, str) else yaml.safe_load(value)
         assert have == want, (o, have)
     assert cfg.asa.min_retain == 1.0 and cfg.asa.max_retain < 1.0  # min_retain=1 whatever max_retain says
     # one pair of quotes dropped, null clears an optional text, ${oc.env:VAR} resolves

@@ -256,3 +256,33 @@ def test_validation_samples_without_lora_dropout_and_stale_save_folders_go(wan, 
     paths = trainer.validate(trainer.req.store.get([0]).to(trainer.device))
     assert len(paths) == 1 and seen == [[False] * len(dropouts)]
     assert student.training and all(m.training for m in dropouts)  # back to training afterwards
+
+
+@pytest.mark.parametrize("family", ["wan", "cogvideox"])
+def test_family_settings_left_null_are_the_models_and_dumped(family, tmp_path):
+    # without the family's YAML (python -m videoblade.train model.path=<CogVideoX> ...) a CogVideoX run
+    # trained with Wan's teacher CFG 5.0, lambda_reg 0, pool 32 and 16 fps; config.yaml recorded nulls
+    # for the size and the text length the run used
+    from videoblade.config import dump_config
+    from videoblade.distill.trainer import validate_request
+
+    folder = tiny_model_folder(family)
+    store = encode_prompts_to_store(folder, PROMPTS[:2], tmp_path / "store", dtype="fp32", progress=False)
+    cfg = load_config(None, [f"model.path={folder}", f"train.prompt_store={store}", f"train.output_dir={tmp_path / 'o'}",
+                             "train.report_to=none"])
+    req = validate_request(cfg)
+    want = {"wan": (5.0, 0.0, 32, 16), "cogvideox": (3.5, 0.5, 16, 8)}[family]
+    assert (cfg.tdm.cfg, cfg.tdm.lambda_reg, cfg.asa.pool, cfg.sample.fps) == want
+    g = req.geometry
+    assert (cfg.model.height, cfg.model.width, cfg.model.frames) == (g.height, g.width, g.frames)
+    assert cfg.model.text_max_length == req.store.text_max_length
+    assert (cfg.sample.steps, cfg.sample.eta) == (cfg.tdm.k_step, cfg.tdm.eta)
+    # the dump reloads to the same settings
+    again = load_config(dump_config(cfg, tmp_path / "dump"))
+    assert again == cfg
+    # explicit values win
+    cfg = load_config(None, [f"model.path={folder}", f"train.prompt_store={store}", f"train.output_dir={tmp_path / 'p'}",
+                             "train.report_to=none", "tdm.cfg=2.0", "tdm.lambda_reg=0.25", "asa.pool=64",
+                             "sample.fps=24"])
+    validate_request(cfg)
+    assert (cfg.tdm.cfg, cfg.tdm.lambda_reg, cfg.asa.pool, cfg.sample.fps) == (2.0, 0.25, 64, 24)

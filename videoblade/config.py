@@ -71,7 +71,9 @@ class ASAConfig:
     # the rest skipped (compensation still covers them); density counts a pooled block as 1/pool
     level_pools: list[int] = field(default_factory=lambda: [2, 4, 8])
     level_fractions: list[float] = field(default_factory=lambda: [0.05, 0.10, 0.15, 0.20])
-    pool: int = 32  # tokens per compensation summary; must divide block_size
+    # tokens per compensation summary; must divide block_size. None: the model family's (SPEC 1.5:
+    # Wan 32, CogVideoX 16; FAMILY_ASA_POOL), filled in when ASA is installed on a transformer
+    pool: int | None = None
     compensation: bool = True
     reorder: bool = True  # Gilbert locality reordering
     dense_layers: list[int] = field(default_factory=list)  # layer indices that stay dense
@@ -100,8 +102,8 @@ class TDMConfig:
 
     k_step: int = 8
     eta: float = 0.9
-    cfg: float = 5.0  # teacher guidance scale (Wan 5.0, CogVideoX 3.5)
-    lambda_reg: float = 0.0  # fake-score regulariser towards the teacher (Wan 0, CogVideoX 0.5)
+    cfg: float | None = None  # teacher guidance scale; None: the family's (Wan 5.0, CogVideoX 3.5)
+    lambda_reg: float | None = None  # fake-score regulariser towards the teacher; None: the family's (Wan 0, CogVideoX 0.5)
     num_train_timesteps: int = 1000
     t_max: int = 980  # upper bound of the diffusion timestep t ~ U[t_mid, t_max)
     huber_c: float = 1e-3  # c = huber_c * sqrt(numel per sample) / sqrt(64*64*4)
@@ -166,7 +168,7 @@ class SampleConfig:
     sampler: str = "tdm"  # "tdm" (the eta-stochastic sampler) | "unipc"
     flow_shift: float | None = None  # unipc on flow models (Wan) only; None: the model folder's
     seed: int = 0
-    fps: int = 16
+    fps: int | None = None  # None: the family's (Wan 16, CogVideoX 8)
 
 
 @dataclass
@@ -184,6 +186,22 @@ class RunConfig:
 # diffusers.optimization.get_scheduler names the trainer can build (piecewise_constant needs step rules)
 LR_SCHEDULERS = ("linear", "cosine", "cosine_with_restarts", "polynomial", "constant", "constant_with_warmup")
 MAX_POOLED_LEVELS = 3  # the Triton kernels walk at most three pooled levels (kernels.block_sparse.MAX_LEVELS)
+# SPEC 1.5: tokens per compensation summary by model family (asa.pool: null takes the model's); a
+# model of no listed family (the demo's toy, a bare AdaptiveSparseAttention) takes DEFAULT_ASA_POOL
+FAMILY_ASA_POOL = {"wan": 32, "cogvideox": 16}
+DEFAULT_ASA_POOL = 32
+
+
+def family_asa_pool(family: str | None) -> int:
+    return FAMILY_ASA_POOL.get((family or "").removeprefix("tiny-"), DEFAULT_ASA_POOL)
+
+
+def with_family_pool(a: ASAConfig, family: str | None) -> ASAConfig:
+    """``a`` itself when its pool is set, else a copy with the family's pool (at most one block: a
+    block_size below it, both powers of two, pools the whole block into one summary)."""
+    if a.pool is not None:
+        return a
+    return dataclasses.replace(a, pool=min(family_asa_pool(family), max(1, int(a.block_size))))
 
 
 def level_pools_error(block_size: int, pools) -> str | None:
@@ -221,7 +239,8 @@ def check_asa(a: ASAConfig, prefix: str = "asa.") -> None:
     config and for an :class:`ASAConfig` built in Python and handed to ``AdaptiveSparseAttention``)."""
     bs = a.block_size
     _check(bs >= 16 and bs & (bs - 1) == 0, prefix + "block_size", f"must be a power of two >= 16, got {bs}")
-    _check(a.pool >= 1 and bs % a.pool == 0, prefix + "pool", f"must divide {prefix}block_size={bs}, got {a.pool}")
+    _check(a.pool is None or (a.pool >= 1 and bs % a.pool == 0), prefix + "pool",
+           f"must divide {prefix}block_size={bs} (or be null: the model family's), got {a.pool}")
     sp = a.samples_per_block
     _check(1 <= sp <= bs, prefix + "samples_per_block", f"must be in [1, {bs}], got {sp}")
     # the sampled estimate splits every block into equal strides (kernels/importance.py)
@@ -266,8 +285,8 @@ def _validate(cfg: RunConfig) -> None:
 
     _check(1 <= t.k_step <= t.num_train_timesteps, "tdm.k_step", f"must be in [1, {t.num_train_timesteps}]")
     _check(0.0 <= t.eta <= 1.0, "tdm.eta", f"must be in [0, 1], got {t.eta}")
-    _check(t.cfg >= 1.0, "tdm.cfg", f"teacher guidance must be >= 1, got {t.cfg}")
-    _check(t.lambda_reg >= 0.0, "tdm.lambda_reg", f"must be >= 0, got {t.lambda_reg}")
+    _check(t.cfg is None or t.cfg >= 1.0, "tdm.cfg", f"teacher guidance must be >= 1, got {t.cfg}")
+    _check(t.lambda_reg is None or t.lambda_reg >= 0.0, "tdm.lambda_reg", f"must be >= 0, got {t.lambda_reg}")
     _check(0 < t.t_max <= t.num_train_timesteps, "tdm.t_max", f"must be in (0, {t.num_train_timesteps}]")
     _check(t.max_fake_loss > 0, "tdm.max_fake_loss", "must be > 0")
     _check(t.huber_c > 0, "tdm.huber_c", f"must be > 0, got {t.huber_c}")
@@ -306,7 +325,7 @@ def _validate(cfg: RunConfig) -> None:
     _check(s.flow_shift is None or s.sampler == "unipc", "sample.flow_shift",
            f"applies to sample.sampler=unipc only (got sample.sampler={s.sampler}): set sample.flow_shift=null")
     _check(s.flow_shift is None or s.flow_shift > 0, "sample.flow_shift", f"must be > 0, got {s.flow_shift}")
-    _check(s.fps >= 1, "sample.fps", "must be >= 1")
+    _check(s.fps is None or s.fps >= 1, "sample.fps", "must be >= 1 (or null: the family's)")
 
 
 # ---------------------------------------------------------------------------- load / dump

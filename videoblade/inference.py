@@ -39,7 +39,7 @@ from typing import Any
 
 import torch
 
-from videoblade.config import ASAConfig, ConfigError, load_config, to_dict
+from videoblade.config import ASAConfig, ConfigError, load_config, to_dict, with_family_pool
 
 __all__ = [
     "InferenceError",
@@ -611,8 +611,7 @@ def plan_from_args(args: argparse.Namespace) -> Plan:
             notes.append("ASA settings read from the LoRA's metadata (the ones it was trained with)")
         else:
             asa = ASAConfig()
-            if family == "cogvideox":  # SPEC: compensation pool 16 for CogVideoX
-                asa.pool = 16
+        asa = with_family_pool(asa, family)  # pool unset: the family's (SPEC 1.5), as the install would
         asa.enabled = True
     elif args.asa_config and asa_file is None:
         notes.append("--asa-config ignored: the run is dense")
@@ -687,7 +686,7 @@ def plan_from_args(args: argparse.Namespace) -> Plan:
     on_cuda = device.startswith("cuda")
     dtype = args.dtype or ("bf16" if on_cuda else "fp32")
     vae_dtype = args.vae_dtype or (VAE_DTYPE_DEFAULT if on_cuda else "fp32")
-    fps = args.fps if args.fps is not None else (16 if family == "wan" else 8)
+    fps = args.fps if args.fps is not None else adapter.default_fps
     if fps <= 0:
         raise InferenceError(f"--fps must be positive, got {fps}")
     try:

@@ -29,7 +29,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
-from ..config import ASAConfig, check_asa
+from ..config import ASAConfig, check_asa, with_family_pool
 from .gilbert import gilbert_order_on
 from .mask import block_levels, block_lists, block_mask, level_density, level_lists, num_blocks
 
@@ -69,7 +69,9 @@ class AdaptiveSparseAttention:
     """
 
     def __init__(self, cfg: ASAConfig | None = None, backend: str = "auto"):
-        self.cfg = cfg if cfg is not None else ASAConfig()
+        # pool null (the family's): set_adaptive_sparse_attention fills it from the transformer's family;
+        # used on its own, with no model to tell, the default pool
+        self.cfg = with_family_pool(cfg if cfg is not None else ASAConfig(), None)
         if backend not in ("auto", "triton", "torch"):
             raise ValueError(f"backend must be 'auto', 'triton' or 'torch', got {backend!r}")
         self.backend = backend

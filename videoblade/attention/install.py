@@ -35,7 +35,7 @@ import inspect
 
 import torch
 
-from ..config import ASAConfig
+from ..config import ASAConfig, with_family_pool
 from .asa import AdaptiveSparseAttention, timestep_value
 from .gilbert import gilbert_order_on
 from .processors import ASAForwardContext, CogVideoXASAProcessor, RotaryWithContext, WanASAProcessor
@@ -305,7 +305,7 @@ def set_adaptive_sparse_attention(
     family = model_family(transformer)
     # a copy: one config passed to several transformers (or edited later) must not couple them; change
     # an install's settings through the returned object's .cfg
-    cfg = copy.deepcopy(config) if config is not None else ASAConfig()
+    cfg = with_family_pool(copy.deepcopy(config) if config is not None else ASAConfig(), family)
     # checks the config before the previous install goes: a bad one raises and leaves the model as it was
     state = _ASAInstallState(transformer, cfg, family, reorder_scope, backend)
     if getattr(transformer, _STATE_ATTR, None) is not None:

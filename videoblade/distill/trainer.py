@@ -61,7 +61,7 @@ from typing import Any
 
 import torch
 
-from videoblade.config import RunConfig, dump_config, to_dict
+from videoblade.config import RunConfig, dump_config, to_dict, with_family_pool
 from videoblade.distill import tdm
 from videoblade.io.jsonfile import strict_json
 from videoblade.sampling import guided, randn
@@ -302,6 +302,7 @@ def validate_request(cfg: RunConfig) -> TrainRequest:
         probe.unlink()
     except OSError as e:
         raise TrainRequestError(f"train.output_dir {out} is not writable: {e}") from None
+    _fill_model_defaults(cfg, adapter, geometry, store)
     use_ds, ds_path = _want_deepspeed(cfg)
     ds_config = _fill_ds_config(ds_path, cfg) if use_ds else None
     if tr.compile and use_ds:
@@ -315,6 +316,28 @@ def validate_request(cfg: RunConfig) -> TrainRequest:
     return TrainRequest(folder=folder, family=adapter.family, adapter=adapter, info=info, geometry=geometry,
                         schedule=schedule, store=store, output_dir=out, use_deepspeed=use_ds, ds_config=ds_config,
                         target_modules=targets, validation_prompts=val_prompts, notes=notes, resume=resume)
+
+
+def _fill_model_defaults(cfg: RunConfig, adapter, geometry, store) -> None:
+    """Fill the settings left null for the model to decide into ``cfg``, so the run, its config.yaml
+    and the LoRA's metadata all hold the values used: the family's teacher CFG, lambda_reg,
+    compensation pool and video fps (SPEC: Wan 5.0 / 0 / 32, CogVideoX 3.5 / 0.5 / 16), the video
+    size, the prompt store's text length and the validation sampler's steps / eta."""
+    t, s, m = cfg.tdm, cfg.sample, cfg.model
+    if t.cfg is None:
+        t.cfg = float(adapter.default_cfg)
+    if t.lambda_reg is None:
+        t.lambda_reg = float(adapter.default_lambda_reg)
+    cfg.asa = with_family_pool(cfg.asa, adapter.family)
+    if s.fps is None:
+        s.fps = int(adapter.default_fps)
+    if s.steps is None:
+        s.steps = t.k_step
+    if s.eta is None and s.sampler == "tdm":
+        s.eta = t.eta
+    m.height, m.width, m.frames = geometry.height, geometry.width, geometry.frames
+    if m.text_max_length is None:
+        m.text_max_length = int(store.text_max_length)
 
 
 def _resume_checkpoint(tr, out: Path) -> Path | None:

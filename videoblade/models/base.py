@@ -307,7 +307,9 @@ class ModelAdapter:
     family: str = ""
     transformer_classes: tuple[str, ...] = ()
     default_size: tuple[int, int, int] = (480, 832, 81)  # (height, width, frames)
-    default_cfg: float = 5.0
+    default_cfg: float = 5.0  # the distillation teacher's CFG (tdm.cfg: null)
+    default_lambda_reg: float = 0.0  # the fake score's regulariser (tdm.lambda_reg: null; SPEC 2)
+    default_fps: int = 16  # frames per second of written videos (sample.fps: null, --fps)
     default_text_max_length: int = 512
     lora_target_modules: tuple[str, ...] = ("to_q", "to_k", "to_v", "to_out.0")
     pipeline_class: str = ""
