@@ -223,7 +223,7 @@ def forward_rows(family: str, frames, height, width, asa_cfg: ASAConfig, reps: i
         rel_asa = _rel_l2(asa_out, dense_out)
         rows.append(dict(what=label, shape=shape, density=dens["mean"], median_ms=t_asa,
                          peer=f"best dense {best:.1f} ms", speedup_vs_best_dense=best / t_asa,
-                         rel_l2_vs_dense_output=rel_asa, asa_config=dataclasses.asdict(cfg),
+                         rel_l2_vs_dense_output=rel_asa, asa_config=dataclasses.asdict(asa.cfg),
                          density_min_layer=min(v["mean"] for v in dens["layers"].values()),
                          density_max_layer=max(v["mean"] for v in dens["layers"].values()),
                          **{"pass": bool(torch.isfinite(asa_out).all())}))
@@ -275,7 +275,7 @@ def compiled_rows(family, name, model, fwd, shape, dense_out, asa_cfg, reps, bes
     rows.append(dict(what=f"{name} forward, ASA defaults, compiled blocks{tag}", shape=shape, density=dens["mean"],
                      median_ms=t_asa, peer=f"best dense {best:.1f} ms (compiled {t_dense:.1f})",
                      speedup_vs_best_dense=best / t_asa, speedup_vs_compiled_dense=t_dense / t_asa,
-                     compile_s=comp_a, rel_l2_vs_dense_output=rel, asa_config=dataclasses.asdict(asa_cfg),
+                     compile_s=comp_a, rel_l2_vs_dense_output=rel, asa_config=dataclasses.asdict(asa.cfg),
                      **{"pass": bool(torch.isfinite(out).all())}))
     rows.append(kernel_breakdown(f"{name} forward, ASA defaults, compiled blocks{tag}", fwd, model, shape))
     if "VIDEOBLADE_KERNEL_TMA" not in os.environ:  # a run that sets it records it as kernel_env instead
@@ -634,7 +634,7 @@ def main(argv=None):
     targets: dict = {}
     if args.profile:
         if not SMOKE:
-            for fam, size, c in (("wan", sizes["wan"], ASAConfig()), ("cog", sizes["cog"], ASAConfig(pool=16))):
+            for fam, size, c in (("wan", sizes["wan"], ASAConfig()), ("cog", sizes["cog"], ASAConfig())):
                 forward_op_table(fam, *size, c)
                 _free()
         return
@@ -664,7 +664,7 @@ def main(argv=None):
         print_table(r, ["what", "density", "median_ms", "speedup_vs_best_dense", "max_possible_speedup", "compile_s"])
         save()
     if args.only in (None, "cog"):
-        r = forward_rows("cog", *sizes["cog"], ASAConfig(pool=16), args.reps, args.compile)
+        r = forward_rows("cog", *sizes["cog"], ASAConfig(), args.reps, args.compile)
         rows += r
         targets["cog_forward_speedup_vs_best_dense"] = target(forward_target(r), 1.5, True)
         print_table(r, ["what", "density", "median_ms", "speedup_vs_best_dense", "max_possible_speedup", "compile_s"])
