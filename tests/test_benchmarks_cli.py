@@ -205,7 +205,8 @@ def _compiled_rows(monkeypatch, head_dim, compile_mode=None):
         seen.append(os.environ.get("VIDEOBLADE_KERNEL_TMA"))
         return 1.0
 
-    asa = types.SimpleNamespace(reset_stats=lambda: None, density_stats=lambda: {"mean": 0.2, "layers": {}})
+    asa = types.SimpleNamespace(reset_stats=lambda: None, density_stats=lambda: {"mean": 0.2, "layers": {}},
+                                cfg=ASAConfig(pool=16))
     monkeypatch.setattr(tr, "_timer", timer)
     monkeypatch.setattr(tr, "_adapter", lambda fam: types.SimpleNamespace(compile_blocks=lambda m, mode=None: 0))
     monkeypatch.setattr(tr, "set_adaptive_sparse_attention", lambda m, c: asa)
