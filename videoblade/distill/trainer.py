@@ -23,9 +23,10 @@ module's *current* adapter and ASA state, so the step always re-selects the role
 back-propagates (see `_fake_step` / `_generator_step`).
 
 Skipped fake steps: a fake-score loss that is non-finite or above `tdm.max_fake_loss` (on any rank:
-the decision is all-reduced) gets no backward and is counted (`skipped_fake_steps`). Under DeepSpeed a
-skipped micro-step at an accumulation boundary defers that engine's update to the next boundary; under
-DDP the window's gradients are averaged over the ranks by hand before the step
+the decision is all-reduced) gets no backward and is counted (`skipped_fake_steps`). A skipped micro-step
+at an accumulation boundary still steps on the window's other micro-steps, in every mode: under DeepSpeed
+the engine is stepped by hand (`_step_skipped_boundary_engine`: it steps inside the boundary's backward);
+under DDP the window's gradients are averaged over the ranks by hand before the step
 (`_average_unsynced_grads`: the skipped backward was the one that would have all-reduced them).
 
 Checkpoints (`<output_dir>/checkpoints/checkpoint-<step>`): written into a temporary folder and
@@ -643,6 +644,7 @@ class TDMTrainer:
         self.generator = torch.Generator(device=gdev).manual_seed(cfg.train.seed * 1000 + acc.process_index)
         self.negative = self.req.store.negative().to(self.device)
         self.global_step = 0
+        self._engine_pending = {"student": False, "fake": False}  # DeepSpeed: a backward awaits its boundary step
         self.skipped_fake = 0
         self.fake_steps = 0
 
@@ -836,9 +838,33 @@ class TDMTrainer:
 
     def _backward(self, role: str, loss: torch.Tensor) -> None:
         if self.engines is not None:
-            self.engines[role].backward(loss, sync_gradients=self.accelerator.sync_gradients)
+            sync = self.accelerator.sync_gradients
+            self.engines[role].backward(loss, sync_gradients=sync)
+            # a backward inside the window leaves gradients in the engine until its boundary step
+            self._engine_pending[role] = not sync
         else:
             self.accelerator.backward(loss)
+
+    def _step_skipped_boundary_engine(self, role: str) -> None:
+        """DeepSpeed, at an accumulation boundary whose backward was skipped: the engine steps inside
+        the boundary's backward, so without one the window's earlier micro-steps stayed in the engine
+        and were folded into the next window's update (and lost in a checkpoint written meanwhile:
+        a resume then trained on other gradients than the straight run). Step the engine on them here,
+        as the DDP / single-process paths step on the window minus the skipped micro-step; a window
+        with no backward at all steps nothing (like an optimizer whose gradients are all None)."""
+        if self.engines is None or not self.accelerator.sync_gradients or not self._engine_pending.get(role):
+            return
+        engine = self.grad_model[role]
+        # what DeepSpeed's own step does at a boundary it did not see in backward (its unmanaged
+        # accumulation mode): ZeRO-2/3 reduced and partitioned every micro-step, so only finalize
+        # the accumulated partitions (incl. offload); stages 0/1 reduce here
+        engine.set_gradient_accumulation_boundary(True)
+        if engine.zero_optimization_partition_gradients():
+            engine.optimizer.finalize_gradient_accumulation_boundary()
+        else:
+            engine.allreduce_gradients()
+        engine.step()
+        self._engine_pending[role] = False
 
     def _any_rank(self, flag: bool) -> bool:
         t = torch.tensor([1.0 if flag else 0.0], device=self.device)
@@ -918,14 +944,25 @@ class TDMTrainer:
         lf = loss_f.detach()
         bad = self._any_rank(not bool(torch.isfinite(lf)) or float(lf) > t_cfg.max_fake_loss)
         self.fake_steps += 1
+        # shared base under DDP (find_unused_parameters): the window's earlier fake backwards (no_sync)
+        # marked the fake LoRA as used in the reducer's per-window record, which only a synced backward
+        # clears; skipped at the boundary, the generator's synced backward finds those parameters
+        # unused with no gradient (zero_grad set them to None) and DDP raises ("Encountered gradient
+        # which is undefined, but still allreduced"). Zero gradients through that backward, None after.
+        hold = (bad and self.shared and self.engines is None and self.accelerator.num_processes > 1
+                and self.accelerator.sync_gradients and any(p.grad is not None for p in self.params["fake"]))
         if bad:
             self.skipped_fake += 1
             del fake_out, loss_f
             self._average_unsynced_grads("fake")
+            self._step_skipped_boundary_engine("fake")
         else:
             self.roles.select("fake")  # the recompute of checkpointed blocks sees the fake role
             self._backward("fake", loss_f)
         gn = self._optimizer_step("fake")
+        if hold:
+            for p in self.params["fake"]:
+                p.grad = torch.zeros_like(p)
         logs.update(loss_fake=float(lf), loss_fake_dsm=float(parts["dsm"]), loss_fake_reg=float(parts["reg"]))
         if gn is not None:
             logs["grad_norm_fake"] = gn
@@ -943,6 +980,9 @@ class TDMTrainer:
         loss_g, gstats = tdm.generator_loss(x0_s, x0_real, x0_fake, t_cfg.huber_c, t_cfg.sample_weighting)
         self.roles.select("student")  # the student's graph is recomputed under the student role
         self._backward("student", loss_g)
+        if hold:
+            for p in self.params["fake"]:
+                p.grad = None
         gn = self._optimizer_step("student")
         logs.update(loss_gen=float(loss_g.detach()), real_fake_gap=float(gstats["real_fake_gap"]),
                     rollout_depth=depth + 1)
@@ -972,7 +1012,10 @@ class TDMTrainer:
         acc.wait_for_everyone()
         if self.engines is not None:  # DeepSpeed's own format (partitioned LoRA + optimizer states)
             for role in ("student", "fake"):
-                self.grad_model[role].save_checkpoint(str(tmp / f"ds_{role}"), tag="state", save_latest=False)
+                # the frozen base stays out: DeepSpeed otherwise writes each engine's whole module state
+                # (under ZeRO-2 two full copies of the base transformer per checkpoint)
+                self.grad_model[role].save_checkpoint(str(tmp / f"ds_{role}"), tag="state", save_latest=False,
+                                                      exclude_frozen_parameters=True)
         elif acc.is_main_process:
             for role in ("student", "fake"):
                 _save_tensors(tmp / f"{role}_lora.safetensors", self._trainable_state(role))
@@ -1008,7 +1051,8 @@ class TDMTrainer:
                                     "resume with the same launcher setup (or train.resume_from_checkpoint=null)")
         if self.engines is not None:
             for role in ("student", "fake"):
-                self.grad_model[role].load_checkpoint(str(path / f"ds_{role}"), tag="state",
+                # non-strict: the checkpoint holds the trainable (LoRA) parameters only; the base is the model folder's
+                self.grad_model[role].load_checkpoint(str(path / f"ds_{role}"), tag="state", load_module_strict=False,
                                                       load_optimizer_states=True, load_lr_scheduler_states=False)
                 self.schedulers[role].load_state_dict(json.loads((path / f"{role}_scheduler.json").read_text()))
         else:
