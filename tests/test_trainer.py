@@ -9,7 +9,6 @@ from __future__ import annotations
 import json
 import os
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -17,6 +16,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from helpers import free_port, subprocess_env
 from safetensors import safe_open
 
 from videoblade.config import load_config
@@ -29,18 +29,11 @@ PROMPTS = [f"a {c} {a} {m} in the {p}" for c in ("red", "blue", "green") for a i
 
 
 def _env():
-    env = dict(os.environ, HF_HUB_OFFLINE="1", OMP_NUM_THREADS="1", PYTHONUNBUFFERED="1",
-               TOKENIZERS_PARALLELISM="false")
-    env["PYTHONPATH"] = str(ROOT) + os.pathsep + env.get("PYTHONPATH", "")
-    for k in [k for k in env if k.startswith(("ACCELERATE_", "TQDM_"))]:
-        env.pop(k)
-    return env
+    return subprocess_env()
 
 
 def _port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+    return free_port()
 
 
 @pytest.fixture(scope="module")

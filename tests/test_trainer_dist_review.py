@@ -9,13 +9,13 @@ from __future__ import annotations
 
 import json
 import os
-import socket
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
 import torch
+from helpers import free_port, subprocess_env, tiny_train_overrides, tiny_wan_with_store
 
 ROOT = Path(__file__).resolve().parents[1]
 PROMPTS = ["a red cat walking", "a blue robot dancing", "a green car in the city", "sunset over the sea",
@@ -43,48 +43,23 @@ def _driver() -> int:
 
 
 def _env(**extra):
-    env = dict(os.environ, HF_HUB_OFFLINE="1", OMP_NUM_THREADS="1", PYTHONUNBUFFERED="1",
-               TOKENIZERS_PARALLELISM="false", TQDM_DISABLE="1")
-    env["PYTHONPATH"] = str(ROOT) + os.pathsep + env.get("PYTHONPATH", "")
-    for k in [k for k in env if k.startswith("ACCELERATE_")]:
-        env.pop(k)
-    env.update(extra)
-    return env
-
-
-def _port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+    return subprocess_env(TQDM_DISABLE="1", **extra)
 
 
 @pytest.fixture(scope="module")
 def wan(tmp_path_factory):
-    from videoblade.data import encode_prompts_to_store
-    from videoblade.models.tiny import tiny_model_folder
-
-    folder = tiny_model_folder("wan")
-    store = encode_prompts_to_store(folder, PROMPTS, tmp_path_factory.mktemp("store") / "wan", dtype="fp32",
-                                    progress=False)
-    return folder, store
+    return tiny_wan_with_store(tmp_path_factory, PROMPTS)
 
 
 def _args(wan, out, **over):
-    folder, store = wan
-    base = {"model.path": folder, "train.prompt_store": store, "train.output_dir": out, "model.dtype": "fp32",
-            "model.height": 32, "model.width": 32, "model.frames": 5, "train.mixed_precision": "'no'",
-            "train.report_to": "none", "train.train_batch_size": 1, "train.gradient_accumulation_steps": 2,
-            "train.max_train_steps": 2, "train.checkpointing_steps": 1, "train.validation_steps": 0,
-            "train.gradient_checkpointing": "false", "lora.rank": 4, "lora.lora_alpha": 4, "asa.enabled": "false",
-            "tdm.k_step": 2}
-    base.update(over)
-    return [f"{k}={v}" for k, v in base.items()]
+    return tiny_train_overrides(*wan, out, **{"train.gradient_accumulation_steps": 2, "train.max_train_steps": 2,
+                                              "train.checkpointing_steps": 1, **over})
 
 
 def _launch(args, nproc=2, skip=(), timeout=300, check=True):
     if nproc > 1:
         cmd = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", str(nproc),
-               "--num_machines", "1", "--main_process_port", str(_port()), "--mixed_precision", "no",
+               "--num_machines", "1", "--main_process_port", str(free_port()), "--mixed_precision", "no",
                "--dynamo_backend", "no", __file__]
     else:
         cmd = [sys.executable, __file__]

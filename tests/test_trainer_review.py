@@ -11,6 +11,7 @@ from types import SimpleNamespace
 
 import pytest
 import torch
+from helpers import tiny_train_overrides, tiny_wan_with_store
 
 from videoblade.config import load_config
 from videoblade.data import encode_prompts_to_store
@@ -34,22 +35,11 @@ def _fresh_accelerate_state():
 
 @pytest.fixture(scope="module")
 def wan(tmp_path_factory):
-    folder = tiny_model_folder("wan")
-    store = encode_prompts_to_store(folder, PROMPTS, tmp_path_factory.mktemp("store") / "wan", dtype="fp32",
-                                    progress=False)
-    return folder, store
+    return tiny_wan_with_store(tmp_path_factory, PROMPTS)
 
 
 def _cfg(wan, out, **over):
-    folder, store = wan
-    base = {"model.path": folder, "train.prompt_store": store, "train.output_dir": out, "model.dtype": "fp32",
-            "model.height": 32, "model.width": 32, "model.frames": 5, "train.mixed_precision": "'no'",
-            "train.report_to": "none", "train.train_batch_size": 1, "train.gradient_accumulation_steps": 1,
-            "train.max_train_steps": 4, "train.checkpointing_steps": 2, "train.validation_steps": 0,
-            "train.gradient_checkpointing": "false", "lora.rank": 4, "lora.lora_alpha": 4, "asa.enabled": "false",
-            "tdm.k_step": 2}
-    base.update(over)
-    return load_config(None, [f"{k}={v}" for k, v in base.items()])
+    return load_config(None, tiny_train_overrides(*wan, out, **over))
 
 
 def _train(wan, out, **over):
