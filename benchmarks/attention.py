@@ -40,6 +40,7 @@ from common import (  # noqa: E402
     write_results,
 )
 
+from videoblade.config import family_asa_pool  # noqa: E402
 from videoblade.kernels import (  # noqa: E402
     block_sparse_attention,
     estimate_block_importance,
@@ -50,7 +51,7 @@ from videoblade.kernels import (  # noqa: E402
 from videoblade.kernels.block_sparse import _use_tma, tuned_configs  # noqa: E402
 
 SHAPES = {"wan": (1, 12, 32760, 128), "cog": (1, 48, 17776, 64)}
-POOL = {"wan": 32, "cog": 16}
+POOL = {"wan": family_asa_pool("wan"), "cog": family_asa_pool("cogvideox")}  # SPEC 1.5, the adapters' values
 DENSITIES = [0.05, 0.10, 0.15, 0.25, 1.0]
 BLOCK = 128
 

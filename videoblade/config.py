@@ -72,7 +72,7 @@ class ASAConfig:
     level_pools: list[int] = field(default_factory=lambda: [2, 4, 8])
     level_fractions: list[float] = field(default_factory=lambda: [0.05, 0.10, 0.15, 0.20])
     # tokens per compensation summary; must divide block_size. None: the model family's (SPEC 1.5:
-    # Wan 32, CogVideoX 16; FAMILY_ASA_POOL), filled in when ASA is installed on a transformer
+    # Wan 32, CogVideoX 16; the adapter's default_asa_pool), filled in when ASA is installed on a transformer
     pool: int | None = None
     compensation: bool = True
     reorder: bool = True  # Gilbert locality reordering
@@ -186,14 +186,17 @@ class RunConfig:
 # diffusers.optimization.get_scheduler names the trainer can build (piecewise_constant needs step rules)
 LR_SCHEDULERS = ("linear", "cosine", "cosine_with_restarts", "polynomial", "constant", "constant_with_warmup")
 MAX_POOLED_LEVELS = 3  # the Triton kernels walk at most three pooled levels (kernels.block_sparse.MAX_LEVELS)
-# SPEC 1.5: tokens per compensation summary by model family (asa.pool: null takes the model's); a
-# model of no listed family (the demo's toy, a bare AdaptiveSparseAttention) takes DEFAULT_ASA_POOL
-FAMILY_ASA_POOL = {"wan": 32, "cogvideox": 16}
-DEFAULT_ASA_POOL = 32
 
 
 def family_asa_pool(family: str | None) -> int:
-    return FAMILY_ASA_POOL.get((family or "").removeprefix("tiny-"), DEFAULT_ASA_POOL)
+    """Tokens per compensation summary for a model family (SPEC 1.5; the adapter's
+    ``default_asa_pool``, with the other per-family recipe values); no family: the base default."""
+    from videoblade.models import ModelAdapter, ModelRequestError, get_adapter
+
+    try:
+        return int(get_adapter(family).default_asa_pool) if family else int(ModelAdapter.default_asa_pool)
+    except ModelRequestError:
+        return int(ModelAdapter.default_asa_pool)
 
 
 def with_family_pool(a: ASAConfig, family: str | None) -> ASAConfig:

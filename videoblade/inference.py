@@ -40,6 +40,7 @@ from typing import Any
 import torch
 
 from videoblade.config import ASAConfig, ConfigError, load_config, to_dict, with_family_pool
+from videoblade.io.atomic import write_text_atomic
 
 __all__ = [
     "InferenceError",
@@ -949,9 +950,7 @@ def _write_report(plan: Plan, report: dict, n_failed: int, complete: bool) -> No
     }
     path = plan.report_path
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    tmp.write_text(json.dumps(report, indent=2))
-    os.replace(tmp, path)
+    write_text_atomic(path, json.dumps(report, indent=2))
 
 
 def _error_text(e: BaseException) -> str:

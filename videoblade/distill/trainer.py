@@ -64,6 +64,7 @@ import torch
 
 from videoblade.config import RunConfig, dump_config, to_dict, with_family_pool
 from videoblade.distill import tdm
+from videoblade.io.atomic import save_file_atomic, write_text_atomic
 from videoblade.io.jsonfile import strict_json
 from videoblade.sampling import guided, randn
 from videoblade.schedules import Schedule
@@ -474,10 +475,8 @@ class RoleSwitch:
 
 # ============================================================================ state files
 def _save_tensors(path: Path, tensors: dict[str, torch.Tensor], meta: dict | None = None) -> None:
-    from safetensors.torch import save_file
-
     tensors = {k: v.detach().cpu().contiguous() for k, v in tensors.items()} or {"_empty": torch.zeros(0)}
-    save_file(tensors, str(path), metadata={"json": json.dumps(meta)} if meta is not None else None)
+    save_file_atomic(tensors, path, {"json": json.dumps(meta)} if meta is not None else None)
 
 
 @contextlib.contextmanager
@@ -509,11 +508,16 @@ def _load_tensors(path: Path) -> tuple[dict[str, torch.Tensor], Any]:
 
 
 def _cache_meta(path: Path) -> Any:
-    """The JSON metadata of a safetensors cache file, or None when it is missing or unreadable."""
+    """The JSON metadata of a safetensors cache file (its header only), or None when it is missing or
+    unreadable."""
+    from safetensors import safe_open
+
     if not path.is_file():
         return None
     try:
-        return _load_tensors(path)[1]
+        with safe_open(str(path), framework="pt") as f:
+            meta = (f.metadata() or {}).get("json")
+        return json.loads(meta) if meta else None
     except Exception:  # safetensors' header / JSON errors: a file cut short is no cache
         return None
 
@@ -605,11 +609,8 @@ def _truncate_metrics(path: Path, step: int) -> None:
             continue
         if isinstance(row, dict) and isinstance(row.get("step"), int) and row["step"] <= step:
             keep.append(ln if ln.endswith("\n") else ln + "\n")
-    if keep == lines:
-        return
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text("".join(keep))
-    os.replace(tmp, path)
+    if keep != lines:
+        write_text_atomic(path, "".join(keep))
 
 
 def _free_port() -> int:
@@ -1045,10 +1046,7 @@ class TDMTrainer:
 
     def load_checkpoint(self, path: Path) -> None:
         acc = self.accelerator
-        state = json.loads((path / "state.json").read_text())
-        if state["deepspeed"] != (self.engines is not None):
-            raise TrainRequestError(f"{path} was written {'with' if state['deepspeed'] else 'without'} DeepSpeed; "
-                                    "resume with the same launcher setup (or train.resume_from_checkpoint=null)")
+        state = json.loads((path / "state.json").read_text())  # checked against the run by _check_resume
         if self.engines is not None:
             for role in ("student", "fake"):
                 # non-strict: the checkpoint holds the trainable (LoRA) parameters only; the base is the model folder's
@@ -1134,10 +1132,7 @@ class TDMTrainer:
                                   device=self.device, components=("text_encoder", "tokenizer"))
             emb = adapter.encode_prompts(te.text_encoder, te.tokenizer, self.req.validation_prompts[:n],
                                          max_length=self.req.store.text_max_length)
-            # atomically: a file cut short by a kill would fail every later run's start
-            tmp = cache.with_name(cache.name + ".tmp")
-            _save_tensors(tmp, {"embeds": emb.float()}, key)
-            os.replace(tmp, cache)
+            _save_tensors(cache, {"embeds": emb.float()}, key)
             del te
         acc.wait_for_everyone()
         return _load_tensors(cache)[0]["embeds"].to(self.device)

@@ -4,8 +4,9 @@ from __future__ import annotations
 
 import json
 import math
-import os
 from pathlib import Path
+
+from videoblade.io.atomic import write_text_atomic
 
 
 def strict_json(obj):
@@ -22,9 +23,5 @@ def strict_json(obj):
 
 
 def write_json(path: str | Path, obj) -> None:
-    """Strict JSON (see strict_json), written to a temporary file and renamed: a run killed while
-    writing leaves the old file or none, never a truncated one."""
-    path = Path(path)
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    tmp.write_text(json.dumps(strict_json(obj), indent=2, allow_nan=False))
-    os.replace(tmp, path)
+    """Strict JSON (see strict_json), written atomically (:mod:`videoblade.io.atomic`)."""
+    write_text_atomic(path, json.dumps(strict_json(obj), indent=2, allow_nan=False))

@@ -23,16 +23,15 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import os
 import re
-import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import torch
 from safetensors import safe_open
-from safetensors.torch import save_file
+
+from videoblade.io.atomic import save_file_atomic
 
 __all__ = [
     "LORA_FILE",
@@ -88,18 +87,6 @@ def _jsonable(x):
     return x
 
 
-def _atomic_save(tensors: dict[str, torch.Tensor], path: Path, metadata: dict[str, str]) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
-    os.close(fd)
-    try:
-        save_file(tensors, tmp, metadata=metadata)
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-
-
 def _rank_of(sd: dict[str, torch.Tensor]) -> int:
     ranks = {v.shape[0] for k, v in sd.items() if re.search(r"(lora_A|lora_down)\.weight$", k)}
     if not ranks:
@@ -138,7 +125,7 @@ def save_lora(out_dir: str | Path, state_dict: dict[str, torch.Tensor], *, famil
     meta = {"format": "pt", _DIFFUSERS_META_KEY: json.dumps(packed, sort_keys=True),
             _META_KEY: json.dumps(record, sort_keys=True, default=str)}
     path = Path(out_dir) / filename
-    _atomic_save(tensors, path, meta)
+    save_file_atomic(tensors, path, meta)
     return path
 
 
@@ -185,7 +172,7 @@ def export_comfy(src: str | Path, dst: str | Path | None = None) -> Path:
         out[f"{orig}.alpha"] = torch.tensor(alpha, dtype=torch.float32)
     record = dict(info.meta, layout="wan_original")
     dst = Path(dst) if dst is not None else info.path.with_name(COMFY_FILE)  # src may be the run folder
-    _atomic_save(out, dst, {"format": "pt", _META_KEY: json.dumps(record, sort_keys=True, default=str)})
+    save_file_atomic(out, dst, {"format": "pt", _META_KEY: json.dumps(record, sort_keys=True, default=str)})
     return dst
 
 

@@ -310,6 +310,7 @@ class ModelAdapter:
     default_cfg: float = 5.0  # the distillation teacher's CFG (tdm.cfg: null)
     default_lambda_reg: float = 0.0  # the fake score's regulariser (tdm.lambda_reg: null; SPEC 2)
     default_fps: int = 16  # frames per second of written videos (sample.fps: null, --fps)
+    default_asa_pool: int = 32  # tokens per compensation summary (asa.pool: null; SPEC 1.5)
     default_text_max_length: int = 512
     lora_target_modules: tuple[str, ...] = ("to_q", "to_k", "to_v", "to_out.0")
     pipeline_class: str = ""

@@ -67,6 +67,7 @@ class CogVideoXAdapter(ModelAdapter):
     default_cfg = 3.5
     default_lambda_reg = 0.5
     default_fps = 8
+    default_asa_pool = 16
     default_text_max_length = 226
     lora_target_modules = ("to_q", "to_k", "to_v", "to_out.0")
     blocks_attr = "transformer_blocks"
